@@ -1,0 +1,295 @@
+"""The daemon's configuration: a TOML file, validated at start-up.
+
+Every key is optional; an unknown key or a value of the wrong type is a
+ConfigError naming the key, so a typo never silently weakens policy.
+See docs/config.md for the reference and examples/dmabufd.toml for a sample.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dmabufd.errors import ConfigError
+from dmabufd_common.units import parse_size
+
+DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
+    # Android kernels add an uncached system heap; elsewhere the cached one serves.
+    "system-uncached": ("system-uncached", "system"),
+    # The CMA heap is named after its region; 6.17 renamed the default one.
+    "cma": ("default_cma_region", "linux,cma", "reserved", "default-pool"),
+}
+DEFAULT_PROBE_ORDER: tuple[str, ...] = ("system", "udmabuf", "memfd")
+DEFAULT_USAGE: dict[str, tuple[str, ...]] = {
+    "camera": ("cma", "system", "udmabuf", "memfd"),
+    "model-weights": ("system", "udmabuf", "memfd"),
+    "cpu": ("memfd",),
+}
+
+
+@dataclass(frozen=True)
+class Quota:
+    max_bytes: int
+    max_buffers: int
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """Who may allocate from one heap. Empty lists on both: nobody."""
+
+    uids: frozenset[int]
+    gids: frozenset[int]
+
+    def allows(self, uid: int, gids: frozenset[int]) -> bool:
+        return uid in self.uids or bool(self.gids & gids)
+
+
+@dataclass(frozen=True)
+class SocketPolicy:
+    mode: int = 0o666
+    group: int | None = None
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """Who may open a session at all (None: anyone who reaches the socket),
+    and who may see every client's accounting."""
+
+    allowed: AccessRule | None = None
+    admins: AccessRule = AccessRule(frozenset({0}), frozenset())
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    source: str = "auto"  # auto | udev | scan
+    dev_root: Path = Path("/dev")
+    sys_root: Path = Path("/sys")
+    rescan_interval_s: float = 2.0
+    memfd: bool = True
+
+
+@dataclass(frozen=True)
+class HeapConfig:
+    probe_order: tuple[str, ...] = DEFAULT_PROBE_ORDER
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
+    usage: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_USAGE))
+    access: dict[str, AccessRule] = field(default_factory=dict)
+    # 0: the machine's physical memory.
+    max_buffer_bytes: int = 0
+    max_batch: int = 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    sockets: SocketPolicy = SocketPolicy()
+    clients: ClientPolicy = ClientPolicy()
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    heaps: HeapConfig = HeapConfig()
+    default_quota: Quota = Quota(max_bytes=4 << 30, max_buffers=4096)
+    uid_quotas: dict[int, Quota] = field(default_factory=dict)
+
+    def quota_for(self, uid: int) -> Quota:
+        return self.uid_quotas.get(uid, self.default_quota)
+
+
+class _Table:
+    """A TOML table being read: typed getters that remember what was read,
+    so leftovers (typos) are reported by name."""
+
+    def __init__(self, data: dict[str, Any], path: str) -> None:
+        self._data = data
+        self._path = path
+        self._seen: set[str] = set()
+
+    def _get(self, key: str, kinds: tuple[type, ...], what: str) -> Any:
+        self._seen.add(key)
+        value = self._data.get(key)
+        # bool is an int in Python; only accept it where a flag is expected.
+        wrong_type = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+        if value is not None and wrong_type:
+            raise ConfigError(f"{self._where(key)} must be {what}, not {value!r}")
+        return value
+
+    def _where(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def table(self, key: str) -> _Table:
+        value = self._get(key, (dict,), "a table")
+        return _Table(value or {}, self._where(key))
+
+    def string(self, key: str, default: str) -> str:
+        value = self._get(key, (str,), "a string")
+        return default if value is None else str(value)
+
+    def number(self, key: str, default: float) -> float:
+        value = self._get(key, (int, float), "a number")
+        return default if value is None else float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key, (bool,), "true or false")
+        return default if value is None else bool(value)
+
+    def size(self, key: str, default: int) -> int:
+        value = self._get(key, (int, str), 'a size (bytes, or a string like "64M")')
+        if value is None:
+            return default
+        try:
+            return parse_size(value)
+        except ValueError as error:
+            raise ConfigError(f"{self._where(key)}: {error}") from None
+
+    def names(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._get(key, (list,), "a list of strings")
+        if value is None:
+            return default
+        if not all(isinstance(item, str) and item for item in value):
+            raise ConfigError(f"{self._where(key)} must be a list of non-empty strings")
+        return tuple(value)
+
+    def ids(self, key: str, lookup_group: bool = False) -> frozenset[int]:
+        value = self._get(key, (list,), "a list of ids")
+        result: set[int] = set()
+        for item in value or []:
+            if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+                result.add(item)
+            elif lookup_group and isinstance(item, str):
+                result.add(_group_id(item, self._where(key)))
+            else:
+                raise ConfigError(f"{self._where(key)}: {item!r} is not a valid id")
+        return frozenset(result)
+
+    def entries(self) -> list[str]:
+        self._seen.update(self._data)
+        return list(self._data)
+
+    def check_unknown(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            raise ConfigError(f"unknown key(s) in [{self._path or 'top level'}]: {', '.join(unknown)}")
+
+
+def _group_id(name: str, where: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(f"{where}: no group named {name!r} on this system") from None
+
+
+def _access_rule(table: _Table) -> AccessRule:
+    rule = AccessRule(table.ids("uids"), table.ids("gids", lookup_group=True))
+    table.check_unknown()
+    return rule
+
+
+def _quota(table: _Table, default: Quota) -> Quota:
+    quota = Quota(table.size("max_bytes", default.max_bytes), int(table.number("max_buffers", default.max_buffers)))
+    table.check_unknown()
+    return quota
+
+
+def _socket_policy(table: _Table) -> SocketPolicy:
+    mode_text = table.string("mode", "0666")
+    try:
+        mode = int(mode_text, 8)
+    except ValueError:
+        raise ConfigError(f'sockets.mode must be an octal string like "0660", not {mode_text!r}') from None
+    group_text = table.string("group", "")
+    group: int | None = None
+    if group_text:
+        group = int(group_text) if group_text.isdigit() else _group_id(group_text, "sockets.group")
+    table.check_unknown()
+    return SocketPolicy(mode=mode, group=group)
+
+
+def _client_policy(table: _Table) -> ClientPolicy:
+    allowed_uids = table.ids("allowed_uids")
+    allowed_gids = table.ids("allowed_gids", lookup_group=True)
+    admin_uids = table.ids("admin_uids") | {0}
+    admin_gids = table.ids("admin_gids", lookup_group=True)
+    table.check_unknown()
+    allowed = AccessRule(allowed_uids, allowed_gids) if (allowed_uids or allowed_gids) else None
+    return ClientPolicy(allowed=allowed, admins=AccessRule(frozenset(admin_uids), admin_gids))
+
+
+def _discovery(table: _Table) -> DiscoveryConfig:
+    source = table.string("source", "auto")
+    if source not in ("auto", "udev", "scan"):
+        raise ConfigError(f'discovery.source must be "auto", "udev" or "scan", not {source!r}')
+    interval = table.number("rescan_interval_s", 2.0)
+    if interval <= 0:
+        raise ConfigError("discovery.rescan_interval_s must be positive")
+    config = DiscoveryConfig(
+        source=source,
+        dev_root=Path(table.string("dev_root", "/dev")),
+        sys_root=Path(table.string("sys_root", "/sys")),
+        rescan_interval_s=interval,
+        memfd=table.flag("memfd", True),
+    )
+    table.check_unknown()
+    return config
+
+
+def _heaps(table: _Table, usage_table: _Table) -> HeapConfig:
+    aliases = dict(DEFAULT_ALIASES)
+    alias_table = table.table("aliases")
+    for name in alias_table.entries():
+        aliases[name] = alias_table.names(name, ())
+    access_table = table.table("access")
+    access = {name: _access_rule(access_table.table(name)) for name in access_table.entries()}
+    usage = dict(DEFAULT_USAGE)
+    for name in usage_table.entries():
+        usage[name] = usage_table.names(name, ())
+    config = HeapConfig(
+        probe_order=table.names("probe_order", DEFAULT_PROBE_ORDER),
+        aliases=aliases,
+        usage=usage,
+        access=access,
+        max_buffer_bytes=table.size("max_buffer_bytes", 0),
+        max_batch=int(table.number("max_batch", 1024)),
+    )
+    table.check_unknown()
+    if config.max_batch < 1:
+        raise ConfigError("heaps.max_batch must be at least 1")
+    return config
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    top = _Table(data, "")
+    default_quota = Config().default_quota
+    quota_table = top.table("quota")
+    default_quota = _quota(quota_table.table("default"), default_quota)
+    uid_table = quota_table.table("uids")
+    uid_quotas: dict[int, Quota] = {}
+    for key in uid_table.entries():
+        if not key.isdigit():
+            raise ConfigError(f"quota.uids keys are numeric uids, not {key!r}")
+        uid_quotas[int(key)] = _quota(uid_table.table(key), default_quota)
+    quota_table.check_unknown()
+    config = Config(
+        sockets=_socket_policy(top.table("sockets")),
+        clients=_client_policy(top.table("clients")),
+        discovery=_discovery(top.table("discovery")),
+        heaps=_heaps(top.table("heaps"), top.table("usage")),
+        default_quota=default_quota,
+        uid_quotas=uid_quotas,
+    )
+    top.check_unknown()
+    return config
+
+
+def load_config(path: Path | None) -> Config:
+    """Read a TOML config file; None gives the built-in defaults."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {os.strerror(error.errno or 0)}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config {path} is not valid TOML: {error}") from None
+    return parse_config(data)

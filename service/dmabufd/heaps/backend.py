@@ -1,0 +1,87 @@
+"""The allocator interface and the buffer it hands out.
+
+Ownership: an Allocation owns its fds (the buffer's, and for udmabuf the
+memfd behind it) until close(). The ledger keeps the daemon's Allocation for
+as long as a client holds the buffer in its books; the client receives
+duplicates over SCM_RIGHTS, so the kernel keeps the memory alive while any
+fd (daemon's or client's) or mapping remains.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import IntEnum
+
+PAGE_SIZE = mmap.PAGESIZE
+
+
+class BackendKind(IntEnum):
+    # Values match dmabufd.v1.Backend.
+    DMA_HEAP = 1
+    UDMABUF = 2
+    MEMFD = 3
+
+
+@dataclass(frozen=True)
+class HeapSpec:
+    """What a heap is, as discovery sees it and clients are told."""
+
+    name: str
+    kind: BackendKind
+    device_path: str
+    # Largest single buffer; 0 when the kernel sets no limit.
+    max_buffer_bytes: int = 0
+
+    @property
+    def device_importable(self) -> bool:
+        return self.kind is not BackendKind.MEMFD
+
+    @property
+    def cpu_sync_required(self) -> bool:
+        return self.kind is not BackendKind.MEMFD
+
+
+class Allocation:
+    """One buffer: its fd, and the memfd behind it for udmabuf."""
+
+    __slots__ = ("backing_fd", "fd", "identity", "kind", "size")
+
+    def __init__(self, fd: int, size: int, kind: BackendKind, backing_fd: int | None = None) -> None:
+        self.fd = fd
+        self.size = size
+        self.kind = kind
+        self.backing_fd = backing_fd
+        info = os.fstat(fd)
+        # (st_dev, st_ino): how the same buffer is recognised in another
+        # process's /proc/<pid>/fd.
+        self.identity = (info.st_dev, info.st_ino)
+
+    def close(self) -> None:
+        for fd in (self.fd, self.backing_fd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self.fd = -1
+        self.backing_fd = None
+
+
+def round_to_page(size: int) -> int:
+    return (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+
+
+class HeapBackend(ABC):
+    """An allocator. allocate() is called from many threads at once; an
+    implementation keeps no per-call state outside the call."""
+
+    def __init__(self, spec: HeapSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    def allocate(self, size: int, kernel_name: str) -> Allocation:
+        """Allocate a buffer of exactly `size` bytes (already page-rounded)
+        named `kernel_name` (at most 31 ASCII bytes). Raises OSError."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook: memfd caches nothing
+        """Release cached device fds; buffers already allocated live on."""

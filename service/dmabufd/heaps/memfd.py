@@ -1,0 +1,40 @@
+"""Sealed memfds: the backend that works on every Linux kernel.
+
+A memfd is not a dma-buf (devices cannot import it), but clients map and
+share it the same way. Seals make its size immutable: F_SEAL_SHRINK so a
+client cannot truncate pages out from under another client's mapping
+(SIGBUS), F_SEAL_GROW so it cannot grow past what was accounted.
+F_SEAL_SEAL is left off so read-only sharing can still add
+F_SEAL_FUTURE_WRITE later.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from dmabufd.heaps.backend import Allocation, BackendKind, HeapBackend, HeapSpec
+from dmabufd_common import uapi
+
+MEMFD_HEAP_NAME = "memfd"
+
+
+def sealed_memfd(kernel_name: str, size: int, seals: int) -> int:
+    """A memfd of `size` bytes named `kernel_name`, with `seals` added."""
+    fd = os.memfd_create(kernel_name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+MEMFD_SPEC = HeapSpec(MEMFD_HEAP_NAME, BackendKind.MEMFD, "")
+
+
+class MemfdBackend(HeapBackend):
+    def allocate(self, size: int, kernel_name: str) -> Allocation:
+        fd = sealed_memfd(kernel_name, size, uapi.F_SEAL_SHRINK | uapi.F_SEAL_GROW)
+        return Allocation(fd, size, BackendKind.MEMFD)

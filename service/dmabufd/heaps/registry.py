@@ -1,0 +1,175 @@
+"""The live set of heaps, and how a request picks one.
+
+Discovery reports the heap set; update() diffs it against what is known,
+opens backends for new heaps, closes those of vanished ones, and tells
+watchers. A request names a heap (or an alias), or a usage whose route lists
+heaps in preference order; resolve() returns the first one that is present
+and that the caller may use.
+
+Locking: _lock guards _backends and _watchers. Backends are used outside it
+(allocations run concurrently); a backend closed by update() while a call
+uses it fails that call with HeapUnavailable, not a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+
+from dmabufd.config import HeapConfig
+from dmabufd.errors import AccessDenied, HeapNotFound, InvalidRequest
+from dmabufd.heaps.backend import BackendKind, HeapBackend, HeapSpec
+from dmabufd.heaps.dmaheap import DmaHeapBackend
+from dmabufd.heaps.memfd import MemfdBackend
+from dmabufd.heaps.udmabuf import UdmabufBackend
+
+log = logging.getLogger(__name__)
+
+DEFAULT_USAGE = "default"
+_BACKEND_TYPES: dict[BackendKind, type[HeapBackend]] = {
+    BackendKind.DMA_HEAP: DmaHeapBackend,
+    BackendKind.UDMABUF: UdmabufBackend,
+    BackendKind.MEMFD: MemfdBackend,
+}
+
+
+class HeapEventKind(Enum):
+    ADDED = 1
+    REMOVED = 2
+
+
+@dataclass(frozen=True)
+class HeapEvent:
+    kind: HeapEventKind
+    spec: HeapSpec
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The credentials access rules are checked against."""
+
+    uid: int
+    gids: frozenset[int]
+
+
+class HeapRegistry:
+    def __init__(self, config: HeapConfig) -> None:
+        self._config = config
+        self._lock = threading.Lock()
+        self._backends: dict[str, HeapBackend] = {}
+        self._watchers: set[queue.SimpleQueue[HeapEvent | None]] = set()
+
+    # -- discovery side -------------------------------------------------
+
+    def update(self, found: dict[str, HeapSpec]) -> list[HeapEvent]:
+        events: list[HeapEvent] = []
+        with self._lock:
+            for name in sorted(set(self._backends) - set(found)):
+                backend = self._backends.pop(name)
+                backend.close()
+                events.append(HeapEvent(HeapEventKind.REMOVED, backend.spec))
+            for name, spec in sorted(found.items()):
+                known = self._backends.get(name)
+                if known is not None and known.spec == spec:
+                    continue
+                if known is not None:  # same name, new device: replace
+                    known.close()
+                    events.append(HeapEvent(HeapEventKind.REMOVED, known.spec))
+                self._backends[name] = _BACKEND_TYPES[spec.kind](spec)
+                events.append(HeapEvent(HeapEventKind.ADDED, spec))
+            for event in events:
+                for watcher in self._watchers:
+                    watcher.put(event)
+        for event in events:
+            log.info("heap %s: %s (%s)", event.kind.name.lower(), event.spec.name, event.spec.device_path or "memfd")
+        return events
+
+    def close(self) -> None:
+        with self._lock:
+            for backend in self._backends.values():
+                backend.close()
+            self._backends.clear()
+            for watcher in self._watchers:
+                watcher.put(None)
+
+    # -- client side ----------------------------------------------------
+
+    def specs(self) -> list[HeapSpec]:
+        with self._lock:
+            return [backend.spec for backend in self._backends.values()]
+
+    def aliases_of(self, name: str) -> list[str]:
+        """Aliases whose first present candidate is `name`."""
+        with self._lock:
+            present = set(self._backends)
+        return sorted(
+            alias
+            for alias, candidates in self._config.aliases.items()
+            if alias != name and next((c for c in candidates if c in present), None) == name
+        )
+
+    def usage_routes(self) -> dict[str, tuple[str, ...]]:
+        return {DEFAULT_USAGE: self._config.probe_order, **self._config.usage}
+
+    def allowed(self, heap_name: str, caller: Caller) -> bool:
+        rule = self._config.access.get(heap_name)
+        return rule is None or rule.allows(caller.uid, caller.gids)
+
+    def _candidates(self, name: str) -> tuple[str, ...]:
+        return self._config.aliases.get(name, (name,))
+
+    def resolve(self, heap: str, usage: str, caller: Caller) -> HeapBackend:
+        """The backend a request should allocate from. Raises HeapNotFound,
+        AccessDenied or InvalidRequest with a message naming the way out."""
+        with self._lock:
+            present = dict(self._backends)
+        if heap:
+            # A present heap by that exact name wins over an alias of it.
+            candidates = (heap,) if heap in present else self._candidates(heap)
+            found = [name for name in candidates if name in present]
+            if not found:
+                tried = "" if candidates == (heap,) else f" (alias of {', '.join(candidates)})"
+                raise HeapNotFound(
+                    f"no heap named {heap!r}{tried} is present; present heaps: {', '.join(sorted(present))}"
+                )
+            if not self.allowed(found[0], caller):
+                raise AccessDenied(f"uid {caller.uid} may not allocate from heap {found[0]!r} (see heaps.access)")
+            return present[found[0]]
+        routes = self.usage_routes()
+        usage = usage or DEFAULT_USAGE
+        if usage not in routes:
+            raise InvalidRequest(f"unknown usage {usage!r}; known usages: {', '.join(sorted(routes))}")
+        denied: list[str] = []
+        for entry in routes[usage]:
+            for name in self._candidates(entry):
+                if name not in present:
+                    continue
+                if self.allowed(name, caller):
+                    return present[name]
+                denied.append(name)
+                break
+        if denied:
+            raise AccessDenied(
+                f"usage {usage!r}: uid {caller.uid} may not use any present heap of its route ({', '.join(denied)})"
+            )
+        raise HeapNotFound(f"usage {usage!r}: none of its heaps is present ({', '.join(routes[usage])})")
+
+    @contextmanager
+    def watch(self) -> Iterator[tuple[list[HeapSpec], queue.SimpleQueue[HeapEvent | None]]]:
+        """The heaps present now, and every event after that moment (taken
+        together under the lock, so none falls between); None in the queue
+        means the registry closed."""
+        events: queue.SimpleQueue[HeapEvent | None] = queue.SimpleQueue()
+        with self._lock:
+            self._watchers.add(events)
+            present = [backend.spec for backend in self._backends.values()]
+        try:
+            yield present, events
+        finally:
+            with self._lock:
+                self._watchers.discard(events)

@@ -1,0 +1,70 @@
+"""udmabuf: shmem pages of a sealed memfd, exported as a dma-buf.
+
+The kernel requires the memfd to be sealed against shrinking (the dma-buf
+pins its pages) and not sealed against writes. The daemon keeps the memfd
+as the Allocation's backing fd: I/O into the buffer's pages can go through
+the memfd (O_DIRECT reads into its mapping), which the udmabuf's own
+PFN-mapped mmap does not allow.
+
+One udmabuf may not exceed the module's size_limit_mb (64 MiB by default);
+the limit is read from sysfs once, when the heap is discovered.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from pathlib import Path
+
+from dmabufd.heaps.backend import Allocation, BackendKind, HeapBackend, HeapSpec
+from dmabufd.heaps.memfd import sealed_memfd
+from dmabufd_common import uapi
+
+UDMABUF_HEAP_NAME = "udmabuf"
+DEFAULT_SIZE_LIMIT_MB = 64
+
+
+def read_size_limit(sys_root: Path) -> int:
+    """udmabuf's per-buffer limit in bytes, from the module parameter."""
+    parameter = sys_root / "module/udmabuf/parameters/size_limit_mb"
+    try:
+        return int(parameter.read_text().strip()) << 20
+    except (OSError, ValueError):
+        return DEFAULT_SIZE_LIMIT_MB << 20
+
+
+class UdmabufBackend(HeapBackend):
+    def __init__(self, spec: HeapSpec) -> None:
+        super().__init__(spec)
+        self._device_fd: int | None = None
+        self._open_lock = threading.Lock()  # guards _device_fd
+
+    def _device(self) -> int:
+        with self._open_lock:
+            if self._device_fd is None:
+                self._device_fd = os.open(self.spec.device_path, os.O_RDWR | os.O_CLOEXEC)
+            return self._device_fd
+
+    def allocate(self, size: int, kernel_name: str) -> Allocation:
+        memfd = sealed_memfd(kernel_name, size, uapi.F_SEAL_SHRINK)
+        try:
+            create = bytearray(uapi.UDMABUF_CREATE_STRUCT.pack(memfd, uapi.UDMABUF_FLAGS_CLOEXEC, 0, size))
+            # A mutable buffer makes fcntl return the ioctl's result: the new fd.
+            fd = fcntl.ioctl(self._device(), uapi.UDMABUF_CREATE, create, True)
+        except BaseException:
+            os.close(memfd)
+            raise
+        try:
+            uapi.dma_buf_set_name(fd, kernel_name)
+            return Allocation(fd, size, BackendKind.UDMABUF, backing_fd=memfd)
+        except BaseException:
+            os.close(fd)
+            os.close(memfd)
+            raise
+
+    def close(self) -> None:
+        with self._open_lock:
+            if self._device_fd is not None:
+                os.close(self._device_fd)
+                self._device_fd = None

@@ -1,0 +1,66 @@
+"""What /proc tells about a client process.
+
+All readers return a neutral value when /proc cannot be read (the process
+died, or hidepid), because accounting must never fail a call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+def supplementary_groups(pid: int) -> frozenset[int]:
+    """The Groups: line of /proc/<pid>/status (SO_PEERCRED gives only the
+    primary gid, and access rules may name supplementary groups)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return frozenset(int(gid) for gid in line.split()[1:])
+    except OSError:
+        pass
+    return frozenset()
+
+
+def command_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
+
+
+FileIdentity = tuple[int, int]  # (st_dev, st_ino)
+
+
+@dataclass(frozen=True)
+class ProcHoldings:
+    """Which of the given files a process has open."""
+
+    readable: bool
+    files: frozenset[FileIdentity]
+
+
+def open_files(pid: int, wanted: Iterable[FileIdentity]) -> ProcHoldings:
+    """Walk /proc/<pid>/fd and report which `wanted` files are open there.
+
+    stat() through the magic link reaches the file itself, so a dma-buf's or
+    memfd's identity compares equal to fstat() of the daemon's own fd.
+    """
+    wanted_set = frozenset(wanted)
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return ProcHoldings(False, frozenset())
+    seen: set[FileIdentity] = set()
+    for name in names:
+        try:
+            info = os.stat(f"{fd_dir}/{name}")
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) in wanted_set:
+            seen.add((info.st_dev, info.st_ino))
+    return ProcHoldings(True, frozenset(seen))

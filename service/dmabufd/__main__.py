@@ -1,0 +1,3 @@
+from dmabufd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The gRPC API: servicer.py implements dmabufd.v1.BufferService."""

@@ -1,0 +1,34 @@
+"""Python client for dmabufd: sessions, buffers that own their fds, typed errors."""
+
+from dmabufd_client.buffer import Access, Backend, Buffer, BufferInfo, Mapping
+from dmabufd_client.client import Client, HeapEvent, HeapInfo, connect
+from dmabufd_client.errors import (
+    DmabufdError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ProtocolError,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+
+__all__ = [
+    "Access",
+    "Backend",
+    "Buffer",
+    "BufferInfo",
+    "Client",
+    "DmabufdError",
+    "HeapEvent",
+    "HeapInfo",
+    "InvalidArgument",
+    "Mapping",
+    "NotFound",
+    "PermissionDenied",
+    "ProtocolError",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "connect",
+]

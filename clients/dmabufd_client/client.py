@@ -1,0 +1,219 @@
+"""The client: a session with dmabufd.
+
+    with dmabufd_client.connect() as client:
+        with client.allocate("4M", heap="system", name="frame0") as buf:
+            with buf.map() as mapping:
+                mapping.memoryview[:5] = b"hello"
+
+A Client holds the session's fd socket and a gRPC channel on the control
+socket. It is safe to use from several threads; each call sends its own
+ticket and takes exactly its own fds.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dmabufd_client.buffer import Backend, Buffer, BufferInfo
+from dmabufd_client.errors import DmabufdError, InvalidArgument, ProtocolError, from_rpc_error
+from dmabufd_client.fdchannel import FdChannel
+from dmabufd_common.api.v1 import dmabufd_pb2 as pb
+from dmabufd_common.api.v1 import dmabufd_pb2_grpc as pb_grpc
+from dmabufd_common.fdwire import CONTROL_SOCKET_NAME, FD_SOCKET_NAME, SESSION_METADATA_KEY, TICKET_METADATA_KEY
+from dmabufd_common.paths import default_runtime_dir
+from dmabufd_common.units import parse_size
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class HeapInfo:
+    name: str
+    backend: Backend
+    device_path: str
+    device_importable: bool
+    max_buffer_bytes: int
+    cpu_sync_required: bool
+    aliases: tuple[str, ...]
+    allowed: bool
+
+
+@dataclass(frozen=True)
+class HeapEvent:
+    kind: str  # "added", "removed" or "synced"
+    heap: HeapInfo | None
+
+
+def _heap_info(heap: pb.Heap) -> HeapInfo:
+    caps = heap.capabilities
+    return HeapInfo(
+        name=heap.name,
+        backend=Backend(caps.backend),
+        device_path=heap.device_path,
+        device_importable=caps.device_importable,
+        max_buffer_bytes=caps.max_buffer_bytes,
+        cpu_sync_required=caps.cpu_sync_required,
+        aliases=tuple(heap.aliases),
+        allowed=heap.allowed,
+    )
+
+
+def buffer_info(message: pb.BufferInfo) -> BufferInfo:
+    return BufferInfo(
+        id=message.id,
+        size=message.size,
+        heap=message.heap,
+        backend=Backend(message.backend),
+        kernel_name=message.kernel_name,
+        usage=message.usage,
+        created_at=message.created_at,
+        inode=message.inode,
+    )
+
+
+class Client:
+    def __init__(self, runtime_dir: Path | None = None, timeout_s: float = 10.0) -> None:
+        directory = runtime_dir or default_runtime_dir()
+        self.timeout_s = timeout_s
+        self._fds = FdChannel(directory / FD_SOCKET_NAME, timeout_s)
+        self._channel = grpc.insecure_channel(f"unix:{directory / CONTROL_SOCKET_NAME}")
+        self._stub = pb_grpc.BufferServiceStub(self._channel)
+        self._closed = threading.Event()
+
+    @property
+    def session_id(self) -> int:
+        return self._fds.hello.session_id
+
+    # -- plumbing -------------------------------------------------------
+
+    def _metadata(self, ticket: bytes) -> tuple[tuple[str, str], ...]:
+        return ((SESSION_METADATA_KEY, self._fds.token_hex), (TICKET_METADATA_KEY, ticket.hex()))
+
+    def _call(self, method: Callable[..., R], request: object) -> tuple[R, bytes]:
+        ticket = self._fds.new_ticket()
+        try:
+            return method(request, metadata=self._metadata(ticket), timeout=self.timeout_s), ticket
+        except grpc.RpcError as error:
+            self._fds.discard(ticket)
+            raise from_rpc_error(error) from None
+
+    # -- heaps ----------------------------------------------------------
+
+    def heaps(self) -> list[HeapInfo]:
+        response, _ = self._call(self._stub.ListHeaps, pb.ListHeapsRequest())
+        return [_heap_info(heap) for heap in response.heaps]
+
+    def usage_routes(self) -> dict[str, tuple[str, ...]]:
+        response, _ = self._call(self._stub.ListHeaps, pb.ListHeapsRequest())
+        return {route.usage: tuple(route.heap_order) for route in response.usage_routes}
+
+    def watch_heaps(self, include_existing: bool = True) -> Iterator[HeapEvent]:
+        """Heap events until the caller stops iterating (or the daemon stops)."""
+        ticket = self._fds.new_ticket()
+        stream = self._stub.WatchHeaps(
+            pb.WatchHeapsRequest(include_existing=include_existing), metadata=self._metadata(ticket)
+        )
+        kinds = {
+            pb.HeapEvent.KIND_ADDED: "added",
+            pb.HeapEvent.KIND_REMOVED: "removed",
+            pb.HeapEvent.KIND_SYNCED: "synced",
+        }
+        try:
+            for event in stream:
+                heap = _heap_info(event.heap) if event.HasField("heap") else None
+                yield HeapEvent(kinds.get(event.kind, "unknown"), heap)
+        except grpc.RpcError as error:
+            if not isinstance(error, grpc.Call) or error.code() != grpc.StatusCode.CANCELLED:
+                raise from_rpc_error(error) from None
+        finally:
+            stream.cancel()  # type: ignore[no-untyped-call]
+
+    # -- buffers --------------------------------------------------------
+
+    def allocate_batch(
+        self, size: int | str, count: int, *, heap: str = "", usage: str = "", name: str = ""
+    ) -> list[Buffer]:
+        """`count` buffers of `size` bytes in one call; all or none."""
+        try:
+            nbytes = parse_size(size)
+        except ValueError as error:
+            raise InvalidArgument(str(error)) from None
+        if count < 1:
+            raise InvalidArgument(f"count must be at least 1, not {count}")
+        request = pb.AllocateRequest(size=nbytes, count=count, heap=heap, usage=usage, name=name)
+        response, ticket = self._call(self._stub.Allocate, request)
+        try:
+            pairs = self._fds.take(ticket, len(response.buffers))
+        except DmabufdError:
+            self._fds.discard(ticket)
+            raise
+        fds = dict(pairs)
+        if set(fds) != {message.id for message in response.buffers}:
+            for fd in fds.values():
+                os.close(fd)
+            raise ProtocolError("the fds dmabufd delivered do not match the buffers it reported")
+        return [Buffer(fds[message.id], buffer_info(message), self._release_one) for message in response.buffers]
+
+    def allocate(self, size: int | str, *, heap: str = "", usage: str = "", name: str = "") -> Buffer:
+        return self.allocate_batch(size, 1, heap=heap, usage=usage, name=name)[0]
+
+    def _release_one(self, buffer: Buffer) -> None:
+        if not self._closed.is_set():
+            self.release([buffer.id])
+
+    def release(self, buffer_ids: list[int]) -> int:
+        """Drop buffers from this session's books (their fds are not touched)."""
+        response, _ = self._call(self._stub.Release, pb.ReleaseRequest(buffer_ids=buffer_ids))
+        return response.released_bytes
+
+    def buffers(self) -> list[BufferInfo]:
+        response, _ = self._call(self._stub.ListBuffers, pb.ListBuffersRequest())
+        return [buffer_info(message) for message in response.buffers]
+
+    def describe(self, buffer_id: int) -> BufferInfo:
+        response, _ = self._call(self._stub.DescribeBuffer, pb.DescribeBufferRequest(buffer_id=buffer_id))
+        return buffer_info(response)
+
+    def stats(self, check_proc: bool = False) -> pb.Stats:
+        response, _ = self._call(self._stub.GetStats, pb.GetStatsRequest(check_proc=check_proc))
+        return response
+
+    # -- health and lifetime ----------------------------------------------
+
+    def health(self) -> bool:
+        """The standard gRPC health check (no session needed)."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def close(self) -> None:
+        """End the session: the daemon releases every buffer it booked for
+        it. Buffer objects still open keep working; their fds are theirs."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._fds.close()
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(runtime_dir: Path | str | None = None, timeout_s: float = 10.0) -> Client:
+    """Open a session with the dmabufd at `runtime_dir` (default: see
+    dmabufd_common.paths.default_runtime_dir)."""
+    return Client(Path(runtime_dir) if runtime_dir is not None else None, timeout_s)

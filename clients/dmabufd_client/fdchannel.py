@@ -1,0 +1,123 @@
+"""The client's end of the fd socket.
+
+The daemon sends a HELLO frame on connect (the session token), then, for
+every call that creates buffers, FDS frames tagged with that call's ticket
+before the call returns. Several threads may make calls at once: whoever
+reads a frame for another call's ticket files it under that ticket, so
+every caller ends up with exactly its own fds.
+
+Ownership: fds received here belong to the caller of take() from the
+moment take() returns them; frames nobody claims (a failed call's) are
+closed by discard().
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+from pathlib import Path
+
+from dmabufd_client.errors import ProtocolError, Unavailable, from_status_value
+from dmabufd_common import fdwire
+
+
+class FdChannel:
+    def __init__(self, path: Path, timeout_s: float = 10.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._sock.settimeout(timeout_s)
+        try:
+            self._sock.connect(str(path))
+        except OSError as error:
+            self._sock.close()
+            raise Unavailable(f"cannot reach dmabufd's fd socket {path}: {error.strerror or error}") from None
+        self._read_lock = threading.Lock()  # one reader at a time
+        # Guarded by _read_lock: fds read for calls that have not taken them
+        # yet, and tickets of failed calls whose late fds are closed on sight.
+        self._filed: dict[bytes, list[tuple[int, int]]] = {}
+        self._abandoned: set[bytes] = set()
+        frame, _ = self._read_frame()  # HELLO and ERROR carry no fds
+        if isinstance(frame, fdwire.ErrorFrame):
+            self.close()
+            raise from_status_value(frame.code, frame.message)
+        if not isinstance(frame, fdwire.Hello):
+            self.close()
+            raise ProtocolError(f"expected HELLO from dmabufd, got {type(frame).__name__}")
+        self.hello = frame
+
+    @property
+    def token_hex(self) -> str:
+        return self.hello.token.hex()
+
+    def new_ticket(self) -> bytes:
+        """Send a fresh ticket; the next call names it in its metadata."""
+        ticket = secrets.token_bytes(fdwire.TICKET_BYTES)
+        try:
+            self._sock.send(fdwire.encode(fdwire.Ticket(ticket)))
+        except OSError as error:
+            raise Unavailable(f"dmabufd's fd socket is gone: {error.strerror or error}") from None
+        return ticket
+
+    def _read_frame(self) -> tuple[fdwire.Frame, list[int]]:
+        try:
+            data, fds, flags, _ = socket.recv_fds(
+                self._sock, fdwire.MAX_FRAME_BYTES + 1, fdwire.MAX_FDS_PER_FRAME, socket.MSG_CMSG_CLOEXEC
+            )
+        except TimeoutError:
+            raise Unavailable("timed out waiting for fds from dmabufd") from None
+        except OSError as error:
+            raise Unavailable(f"dmabufd's fd socket failed: {error.strerror or error}") from None
+        if not data and not fds:
+            raise Unavailable("dmabufd closed the fd socket (daemon stopped, or this session was ended)")
+        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError("a frame from dmabufd was truncated")
+        try:
+            return fdwire.decode(data), fds
+        except fdwire.FrameError as error:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError(f"bad frame from dmabufd: {error}") from None
+
+    def take(self, ticket: bytes, count: int) -> list[tuple[int, int]]:
+        """The (buffer id, fd) pairs of the call that used `ticket`, in order.
+        The daemon sent them before it answered the call, so they are
+        already queued; reading never waits for the daemon to act."""
+        with self._read_lock:
+            while len(self._filed.get(ticket, [])) < count:
+                frame, fds = self._read_frame()
+                if isinstance(frame, fdwire.ErrorFrame):
+                    # The daemon rejected something this client sent earlier.
+                    for fd in fds:
+                        os.close(fd)
+                    raise from_status_value(frame.code, frame.message)
+                if not isinstance(frame, fdwire.FdBatch) or len(fds) != len(frame.buffer_ids):
+                    for fd in fds:
+                        os.close(fd)
+                    raise ProtocolError("dmabufd sent a frame whose fds do not match its buffer ids")
+                if frame.ticket in self._abandoned:
+                    for fd in fds:
+                        os.close(fd)
+                    continue
+                self._filed.setdefault(frame.ticket, []).extend(zip(frame.buffer_ids, fds, strict=True))
+            return self._filed.pop(ticket, [])
+
+    def discard(self, ticket: bytes) -> None:
+        """Close whatever fds arrived for a call that failed."""
+        with self._read_lock:
+            self._abandoned.add(ticket)
+            for _, fd in self._filed.pop(ticket, []):
+                os.close(fd)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        with self._read_lock:
+            for pairs in self._filed.values():
+                for _, fd in pairs:
+                    os.close(fd)
+            self._filed.clear()
+        self._sock.close()

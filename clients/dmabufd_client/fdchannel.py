@@ -61,9 +61,7 @@ class FdChannel:
 
     def _read_frame(self) -> tuple[fdwire.Frame, list[int]]:
         try:
-            data, fds, flags, _ = socket.recv_fds(
-                self._sock, fdwire.MAX_FRAME_BYTES + 1, fdwire.MAX_FDS_PER_FRAME, socket.MSG_CMSG_CLOEXEC
-            )
+            data, fds, flags = fdwire.receive(self._sock)
         except TimeoutError:
             raise Unavailable("timed out waiting for fds from dmabufd") from None
         except OSError as error:

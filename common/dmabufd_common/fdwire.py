@@ -12,6 +12,8 @@ Every frame starts with an 8-byte header, little-endian:
 
 from __future__ import annotations
 
+import array
+import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -151,3 +153,21 @@ TICKET_METADATA_KEY = "dmabufd-ticket"
 CONTROL_SOCKET_NAME = "dmabufd.sock"
 FD_SOCKET_NAME = "dmabufd.fd.sock"
 LOCK_FILE_NAME = "dmabufd.lock"
+
+
+def receive(sock: socket.socket) -> tuple[bytes, list[int], int]:
+    """Read one message and the fds attached to it: (data, fds, msg_flags).
+
+    fds arrive close-on-exec (MSG_CMSG_CLOEXEC), so no fork+exec elsewhere in
+    the process can leak them. (Python 3.11's socket.recv_fds drops its
+    flags argument, hence this function.) The caller owns the fds, and must
+    check msg_flags for MSG_CTRUNC (fds lost) and MSG_TRUNC (frame cut).
+    """
+    data, ancillary, msg_flags, _ = sock.recvmsg(
+        MAX_FRAME_BYTES + 1, socket.CMSG_SPACE(MAX_FDS_PER_FRAME * 4), socket.MSG_CMSG_CLOEXEC
+    )
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds), msg_flags

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import stat
 import threading
 from collections.abc import Callable
@@ -84,6 +85,8 @@ class HeapDiscovery:
         self._config = config
         self._on_change = on_change
         self._stop = threading.Event()
+        # Written to by stop(), so a thread waiting for uevents wakes at once.
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread: threading.Thread | None = None
         self._udev_context: Any = None
         self._monitor: Any = None
@@ -131,13 +134,13 @@ class HeapDiscovery:
         log.info("heap discovery: %s, rescan every %.1f s", self.source, self._config.rescan_interval_s)
 
     def _wait_for_change(self) -> None:
-        interval = self._config.rescan_interval_s
-        if self._monitor is None:
-            self._stop.wait(interval)
-            return
-        device = self._monitor.poll(timeout=interval)
-        if device is not None:
-            log.info("uevent: %s %s (%s)", device.action, device.sys_name, device.subsystem)
+        """Return after a uevent, a stop request or one rescan interval."""
+        waiting_on = [self._wake_r] if self._monitor is None else [self._wake_r, self._monitor.fileno()]
+        ready, _, _ = select.select(waiting_on, [], [], self._config.rescan_interval_s)
+        if self._monitor is not None and self._monitor.fileno() in ready:
+            # Drain every queued uevent: one rescan covers them all.
+            while (device := self._monitor.poll(timeout=0)) is not None:
+                log.info("uevent: %s %s (%s)", device.action, device.sys_name, device.subsystem)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -151,5 +154,8 @@ class HeapDiscovery:
 
     def stop(self) -> None:
         self._stop.set()
+        os.write(self._wake_w, b"x")
         if self._thread is not None:
-            self._thread.join(timeout=self._config.rescan_interval_s + 1)
+            self._thread.join(timeout=5)
+        os.close(self._wake_r)
+        os.close(self._wake_w)

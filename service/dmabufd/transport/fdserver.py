@@ -166,9 +166,7 @@ class FdServer:
     def _receive(self, session: Session) -> None:
         _, channel, _ = self._live[session.id]
         try:
-            data, fds, flags, _ = socket.recv_fds(
-                channel.sock, fdwire.MAX_FRAME_BYTES + 1, fdwire.MAX_FDS_PER_FRAME, socket.MSG_CMSG_CLOEXEC
-            )
+            data, fds, flags = fdwire.receive(channel.sock)
         except (BlockingIOError, InterruptedError, TimeoutError):
             return
         except OSError as error:

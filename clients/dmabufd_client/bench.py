@@ -1,0 +1,166 @@
+"""`dmabufctl bench`: what the fd path costs next to gRPC itself.
+
+Measured in one run, side by side, against a running daemon:
+- latency of allocate(size) until the fd is in hand, and of a bare gRPC
+  health check on the same channel, interleaved so both see the same load;
+- one batch call of 32 buffers against 32 single calls;
+- allocations per second from 1 client and from N client processes.
+Buffers are released in groups outside the timed sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from dmabufd_client.buffer import Buffer
+from dmabufd_client.client import Client, connect
+
+RELEASE_EVERY = 64
+BATCH = 32
+
+
+def _drop(client: Client, buffers: list[Buffer]) -> None:
+    """Release a group of buffers in one call and close their fds."""
+    if buffers:
+        client.release([b.id for b in buffers])
+        for buffer in buffers:
+            os.close(buffer.detach())
+        buffers.clear()
+
+
+def _percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _latencies(client: Client, size: int, heap: str, iterations: int) -> tuple[list[float], list[float]]:
+    alloc_s: list[float] = []
+    health_s: list[float] = []
+    held: list[Buffer] = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        client.health()
+        health_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        held.append(client.allocate(size, heap=heap, name="bench"))
+        alloc_s.append(time.perf_counter() - started)
+        if len(held) >= RELEASE_EVERY:
+            _drop(client, held)
+    _drop(client, held)
+    return alloc_s, health_s
+
+
+def _batch_vs_singles(client: Client, size: int, heap: str, rounds: int) -> tuple[float, float]:
+    batch_s: list[float] = []
+    singles_s: list[float] = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        held = client.allocate_batch(size, BATCH, heap=heap, name="bench")
+        batch_s.append(time.perf_counter() - started)
+        _drop(client, held)
+        started = time.perf_counter()
+        held = [client.allocate(size, heap=heap, name="bench") for _ in range(BATCH)]
+        singles_s.append(time.perf_counter() - started)
+        _drop(client, held)
+    return statistics.median(batch_s), statistics.median(singles_s)
+
+
+@dataclass(frozen=True)
+class _Job:
+    runtime_dir: str | None
+    size: int
+    heap: str
+    count: int
+
+
+def _worker(job: _Job, start: Any, results: Any) -> None:
+    with connect(job.runtime_dir) as client:
+        client.health()
+        start.wait()
+        held: list[Buffer] = []
+        began = time.perf_counter()
+        for _ in range(job.count):
+            held.append(client.allocate(job.size, heap=job.heap, name="bench"))
+            if len(held) >= RELEASE_EVERY:
+                _drop(client, held)
+        _drop(client, held)
+        results.put((began, time.perf_counter(), job.count))
+
+
+def _throughput(runtime_dir: Path | None, size: int, heap: str, clients: int, per_client: int) -> float:
+    """Allocations per second (release included) from `clients` processes."""
+    context = multiprocessing.get_context("spawn")  # a forked gRPC runtime is not safe
+    start = context.Event()
+    results = context.Queue()
+    job = _Job(str(runtime_dir) if runtime_dir else None, size, heap, per_client)
+    workers = [context.Process(target=_worker, args=(job, start, results)) for _ in range(clients)]
+    for worker in workers:
+        worker.start()
+    time.sleep(1.0)  # let every worker connect before the clock starts
+    start.set()
+    spans = [results.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join()
+    total = sum(int(count) for _, _, count in spans)
+    wall = max(float(end) for _, end, _ in spans) - min(float(began) for began, _, _ in spans)
+    return total / wall
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    size, heap, iterations = args.size, args.heap, args.iterations
+    with connect(args.runtime_dir, timeout_s=args.timeout) as client:
+        heap_name = heap or "(by usage)"
+        _latencies(client, size, heap, min(100, iterations))  # warm-up
+        alloc_s, health_s = _latencies(client, size, heap, iterations)
+        batch_s, singles_s = _batch_vs_singles(client, size, heap, rounds=20)
+    per_client = max(100, iterations // 4)
+    single_rate = _throughput(args.runtime_dir, size, heap, 1, per_client)
+    multi_rate = _throughput(args.runtime_dir, size, heap, args.clients, per_client)
+    alloc_p50, health_p50 = _percentile(alloc_s, 0.5), _percentile(health_s, 0.5)
+    result = {
+        "size": size,
+        "heap": heap_name,
+        "iterations": iterations,
+        "alloc_fd_p50_us": alloc_p50 * 1e6,
+        "alloc_fd_p99_us": _percentile(alloc_s, 0.99) * 1e6,
+        "grpc_health_p50_us": health_p50 * 1e6,
+        "grpc_health_p99_us": _percentile(health_s, 0.99) * 1e6,
+        "alloc_to_grpc_p50_ratio": alloc_p50 / health_p50,
+        "batch32_ms": batch_s * 1e3,
+        "single_x32_ms": singles_s * 1e3,
+        "batch_speedup": singles_s / batch_s,
+        "allocs_per_s_1_client": single_rate,
+        f"allocs_per_s_{args.clients}_clients": multi_rate,
+        "clients": args.clients,
+    }
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    table = Table(title=f"dmabufd bench: {size} B buffers, heap {heap_name}, {iterations} iterations")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("allocate+fd p50 / p99", f"{result['alloc_fd_p50_us']:.0f} / {result['alloc_fd_p99_us']:.0f} us")
+    table.add_row(
+        "gRPC health p50 / p99", f"{result['grpc_health_p50_us']:.0f} / {result['grpc_health_p99_us']:.0f} us"
+    )
+    table.add_row("ratio (p50)", f"{result['alloc_to_grpc_p50_ratio']:.2f}x")
+    table.add_row(f"batch of {BATCH} (one call)", f"{result['batch32_ms']:.2f} ms")
+    table.add_row(f"{BATCH} single calls", f"{result['single_x32_ms']:.2f} ms")
+    table.add_row("batch speed-up", f"{result['batch_speedup']:.1f}x")
+    table.add_row("allocations/s, 1 client", f"{single_rate:.0f}")
+    table.add_row(f"allocations/s, {args.clients} clients", f"{multi_rate:.0f}")
+    Console().print(table)
+    return 0

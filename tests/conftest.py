@@ -1,0 +1,117 @@
+"""Fixtures shared by the whole suite: a real daemon in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import dmabufd_client
+from dmabufd_common.fdwire import CONTROL_SOCKET_NAME, FD_SOCKET_NAME
+
+START_TIMEOUT_S = 20.0
+
+
+@dataclass
+class RunningDaemon:
+    process: subprocess.Popen[bytes]
+    runtime_dir: Path
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def connect(self) -> dmabufd_client.Client:
+        return dmabufd_client.connect(self.runtime_dir)
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_fd_count(self, expected: int, timeout_s: float = 10.0) -> int:
+        """The daemon releases a dead client's fds asynchronously."""
+        deadline = time.monotonic() + timeout_s
+        while (count := self.fd_count()) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return count
+
+
+def start_daemon(runtime_dir: Path, config_text: str | None, log_path: Path) -> RunningDaemon:
+    args = [sys.executable, "-m", "dmabufd", "--runtime-dir", str(runtime_dir), "--log-level", "debug"]
+    if config_text is not None:
+        config_path = runtime_dir.parent / f"{runtime_dir.name}.toml"
+        config_path.write_text(config_text)
+        args += ["--config", str(config_path)]
+    log = open(log_path, "wb")  # noqa: SIM115 - handed to the child for its lifetime
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    daemon = RunningDaemon(process, runtime_dir, log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"dmabufd exited with {process.returncode}:\n{daemon.log()}")
+        if (runtime_dir / CONTROL_SOCKET_NAME).exists() and (runtime_dir / FD_SOCKET_NAME).exists():
+            try:
+                with daemon.connect() as client:
+                    if client.health():
+                        return daemon
+            except dmabufd_client.DmabufdError:
+                pass
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"dmabufd did not become ready in {START_TIMEOUT_S} s:\n{daemon.log()}")
+
+
+def stop_daemon(daemon: RunningDaemon) -> int:
+    if daemon.process.poll() is None:
+        daemon.process.send_signal(signal.SIGTERM)
+        try:
+            daemon.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            daemon.process.kill()
+            daemon.process.wait()
+            raise AssertionError(f"dmabufd ignored SIGTERM:\n{daemon.log()}") from None
+    return daemon.process.returncode
+
+
+DaemonFactory = Callable[..., RunningDaemon]
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
+    """Start daemons with a given TOML config; all are stopped (and must
+    exit cleanly) at the end of the test."""
+    started: list[RunningDaemon] = []
+
+    def start(config_text: str | None = None, name: str = "rt") -> RunningDaemon:
+        daemon = start_daemon(tmp_path / name, config_text, tmp_path / f"{name}.log")
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        code = stop_daemon(daemon)
+        assert code == 0, f"dmabufd exited with {code}:\n{daemon.log()}"
+        assert "Traceback" not in daemon.log(), daemon.log()
+
+
+@pytest.fixture
+def daemon(daemon_factory: DaemonFactory) -> RunningDaemon:
+    """A daemon with the built-in defaults (on this machine: memfd only)."""
+    return daemon_factory()
+
+
+@pytest.fixture
+def client(daemon: RunningDaemon) -> Iterator[dmabufd_client.Client]:
+    with daemon.connect() as connected:
+        yield connected

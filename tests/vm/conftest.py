@@ -13,12 +13,8 @@ import pytest
 
 IN_VM = os.environ.get("DMABUFD_IN_VM") == "1"
 
-collect_ignore: list[str] = (
-    ["test_vm_suite.py", "test_vm_harness.py"] if IN_VM else ["guest"]
-)
+collect_ignore: list[str] = ["test_vm_suite.py", "test_vm_harness.py"] if IN_VM else ["guest"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "vm: boots the product's kernel under QEMU (slow; needs qemu and a kernel)"
-    )
+    config.addinivalue_line("markers", "vm: boots the product's kernel under QEMU (slow; needs qemu and a kernel)")

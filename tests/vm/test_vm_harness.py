@@ -20,11 +20,9 @@ def test_key_depends_on_every_input() -> None:
     assert base == vm.compute_key("patched", "6.12.117-1", FRAGMENT, list(PATCHES))
     assert base != vm.compute_key("patched", "6.12.118-1", FRAGMENT, PATCHES)
     assert base != vm.compute_key("patched", "6.12.117-1", FRAGMENT + b"CONFIG_X=y\n", PATCHES)
-    assert base != vm.compute_key("patched", "6.12.117-1", FRAGMENT,
-                                  [PATCHES[0], ("0002-dma-buf.patch", b"diff c")])
+    assert base != vm.compute_key("patched", "6.12.117-1", FRAGMENT, [PATCHES[0], ("0002-dma-buf.patch", b"diff c")])
     assert base != vm.compute_key("patched", "6.12.117-1", FRAGMENT, PATCHES[:1])
-    assert base != vm.compute_key("patched", "6.12.117-1", FRAGMENT,
-                                  [("0001-other.patch", b"diff a"), PATCHES[1]])
+    assert base != vm.compute_key("patched", "6.12.117-1", FRAGMENT, [("0001-other.patch", b"diff a"), PATCHES[1]])
 
 
 def test_stock_key_ignores_patches_and_differs_from_patched() -> None:
@@ -77,8 +75,14 @@ def test_the_real_fragment_parses() -> None:
     if not frag.is_file():
         pytest.skip(f"{frag} missing")
     opts = vm.parse_config(frag.read_text())
-    for name in ("CONFIG_DMABUF_HEAPS_SYSTEM", "CONFIG_UDMABUF", "CONFIG_9P_FS",
-                 "CONFIG_VIRTIO_BLK", "CONFIG_EXT4_FS", "CONFIG_DEBUG_FS"):
+    for name in (
+        "CONFIG_DMABUF_HEAPS_SYSTEM",
+        "CONFIG_UDMABUF",
+        "CONFIG_9P_FS",
+        "CONFIG_VIRTIO_BLK",
+        "CONFIG_EXT4_FS",
+        "CONFIG_DEBUG_FS",
+    ):
         assert opts.get(name) == "y", name
 
 
@@ -90,9 +94,13 @@ def test_cache_dir_from_env(tmp_path: Path) -> None:
 
 def test_init_script_and_guest_env(tmp_path: Path) -> None:
     art = vm.Artifact("stock", "k1", tmp_path / "stock-k1")
-    env = vm.guest_env("stock", art, None, {"EXTRA": "a b"},
-                       env={"PATH": "/usr/bin", "DMABUFD_X": "1", "SECRET": "no",
-                            "DMABUFD_VM_CACHE": "/x"})
+    env = vm.guest_env(
+        "stock",
+        art,
+        None,
+        {"EXTRA": "a b"},
+        env={"PATH": "/usr/bin", "DMABUFD_X": "1", "SECRET": "no", "DMABUFD_VM_CACHE": "/x"},
+    )
     assert env["DMABUFD_IN_VM"] == "1"
     assert env["DMABUFD_VM_VARIANT"] == "stock"
     assert env["DMABUFD_VM_SCRATCH"] == "/mnt/scratch"
@@ -113,9 +121,16 @@ def test_init_script_and_guest_env(tmp_path: Path) -> None:
 
 
 def test_qemu_command_shape(tmp_path: Path) -> None:
-    argv = vm.qemu_command(tmp_path / "bzImage", tmp_path / "init.sh", tmp_path / "res",
-                           tmp_path / "disk.img", mem="2G", smp=2, accel="tcg",
-                           cache_mode="none")
+    argv = vm.qemu_command(
+        tmp_path / "bzImage",
+        tmp_path / "init.sh",
+        tmp_path / "res",
+        tmp_path / "disk.img",
+        mem="2G",
+        smp=2,
+        accel="tcg",
+        cache_mode="none",
+    )
     joined = " ".join(argv)
     assert "-no-reboot" in argv
     assert "-nographic" in argv

@@ -55,15 +55,23 @@ def kernels() -> dict[str, vm.Artifact | str]:
 
 
 @pytest.mark.parametrize("variant", vm.VARIANTS)
-def test_guest_suite(variant: vm.Variant, kernels: dict[str, vm.Artifact | str],
-                     tmp_path: Path) -> None:
+def test_guest_suite(variant: vm.Variant, kernels: dict[str, vm.Artifact | str], tmp_path: Path) -> None:
     art = kernels[variant]
     if isinstance(art, str):
         _unavailable(art)
     console = tmp_path / f"console-{variant}.log"
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "tests/vm/guest", "-p", "no:cacheprovider"]
-    result = vm.run(variant, cmd, cwd=REPO, mem="4G", disk_mb=1024, timeout=GUEST_TIMEOUT,
-                    console=None, console_log=console, build_if_missing=False)
+    result = vm.run(
+        variant,
+        cmd,
+        cwd=REPO,
+        mem="4G",
+        disk_mb=1024,
+        timeout=GUEST_TIMEOUT,
+        console=None,
+        console_log=console,
+        build_if_missing=False,
+    )
     summary = result.summary()
     print(summary)
     print(result.output[-20000:])

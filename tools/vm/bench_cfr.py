@@ -97,8 +97,7 @@ def guest_main(args: argparse.Namespace) -> int:
             view.release()
         return h.hexdigest()
 
-    def cfr(flags: int, target: Callable[[], tuple[int, Callable[[], None]]]
-            ) -> Callable[[], tuple[float, float, str]]:
+    def cfr(flags: int, target: Callable[[], tuple[int, Callable[[], None]]]) -> Callable[[], tuple[float, float, str]]:
         def go() -> tuple[float, float, str]:
             dst, close = target()
             sfd = os.open(src, os.O_RDONLY | flags)
@@ -111,6 +110,7 @@ def guest_main(args: argparse.Namespace) -> int:
             finally:
                 os.close(sfd)
                 close()
+
         return go
 
     def read_into_heap() -> tuple[float, float, str]:
@@ -177,22 +177,28 @@ def guest_main(args: argparse.Namespace) -> int:
             walls.append(wall)
             cpus.append(cpu)
             print(f"  {name} run {i}: wall {wall:.3f} s, cpu {cpu:.3f} s", flush=True)
-        results[name] = {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
-                         "mib_per_s": args.mib / statistics.median(walls)}
+        results[name] = {
+            "wall_s": statistics.median(walls),
+            "cpu_s": statistics.median(cpus),
+            "mib_per_s": args.mib / statistics.median(walls),
+        }
     ref = results.get("cfr-direct-heap")
-    print(f"\n{args.mib} MiB file, median of {args.repeat}, kernel "
-          f"{os.uname().release} ({os.environ.get('DMABUFD_VM_VARIANT')}):")
+    print(
+        f"\n{args.mib} MiB file, median of {args.repeat}, kernel "
+        f"{os.uname().release} ({os.environ.get('DMABUFD_VM_VARIANT')}):"
+    )
     print(f"{'mode':22} {'wall s':>8} {'cpu s':>8} {'MiB/s':>8} {'wall x':>7} {'cpu x':>7}")
     for name, r in results.items():
         wx = r["wall_s"] / ref["wall_s"] if ref else float("nan")
         cx = r["cpu_s"] / ref["cpu_s"] if ref and ref["cpu_s"] else float("nan")
-        print(f"{name:22} {r['wall_s']:8.3f} {r['cpu_s']:8.3f} {r['mib_per_s']:8.1f} "
-              f"{wx:7.2f} {cx:7.2f}")
+        print(f"{name:22} {r['wall_s']:8.3f} {r['cpu_s']:8.3f} {r['mib_per_s']:8.1f} {wx:7.2f} {cx:7.2f}")
     if ref:
         b = results["read-heap-mmap"]
-        print(f"\nbuffered read() into the mapped heap buffer / direct copy_file_range: "
-              f"wall {b['wall_s'] / ref['wall_s']:.2f}x, cpu "
-              f"{b['cpu_s'] / max(ref['cpu_s'], 1e-9):.2f}x")
+        print(
+            f"\nbuffered read() into the mapped heap buffer / direct copy_file_range: "
+            f"wall {b['wall_s'] / ref['wall_s']:.2f}x, cpu "
+            f"{b['cpu_s'] / max(ref['cpu_s'], 1e-9):.2f}x"
+        )
     results_dir = os.environ.get("DMABUFD_VM_RESULTS")
     if results_dir:
         Path(results_dir, "bench_cfr.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -204,11 +210,15 @@ def host_main(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO))
     from tools.vm import dmabufd_vm
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--mib", str(args.mib),
-           "--repeat", str(args.repeat)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--mib", str(args.mib), "--repeat", str(args.repeat)]
     result = dmabufd_vm.run(
-        args.variant, cmd, mem=args.mem, disk_mb=args.mib * 2 + 512, timeout=args.timeout,
-        cwd=REPO, console=None if args.quiet else sys.stderr,
+        args.variant,
+        cmd,
+        mem=args.mem,
+        disk_mb=args.mib * 2 + 512,
+        timeout=args.timeout,
+        cwd=REPO,
+        console=None if args.quiet else sys.stderr,
     )
     if args.quiet:
         sys.stdout.write(result.output)

@@ -141,7 +141,9 @@ def source_package_info() -> tuple[str, Path]:
     try:
         version = subprocess.run(
             ["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         files = subprocess.run(
             ["dpkg-query", "-L", SOURCE_PACKAGE], check=True, capture_output=True, text=True
@@ -230,7 +232,9 @@ def missing_packages(packages: Sequence[str] = APT_PACKAGES) -> list[str]:
         raise VMError("dpkg-query not found: this harness needs a Debian-based host")
     proc = subprocess.run(
         ["dpkg-query", "-W", "-f=${Package} ${db:Status-Abbrev}\n", *packages],
-        check=False, capture_output=True, text=True,
+        check=False,
+        capture_output=True,
+        text=True,
     )
     installed = set()
     for line in proc.stdout.splitlines():
@@ -257,7 +261,10 @@ def ensure_dependencies(log: TextIO, packages: Sequence[str] = APT_PACKAGES) -> 
     subprocess.run(["apt-get", *lock, "update"], check=True, env=env, stdout=log, stderr=log)
     subprocess.run(
         ["apt-get", *lock, "install", "-y", "--no-install-recommends", *packages],
-        check=True, env=env, stdout=log, stderr=log,
+        check=True,
+        env=env,
+        stdout=log,
+        stderr=log,
     )
     still = missing_packages(packages)
     if still:
@@ -369,9 +376,7 @@ class _Builder:
         with open(logfile, "a") as lf:
             lf.write(f"\n$ (cd {cwd} && {shlex.join(argv)})\n")
             lf.flush()
-            proc = subprocess.run(
-                list(argv), check=False, cwd=cwd, stdout=lf, stderr=subprocess.STDOUT
-            )
+            proc = subprocess.run(list(argv), check=False, cwd=cwd, stdout=lf, stderr=subprocess.STDOUT)
         dt = time.monotonic() - t0
         if proc.returncode != 0:
             tail = "".join(logfile.read_text(errors="replace").splitlines(True)[-60:])
@@ -409,11 +414,14 @@ class _Builder:
         t0 = time.monotonic()
         if dst.exists():
             shutil.rmtree(dst)
-        self.sh(["cp", "-a", "--reflink=auto", str(src), str(dst)], self.cache.trees, logfile,
-                "copy of the stock tree")
+        self.sh(["cp", "-a", "--reflink=auto", str(src), str(dst)], self.cache.trees, logfile, "copy of the stock tree")
         for patch in self.inputs.patches:
-            self.sh(["patch", "-p1", "--fuzz=0", "--forward", "--batch", "-i", str(patch)], dst,
-                    logfile, f"applying {patch.name}")
+            self.sh(
+                ["patch", "-p1", "--fuzz=0", "--forward", "--batch", "-i", str(patch)],
+                dst,
+                logfile,
+                f"applying {patch.name}",
+            )
         dt = time.monotonic() - t0
         self.say(f"patched tree ready ({len(self.inputs.patches)} patches) in {dt:.0f} s")
         return dt
@@ -424,8 +432,7 @@ class _Builder:
         t0 = time.monotonic()
         frag = self.inputs.fragment
         self.sh(["make", "tinyconfig"], tree, logfile, "make tinyconfig")
-        self.sh(["scripts/kconfig/merge_config.sh", "-m", ".config", str(frag)], tree, logfile,
-                "merge_config.sh")
+        self.sh(["scripts/kconfig/merge_config.sh", "-m", ".config", str(frag)], tree, logfile, "merge_config.sh")
         self.sh(["make", "olddefconfig"], tree, logfile, "make olddefconfig")
         problems = verify_fragment(frag.read_text(), (tree / ".config").read_text())
         if problems:
@@ -449,8 +456,7 @@ class _Builder:
             dest = out / name
             dest.mkdir(parents=True, exist_ok=True)
             try:
-                self.sh(["make", "-C", rel, f"OUTPUT={dest}"], tree, logfile,
-                        f"selftests {rel}")
+                self.sh(["make", "-C", rel, f"OUTPUT={dest}"], tree, logfile, f"selftests {rel}")
             except VMError as e:
                 if required:
                     raise
@@ -471,8 +477,13 @@ class _Builder:
             if _read_state(self.cache.tree("stock")).get("built_key") != stock_key:
                 self.say("the stock tree is not built for the current inputs; building it first")
                 build(
-                    "stock", cache=self.cache, inputs=self.inputs, log=self.log, jobs=self.jobs,
-                    _locked=True, _force_tree=True,
+                    "stock",
+                    cache=self.cache,
+                    inputs=self.inputs,
+                    log=self.log,
+                    jobs=self.jobs,
+                    _locked=True,
+                    _force_tree=True,
                 )
             times["copy_patch_s"] = self.copy_stock_to_patched(logfile)
         state = _read_state(tree)
@@ -486,9 +497,7 @@ class _Builder:
         return times
 
 
-def resolve_inputs(
-    fragment: Path | None = None, patch_dir: Path | None = None
-) -> Inputs:
+def resolve_inputs(fragment: Path | None = None, patch_dir: Path | None = None) -> Inputs:
     version, tarball = source_package_info()
     frag = fragment or default_fragment()
     if not frag.is_file():
@@ -699,9 +708,10 @@ def _make_scratch(path: Path, size_mb: int, log: TextIO) -> None:
         fh.truncate(size_mb * 1024 * 1024)
     mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
     proc = subprocess.run(
-        [mkfs, "-q", "-F", "-L", "dmabufd-scratch",
-         "-E", "lazy_itable_init=0,lazy_journal_init=0", str(path)],
-        check=False, capture_output=True, text=True,
+        [mkfs, "-q", "-F", "-L", "dmabufd-scratch", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise VMError(f"mkfs.ext4 failed: {proc.stderr.strip()}")
@@ -757,18 +767,30 @@ def qemu_command(
         qemu,
         "-nographic",
         "-no-reboot",
-        "-m", mem,
-        "-smp", str(smp),
-        "-cpu", "max" if accel == "tcg" else "host",
-        "-accel", accel,
-        "-kernel", str(bzimage),
-        "-append", append,
-        "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
-        "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
-        "-fsdev", f"local,id=results,path={results},security_model=none",
-        "-device", "virtio-9p-pci,fsdev=results,mount_tag=results",
-        "-drive", f"file={scratch},if=virtio,format=raw,cache={cache_mode}",
-        "-nic", "none",
+        "-m",
+        mem,
+        "-smp",
+        str(smp),
+        "-cpu",
+        "max" if accel == "tcg" else "host",
+        "-accel",
+        accel,
+        "-kernel",
+        str(bzimage),
+        "-append",
+        append,
+        "-fsdev",
+        "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device",
+        "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+        "-fsdev",
+        f"local,id=results,path={results},security_model=none",
+        "-device",
+        "virtio-9p-pci,fsdev=results,mount_tag=results",
+        "-drive",
+        f"file={scratch},if=virtio,format=raw,cache={cache_mode}",
+        "-nic",
+        "none",
     ]
     return argv
 
@@ -819,14 +841,17 @@ def run(
     scratch = rundir / "scratch.img"
     _make_scratch(scratch, disk_mb, log)
     init = rundir / "init.sh"
-    init.write_text(
-        render_init(cmd, (cwd or Path.cwd()).resolve(), guest_env(variant, art, patched_art,
-                                                                   env or {}))
-    )
+    init.write_text(render_init(cmd, (cwd or Path.cwd()).resolve(), guest_env(variant, art, patched_art, env or {})))
     init.chmod(0o755)
     console_path = console_log or cache.logs / f"console-{rundir.name}.log"
     argv = qemu_command(
-        art.bzimage, init, results, scratch, mem=mem, smp=smp, accel=accel,
+        art.bzimage,
+        init,
+        results,
+        scratch,
+        mem=mem,
+        smp=smp,
+        accel=accel,
         cache_mode="none" if _supports_odirect(rundir) else "writeback",
         kernel_args=kernel_args,
     )
@@ -836,12 +861,13 @@ def run(
     with open(console_path, "w") as clog:
         clog.write(f"# {shlex.join(argv)}\n")
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         assert proc.stdout is not None
-        reader = threading.Thread(
-            target=_pump_console, args=(proc.stdout, clog, console, marks, t0), daemon=True
-        )
+        reader = threading.Thread(target=_pump_console, args=(proc.stdout, clog, console, marks, t0), daemon=True)
         reader.start()
         try:
             proc.wait(timeout=timeout)
@@ -859,13 +885,18 @@ def run(
         rc = 124 if timed_out else 255
         tail = "".join(console_path.read_text(errors="replace").splitlines(True)[-40:])
         why = f"timeout after {timeout:.0f} s" if timed_out else f"qemu exited {proc.returncode}"
-        output += (
-            f"\n[dmabufd-vm] the guest did not report an exit code ({why}); console tail:\n{tail}"
-        )
+        output += f"\n[dmabufd-vm] the guest did not report an exit code ({why}); console tail:\n{tail}"
     result = RunResult(
-        returncode=rc, output=output, console_log=console_path,
-        boot_seconds=marks.get(INIT_MARKER), ready_seconds=marks.get(READY_MARKER),
-        wall_seconds=wall, timed_out=timed_out, variant=variant, key=art.key, accel=accel,
+        returncode=rc,
+        output=output,
+        console_log=console_path,
+        boot_seconds=marks.get(INIT_MARKER),
+        ready_seconds=marks.get(READY_MARKER),
+        wall_seconds=wall,
+        timed_out=timed_out,
+        variant=variant,
+        key=art.key,
+        accel=accel,
     )
     if not keep:
         shutil.rmtree(rundir, ignore_errors=True)
@@ -874,9 +905,7 @@ def run(
     return result
 
 
-def _pump_console(
-    stream: IO[bytes], clog: TextIO, console: TextIO | None, marks: dict[str, float], t0: float
-) -> None:
+def _pump_console(stream: IO[bytes], clog: TextIO, console: TextIO | None, marks: dict[str, float], t0: float) -> None:
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
         for marker in (INIT_MARKER, READY_MARKER, DONE_MARKER):
@@ -940,12 +969,11 @@ def status(cache: Cache | None = None, inputs: Inputs | None = None) -> str:
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dmabufd_vm", description=__doc__.splitlines()[0])
-    p.add_argument("--cache", type=Path, help="cache dir (default: $DMABUFD_VM_CACHE or "
-                   "${XDG_CACHE_HOME:-~/.cache}/dmabufd-vm)")
-    p.add_argument("--fragment", type=Path, help="Kconfig fragment (default: "
-                   "kernel-patches/dmabufd-6.12.config)")
-    p.add_argument("--patch-dir", type=Path, help="patch series dir (default: "
-                   "kernel-patches/linux-6.12)")
+    p.add_argument(
+        "--cache", type=Path, help="cache dir (default: $DMABUFD_VM_CACHE or ${XDG_CACHE_HOME:-~/.cache}/dmabufd-vm)"
+    )
+    p.add_argument("--fragment", type=Path, help="Kconfig fragment (default: kernel-patches/dmabufd-6.12.config)")
+    p.add_argument("--patch-dir", type=Path, help="patch series dir (default: kernel-patches/linux-6.12)")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build (or find cached) kernels")
     g = b.add_mutually_exclusive_group(required=True)
@@ -959,8 +987,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     r.add_argument("--smp", type=int, default=2)
     r.add_argument("--disk-mb", type=int, default=1024)
     r.add_argument("--timeout", type=float, default=900.0)
-    r.add_argument("--accel", choices=("tcg", "kvm", "auto"), help="default tcg "
-                   "(or $DMABUFD_VM_ACCEL)")
+    r.add_argument("--accel", choices=("tcg", "kvm", "auto"), help="default tcg (or $DMABUFD_VM_ACCEL)")
     r.add_argument("--env", action="append", default=[], metavar="K=V")
     r.add_argument("--console-log", type=Path, help="write the guest console here")
     r.add_argument("--quiet", action="store_true", help="do not stream the console to stderr")
@@ -1006,10 +1033,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = dict(kv.split("=", 1) for kv in args.env)
         inputs = resolve_inputs(args.fragment, args.patch_dir)
         result = run(
-            args.variant, cmd, cache=cache, inputs=inputs, mem=args.mem, smp=args.smp,
-            disk_mb=args.disk_mb, timeout=args.timeout, env=extra,
-            console=None if args.quiet else sys.stderr, console_log=args.console_log,
-            build_if_missing=not args.no_build, accel=args.accel, keep=args.keep,
+            args.variant,
+            cmd,
+            cache=cache,
+            inputs=inputs,
+            mem=args.mem,
+            smp=args.smp,
+            disk_mb=args.disk_mb,
+            timeout=args.timeout,
+            env=extra,
+            console=None if args.quiet else sys.stderr,
+            console_log=args.console_log,
+            build_if_missing=not args.no_build,
+            accel=args.accel,
+            keep=args.keep,
             kernel_args=args.kernel_args,
         )
         if args.quiet:

@@ -158,14 +158,12 @@ def sealed_memfd(size: int, *, seals: int = F_SEAL_SHRINK, name: str = "dmabufd-
     return fd
 
 
-def udmabuf_create(dev_fd: int, memfd: int, offset: int, size: int,
-                   flags: int = UDMABUF_FLAGS_CLOEXEC) -> int:
+def udmabuf_create(dev_fd: int, memfd: int, offset: int, size: int, flags: int = UDMABUF_FLAGS_CLOEXEC) -> int:
     data = bytearray(struct.pack(CREATE_FMT, memfd, flags, offset, size))
     return int(fcntl.ioctl(dev_fd, UDMABUF_CREATE, data, True))
 
 
-def udmabuf_create_list(dev_fd: int, items: Sequence[tuple[int, int, int]],
-                        flags: int = UDMABUF_FLAGS_CLOEXEC) -> int:
+def udmabuf_create_list(dev_fd: int, items: Sequence[tuple[int, int, int]], flags: int = UDMABUF_FLAGS_CLOEXEC) -> int:
     data = bytearray(struct.pack(LIST_HDR_FMT, flags, len(items)))
     for memfd, offset, size in items:
         data += struct.pack(ITEM_FMT, memfd, 0, offset, size)

@@ -190,8 +190,7 @@ def load(path: Path, file_off: int, dst_fd: int, dst_off: int, length: int) -> d
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 
@@ -256,8 +255,7 @@ ODD = [
 
 
 @pytest.mark.usefixtures("need_patched")
-@pytest.mark.parametrize(("file_off", "dst_off", "length"), ODD,
-                         ids=[f"f{a}-b{b}-n{c}" for a, b, c in ODD])
+@pytest.mark.parametrize(("file_off", "dst_off", "length"), ODD, ids=[f"f{a}-b{b}-n{c}" for a, b, c in ODD])
 def test_copy_odd_offsets_and_lengths(
     source_file: Path, make_target: TargetFactory, file_off: int, dst_off: int, length: int
 ) -> None:
@@ -300,8 +298,7 @@ def test_count_clamped_at_buffer_end(source_file: Path, make_target: TargetFacto
 
 
 @pytest.mark.usefixtures("need_patched")
-def test_buffered_fd_copy_goes_through_page_cache(source_file: Path,
-                                                  make_target: TargetFactory) -> None:
+def test_buffered_fd_copy_goes_through_page_cache(source_file: Path, make_target: TargetFactory) -> None:
     t = make_target(4 * MiB)
     drop_caches()
     bfd = os.open(source_file, os.O_RDONLY)
@@ -331,9 +328,7 @@ def test_read_only_dmabuf_fd_rejected(source_file: Path) -> None:
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
-def test_stock_kernel_refuses(
-    source_file: Path, make_target: TargetFactory, patched: bool, direct: bool
-) -> None:
+def test_stock_kernel_refuses(source_file: Path, make_target: TargetFactory, patched: bool, direct: bool) -> None:
     if patched:
         pytest.skip("the stock behaviour is checked on the stock kernel")
     t = make_target(1 * MiB)

@@ -117,8 +117,7 @@ def test_alloc_on_bad_fds() -> None:
         ({"fd_in": 5}, ONE_MEG),
         ({}, 0),
     ],
-    ids=["heap_flags-0x111111", "heap_flags-1", "fd_flags-inverse", "fd_flags-nonblock",
-         "fd-nonzero", "len-0"],
+    ids=["heap_flags-0x111111", "heap_flags-1", "fd_flags-inverse", "fd_flags-nonblock", "fd-nonzero", "len-0"],
 )
 def test_alloc_rejects_bad_arguments(kwargs: dict[str, int], length: int) -> None:
     with open_heap() as hfd, expect_errno(errno.EINVAL):

@@ -27,8 +27,7 @@ def _selftests_dir(var: str = "DMABUFD_VM_SELFTESTS") -> Path:
 
 
 def run_tap(argv: list[str], timeout: float = 600) -> tuple[int, str]:
-    proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     out = proc.stdout + proc.stderr
     print(f"$ {' '.join(argv)} -> {proc.returncode}\n{out}")
     return proc.returncode, out

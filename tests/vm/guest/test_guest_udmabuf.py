@@ -169,10 +169,10 @@ def test_create_list_four_chunks_coherent(dev: int) -> None:
                             k += 1
                     # page-level identity, not just equal letters
                     for i in range(NUM_ENTRIES):
-                        mem[i * chunk_stride + 5:i * chunk_stride + 9] = bytes([i]) * 4
+                        mem[i * chunk_stride + 5 : i * chunk_stride + 9] = bytes([i]) * 4
                     for i in range(NUM_ENTRIES):
                         k = i * NUM_PAGES
-                        assert ub[k * PAGE + 5:k * PAGE + 9] == bytes([i]) * 4
+                        assert ub[k * PAGE + 5 : k * PAGE + 9] == bytes([i]) * 4
             finally:
                 os.close(buf)
     finally:

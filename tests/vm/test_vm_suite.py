@@ -54,6 +54,8 @@ def kernels() -> dict[str, vm.Artifact | str]:
     return out
 
 
+# A cold build of both kernels happens in the first test's setup: far beyond the default timeout.
+@pytest.mark.timeout(5400)
 @pytest.mark.parametrize("variant", vm.VARIANTS)
 def test_guest_suite(variant: vm.Variant, kernels: dict[str, vm.Artifact | str], tmp_path: Path) -> None:
     art = kernels[variant]

@@ -88,6 +88,7 @@ def _direct_io_binary(variant: str) -> Path:
     pytest.skip("dmabuf_direct_io is built from the patched tree, which is not built yet")
 
 
+@pytest.mark.timeout(1500)
 def test_direct_io_selftest(vm_variant: str, scratch_dir: Path) -> None:
     binary = _direct_io_binary(vm_variant)
     workdir = scratch_dir / "kselftest-direct-io"

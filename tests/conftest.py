@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import dmabufd_client
 from dmabufd_common.fdwire import CONTROL_SOCKET_NAME, FD_SOCKET_NAME
@@ -45,6 +49,16 @@ class RunningDaemon:
             time.sleep(0.05)
         return count
 
+    def settled_fd_count(self, quiet_s: float = 0.5) -> int:
+        """The fd count once it has stopped changing (gRPC closes a finished
+        connection's socket a moment after the client goes)."""
+        count, stable_since = self.fd_count(), time.monotonic()
+        while time.monotonic() - stable_since < quiet_s:
+            time.sleep(0.05)
+            if (now := self.fd_count()) != count:
+                count, stable_since = now, time.monotonic()
+        return count
+
 
 def start_daemon(runtime_dir: Path, config_text: str | None, log_path: Path) -> RunningDaemon:
     args = [sys.executable, "-m", "dmabufd", "--runtime-dir", str(runtime_dir), "--log-level", "debug"]
@@ -61,12 +75,14 @@ def start_daemon(runtime_dir: Path, config_text: str | None, log_path: Path) -> 
         if process.poll() is not None:
             raise RuntimeError(f"dmabufd exited with {process.returncode}:\n{daemon.log()}")
         if (runtime_dir / CONTROL_SOCKET_NAME).exists() and (runtime_dir / FD_SOCKET_NAME).exists():
-            try:
-                with daemon.connect() as client:
-                    if client.health():
+            # The health service needs no session, so admission rules do not matter here.
+            with grpc.insecure_channel(f"unix:{runtime_dir / CONTROL_SOCKET_NAME}") as channel:
+                try:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return daemon
-            except dmabufd_client.DmabufdError:
-                pass
+                except grpc.RpcError:
+                    pass
         time.sleep(0.05)
     process.kill()
     raise RuntimeError(f"dmabufd did not become ready in {START_TIMEOUT_S} s:\n{daemon.log()}")
@@ -92,13 +108,23 @@ def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
     """Start daemons with a given TOML config; all are stopped (and must
     exit cleanly) at the end of the test."""
     started: list[RunningDaemon] = []
+    public_dirs: list[Path] = []
 
-    def start(config_text: str | None = None, name: str = "rt") -> RunningDaemon:
-        daemon = start_daemon(tmp_path / name, config_text, tmp_path / f"{name}.log")
+    def start(config_text: str | None = None, name: str = "rt", public: bool = False) -> RunningDaemon:
+        """public: put the runtime dir where other uids can reach it
+        (pytest's tmp_path is private to its user)."""
+        parent = tmp_path
+        if public:
+            parent = Path(tempfile.mkdtemp(prefix="dmabufd-test-"))
+            parent.chmod(0o755)
+            public_dirs.append(parent)
+        daemon = start_daemon(parent / name, config_text, tmp_path / f"{name}.log")
         started.append(daemon)
         return daemon
 
     yield start
+    for directory in public_dirs:
+        shutil.rmtree(directory, ignore_errors=True)
     for daemon in started:
         code = stop_daemon(daemon)
         assert code == 0, f"dmabufd exited with {code}:\n{daemon.log()}"

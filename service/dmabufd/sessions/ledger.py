@@ -98,13 +98,11 @@ class Ledger:
         with self._lock:
             usage = self._usage.setdefault(uid, Usage())
             if usage.buffers + count > quota.max_buffers:
-                self._denials += 1
                 raise QuotaExceeded(
                     f"uid {uid} holds {usage.buffers} buffers; {count} more would pass its quota of "
                     f"{quota.max_buffers} buffers (release some first)"
                 )
             if usage.bytes + wanted > quota.max_bytes:
-                self._denials += 1
                 raise QuotaExceeded(
                     f"uid {uid} holds {format_size(usage.bytes)}; {format_size(wanted)} more would pass its "
                     f"quota of {format_size(quota.max_bytes)} (release some first)"

@@ -43,10 +43,10 @@ class RawSession:
         self.sock.send(fdwire.encode(fdwire.Ticket(ticket)))
         return ticket
 
-    def metadata(self, token: bytes | None = None, ticket: bytes | None = None) -> list[tuple[str, str]]:
+    def metadata(self, token: bytes | None = None, ticket: bytes | None = None) -> tuple[tuple[str, str], ...]:
         token = self.hello.token if token is None else token
         ticket = self.ticket() if ticket is None else ticket
-        return [(fdwire.SESSION_METADATA_KEY, token.hex()), (fdwire.TICKET_METADATA_KEY, ticket.hex())]
+        return ((fdwire.SESSION_METADATA_KEY, token.hex()), (fdwire.TICKET_METADATA_KEY, ticket.hex()))
 
     def close(self) -> None:
         self.sock.close()
@@ -150,7 +150,7 @@ class TestSessionCredentials:
         with pytest.raises(grpc.RpcError) as caught:
             raw.stub.ListBuffers(pb.ListBuffersRequest())
         assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        assert "connect to the fd socket first" in caught.value.details()
+        assert "connect to the fd socket first" in str(caught.value.details())
 
     def test_forged_token(self, raw: RawSession) -> None:
         with pytest.raises(grpc.RpcError) as caught:
@@ -158,7 +158,7 @@ class TestSessionCredentials:
         assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
     def test_malformed_token(self, raw: RawSession) -> None:
-        metadata = [(fdwire.SESSION_METADATA_KEY, "not hex"), (fdwire.TICKET_METADATA_KEY, raw.ticket().hex())]
+        metadata = ((fdwire.SESSION_METADATA_KEY, "not hex"), (fdwire.TICKET_METADATA_KEY, raw.ticket().hex()))
         with pytest.raises(grpc.RpcError) as caught:
             raw.stub.ListBuffers(pb.ListBuffersRequest(), metadata=metadata)
         assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
@@ -171,7 +171,7 @@ class TestSessionCredentials:
             with pytest.raises(grpc.RpcError) as caught:
                 raw.stub.Allocate(pb.AllocateRequest(size=4096), metadata=raw.metadata(token=victim.hello.token))
             assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
-            assert "does not belong" in caught.value.details()
+            assert "does not belong" in str(caught.value.details())
             victim.sock.settimeout(0.5)
             with pytest.raises(TimeoutError):
                 victim.sock.recv(64)  # no fds were sent to the victim either
@@ -184,7 +184,7 @@ class TestSessionCredentials:
                 pb.ListBuffersRequest(), metadata=raw.metadata(ticket=secrets.token_bytes(fdwire.TICKET_BYTES))
             )
         assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        assert "never arrived" in caught.value.details()
+        assert "never arrived" in str(caught.value.details())
 
     def test_ticket_is_single_use(self, raw: RawSession) -> None:
         ticket = raw.ticket()

@@ -123,7 +123,7 @@ def test_non_admin_sees_only_its_own_uid(daemon_factory: DaemonFactory) -> None:
             "s = c.stats()\n"
             "print(s.all_clients, len(s.clients), s.clients[0].uid)\n"
         )
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False)
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == ["False", "1", str(ROOTLESS_UID)]
         assert admin.stats().all_clients
@@ -140,7 +140,7 @@ def test_unprivileged_client_uses_its_own_uid_for_quota(daemon_factory: DaemonFa
         "c.allocate(4096)\n"
         "try:\n    c.allocate(4096)\nexcept dmabufd_client.ResourceExhausted as e:\n    print('refused', e)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"refused uid {ROOTLESS_UID} holds 4 KiB")
     with daemon.connect() as root_client:  # root's own quota is untouched
@@ -155,6 +155,7 @@ def test_bad_config_is_refused_at_start(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert "unknown key(s) in [quota.default]: max_bytez" in result.stderr

@@ -58,7 +58,7 @@ def test_sigkill_frees_the_ledger_and_the_daemons_fds(daemon: RunningDaemon) -> 
     with daemon.connect() as observer:
         assert observer.stats().total_buffers == 0
     assert daemon.wait_for_fd_count(baseline) == baseline
-    assert "session %d closed" % held["session"] in daemon.log()
+    assert f"session {held['session']} closed" in daemon.log()
 
 
 def test_process_exit_ends_the_session_even_if_a_child_keeps_the_socket(daemon: RunningDaemon) -> None:

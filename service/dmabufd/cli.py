@@ -45,6 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         log.error("%s", error)
         return 2
+    # Handlers go in before start() logs "ready", so a SIGTERM sent the
+    # moment the daemon is ready still stops it cleanly.
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     daemon = Daemon(config, args.runtime_dir or default_runtime_dir())
     try:
         daemon.start()
@@ -54,13 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         log.error("cannot start: %s", error)
         return 1
-
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        # Stopping joins threads; do it off the signal handler's frame.
-        threading.Thread(target=daemon.stop, name="shutdown").start()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    daemon.wait()
+    stop_requested.wait()
+    daemon.stop()
     return 0

@@ -2,7 +2,7 @@
 
 Every key is optional; an unknown key or a value of the wrong type is a
 ConfigError naming the key, so a typo never silently weakens policy.
-See docs/config.md for the reference and examples/dmabufd.toml for a sample.
+examples/dmabufd.toml documents every key.
 """
 
 from __future__ import annotations

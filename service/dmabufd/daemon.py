@@ -46,7 +46,6 @@ class Daemon:
         servicer = BufferService(self.sessions, self.registry, self.ledger, self.broker, config.clients.admins)
         self.control = ControlServer(self.runtime.control_socket, servicer)
         self._stopping = threading.Event()
-        self._stopped = threading.Event()
 
     def _on_session_closed(self, session: Session) -> None:
         released = self.ledger.release_session(session)
@@ -94,7 +93,3 @@ class Daemon:
         self.discovery.stop()
         self.runtime.release()
         log.info("dmabufd stopped")
-        self._stopped.set()
-
-    def wait(self) -> None:
-        self._stopped.wait()

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import grp
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dmabufd.config import DEFAULT_PROBE_ORDER, load_config, parse_config
+from dmabufd.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dmabufd.toml"
+
+
+def parse(text: str) -> object:
+    return parse_config(tomllib.loads(text))
+
+
+def test_defaults() -> None:
+    config = load_config(None)
+    assert config.heaps.probe_order == DEFAULT_PROBE_ORDER
+    assert config.heaps.aliases["cma"][0] == "default_cma_region", "6.17's name is tried first"
+    assert config.quota_for(1000) == config.default_quota
+    assert config.clients.allowed is None
+    assert config.clients.admins.allows(0, frozenset())
+
+
+def test_shipped_example_config_loads() -> None:
+    config = load_config(EXAMPLE)
+    assert config.sockets.mode == 0o660
+    assert config.quota_for(1047).max_bytes < config.default_quota.max_bytes
+
+
+def test_full_config() -> None:
+    root_group = grp.getgrgid(0).gr_name
+    config = parse_config(
+        tomllib.loads(
+            f"""
+            [sockets]
+            mode = "0660"
+            group = "{root_group}"
+            [clients]
+            allowed_uids = [1000]
+            allowed_gids = ["{root_group}"]
+            admin_uids = [1001]
+            [discovery]
+            source = "scan"
+            dev_root = "/tmp/dev"
+            rescan_interval_s = 0.5
+            memfd = false
+            [heaps]
+            probe_order = ["system", "memfd"]
+            max_buffer_bytes = "1G"
+            max_batch = 16
+            [heaps.aliases]
+            fast = ["system-uncached", "system"]
+            [heaps.access."linux,cma"]
+            uids = [1047]
+            gids = [1006]
+            [usage]
+            npu = ["fast", "memfd"]
+            [quota.default]
+            max_bytes = "2G"
+            max_buffers = 100
+            [quota.uids.1047]
+            max_bytes = "512M"
+            """
+        )
+    )
+    assert config.sockets.group == 0
+    assert config.clients.allowed is not None
+    assert config.clients.allowed.allows(1000, frozenset())
+    assert config.clients.allowed.allows(5, frozenset({0}))
+    assert not config.clients.allowed.allows(5, frozenset({5}))
+    assert config.clients.admins.allows(1001, frozenset())
+    assert config.clients.admins.allows(0, frozenset()), "root is always an admin"
+    assert config.discovery.dev_root == Path("/tmp/dev")
+    assert not config.discovery.memfd
+    assert config.heaps.max_buffer_bytes == 1 << 30
+    assert config.heaps.aliases["fast"] == ("system-uncached", "system")
+    assert "cma" in config.heaps.aliases, "defaults stay unless overridden"
+    assert config.heaps.usage["npu"] == ("fast", "memfd")
+    assert config.heaps.access["linux,cma"].allows(7, frozenset({1006}))
+    assert config.quota_for(1047).max_bytes == 512 << 20
+    assert config.quota_for(1047).max_buffers == 100, "unset fields inherit the default quota"
+    assert config.quota_for(1).max_bytes == 2 << 30
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[quota.default]\nmax_bytez = 1", r"unknown key\(s\) in \[quota.default\]: max_bytez"),
+        ("typo = 1", r"unknown key\(s\) in \[top level\]: typo"),
+        ('[quota.default]\nmax_bytes = "lots"', "not a size"),
+        ("[quota.default]\nmax_buffers = true", "must be a number"),
+        ('[discovery]\nsource = "magic"', "discovery.source"),
+        ("[discovery]\nrescan_interval_s = 0", "positive"),
+        ('[sockets]\nmode = "rw"', "octal"),
+        ('[sockets]\ngroup = "no-such-group-here"', "no group named"),
+        ("[quota.uids.alice]\nmax_bytes = 1", "numeric uids"),
+        ("[heaps]\nprobe_order = [1]", "non-empty strings"),
+        ("[heaps]\nmax_batch = 0", "at least 1"),
+        ("[clients]\nallowed_uids = [-1]", "not a valid id"),
+        ("[heaps.access.system]\nusers = [1]", "unknown key"),
+    ],
+)
+def test_errors_name_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse(text)
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[[")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)

@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Start a private dmabufd, run `dmabufctl bench` against it, stop it.
+
+    python tools/bench_service.py [--json] [dmabufctl bench options...]
+
+The figures come from one run on one machine: compare ratios, not the
+absolute microseconds, across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dmabufd_client.ctl import main as dmabufctl
+from dmabufd_common.fdwire import CONTROL_SOCKET_NAME
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--config", type=Path, help="daemon config (default: built-in)")
+    args, bench_args = parser.parse_known_args()
+    with tempfile.TemporaryDirectory(prefix="dmabufd-bench-") as tmp:
+        runtime = Path(tmp) / "rt"
+        command = [sys.executable, "-m", "dmabufd", "--runtime-dir", str(runtime), "--log-level", "warning"]
+        if args.config:
+            command += ["--config", str(args.config)]
+        daemon = subprocess.Popen(command)
+        try:
+            deadline = time.monotonic() + 20
+            while not (runtime / CONTROL_SOCKET_NAME).exists():
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    print("dmabufd did not start", file=sys.stderr)
+                    return 1
+                time.sleep(0.05)
+            time.sleep(0.2)
+            ctl_args = ["--runtime-dir", str(runtime)] + (["--json"] if args.json else []) + ["bench", *bench_args]
+            return dmabufctl(ctl_args)
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=15)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,6 +24,8 @@ import pytest
 
 from tests.vm.guest.dmabufd_vm_uapi import (
     DMA_BUF_SYNC_READ,
+    DMA_BUF_SYNC_WRITE,
+    HEAP_DIR,
     PAGE,
     UDMABUF_DEV,
     alloc_system,
@@ -195,6 +197,28 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 
 
+_libc.copy_file_range.restype = ctypes.c_ssize_t
+_libc.copy_file_range.argtypes = [
+    ctypes.c_int,
+    ctypes.POINTER(ctypes.c_int64),
+    ctypes.c_int,
+    ctypes.POINTER(ctypes.c_int64),
+    ctypes.c_size_t,
+    ctypes.c_uint,
+]
+COPY_FILE_SPLICE = 1
+
+
+def cfr_flags(src: int, src_off: int, dst: int, dst_off: int, count: int, *, flags: int) -> int:
+    """copy_file_range with `flags` (os.copy_file_range has no flags argument)."""
+    so, do = ctypes.c_int64(src_off), ctypes.c_int64(dst_off)
+    n = int(_libc.copy_file_range(src, ctypes.byref(so), dst, ctypes.byref(do), count, flags))
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return n
+
+
 def cached_pages(path: Path, off: int, length: int) -> int:
     """How many pages of the file range are in the page cache (mincore)."""
     fd = os.open(path, os.O_RDONLY)
@@ -324,7 +348,138 @@ def test_read_only_dmabuf_fd_rejected(source_file: Path) -> None:
         os.close(fd)
 
 
+def _fill(t: Target, file_off: int) -> None:
+    """Write the source file's bytes at file_off.. into the whole buffer through its mapping."""
+    with map_buf(t.fd, t.size) as mm, cpu_access(t.fd, DMA_BUF_SYNC_WRITE):
+        pos = 0
+        for piece in content(file_off, t.size):
+            mm[pos : pos + len(piece)] = piece
+            pos += len(piece)
+
+
+@pytest.mark.usefixtures("need_patched")
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
+def test_save_buffer_to_file(scratch_dir: Path, make_target: TargetFactory, direct: bool) -> None:
+    size = 4 * MiB
+    t = make_target(size)
+    _fill(t, 5 * MiB)
+    out = scratch_dir / f"save-{t.kind}-{int(direct)}.bin"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0), 0o600)
+    try:
+        copy_range_all(t.fd, 0, fd, 0, size)  # the dma-buf is the source
+    finally:
+        os.close(fd)
+    assert out.stat().st_size == size
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == expected_digest(5 * MiB, size)
+    out.unlink()
+
+
+@pytest.mark.usefixtures("need_patched")
+def test_whole_file_with_partial_last_block(scratch_dir: Path, make_target: TargetFactory) -> None:
+    size = 3 * MiB + 1234
+    path = scratch_dir / "odd-size.bin"
+    with open(path, "wb") as fh:
+        for piece in content(7 * MiB, size):
+            fh.write(piece)
+    t = make_target(size)
+    drop_caches()
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        # the VFS shortens the copy at EOF: the partial last block is misaligned for O_DIRECT
+        with expect_errno(errno.EINVAL):
+            os.copy_file_range(dfd, t.fd, 2 * BLOCK, 3 * MiB, 3 * MiB)
+        assert os.copy_file_range(dfd, t.fd, BLOCK, size + 10 * BLOCK, 0) == 0  # past EOF
+    finally:
+        os.close(dfd)
+    stats = load(path, 0, t.fd, 0, size)
+    assert stats["direct"] == 3 * MiB
+    assert stats["buffered"] == 1234
+    assert t.digest(0, size) == expected_digest(7 * MiB, size)
+    assert t.zero_outside(0, size)
+    path.unlink()
+
+
+@pytest.mark.usefixtures("need_patched")
+def test_exporter_without_file_io(source_file: Path) -> None:
+    others = sorted(p for p in HEAP_DIR.iterdir() if p.name != "system")
+    if not others:
+        pytest.skip("no dma-heap other than system (the CMA heap 'reserved' is expected)")
+    with open_heap(others[0]) as hfd:
+        fd = heap_alloc(hfd, MiB)
+    dfd = os.open(source_file, os.O_RDONLY | os.O_DIRECT)
+    try:
+        with expect_errno(errno.EOPNOTSUPP):
+            os.copy_file_range(dfd, fd, MiB, 0, 0)
+    finally:
+        os.close(dfd)
+        os.close(fd)
+
+
+@pytest.mark.usefixtures("need_patched")
+def test_rejected_combinations(source_file: Path, scratch_dir: Path, make_target: TargetFactory) -> None:
+    t = make_target(MiB)
+    other = make_target(MiB)
+    dfd = os.open(source_file, os.O_RDONLY | os.O_DIRECT)
+    wfd = os.open(scratch_dir / "wronly.bin", os.O_WRONLY | os.O_CREAT, 0o600)
+    afd = os.open(scratch_dir / "append.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    dirfd = os.open(scratch_dir, os.O_RDONLY | os.O_DIRECTORY)
+    r, w = os.pipe()
+    try:
+        with expect_errno(errno.EINVAL):
+            cfr_flags(dfd, 0, t.fd, 0, MiB, flags=COPY_FILE_SPLICE)
+        with expect_errno(errno.EBADF):  # source not open for reading
+            os.copy_file_range(wfd, t.fd, BLOCK, 0, 0)
+        with expect_errno(errno.EBADF):  # destination O_APPEND
+            os.copy_file_range(t.fd, afd, BLOCK, 0, 0)
+        with expect_errno(errno.EINVAL):  # dma-buf on both sides
+            os.copy_file_range(other.fd, t.fd, BLOCK, 0, 0)
+        os.write(w, b"x" * BLOCK)
+        with expect_errno(errno.EINVAL):  # a pipe
+            os.copy_file_range(r, t.fd, BLOCK, None, 0)
+        with expect_errno(errno.EISDIR):
+            os.copy_file_range(dirfd, t.fd, BLOCK, 0, 0)
+        assert os.copy_file_range(dfd, t.fd, BLOCK, 0, MiB) == 0  # at the end of the buffer
+        assert os.copy_file_range(dfd, t.fd, 4 * BLOCK, 0, MiB - BLOCK) == BLOCK  # clamped
+    finally:
+        for fd in (dfd, wfd, afd, dirfd, r, w):
+            os.close(fd)
+
+
 # ---- stock kernel
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
+def test_stock_kernel_refuses_saving(
+    scratch_dir: Path, make_target: TargetFactory, patched: bool, direct: bool
+) -> None:
+    if patched:
+        pytest.skip("the stock behaviour is checked on the stock kernel")
+    t = make_target(1 * MiB)
+    out = scratch_dir / "stock-save.bin"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | (os.O_DIRECT if direct else 0), 0o600)
+    try:
+        with expect_errno(STOCK_ERRNO):
+            os.copy_file_range(t.fd, fd, 1 * MiB, 0, 0)
+    finally:
+        os.close(fd)
+        out.unlink()
+
+
+def test_stock_kernel_refuses_any_heap(source_file: Path, patched: bool) -> None:
+    if patched:
+        pytest.skip("the stock behaviour is checked on the stock kernel")
+    dfd = os.open(source_file, os.O_RDONLY | os.O_DIRECT)
+    try:
+        for heap in sorted(HEAP_DIR.iterdir()):
+            with open_heap(heap) as hfd:
+                fd = heap_alloc(hfd, MiB)
+            try:
+                with expect_errno(STOCK_ERRNO):
+                    os.copy_file_range(dfd, fd, MiB, 0, 0)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dfd)
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])

@@ -1,8 +1,10 @@
 """A client process for integration tests: `python peer.py COMMAND ...`.
 
 Commands (each connects to the daemon at argv[2]):
-  share RUNTIME SOCKET SIZE BYTE   allocate, fill with BYTE, send the fd to
-                                   the AF_UNIX socket SOCKET, then exit
+  share RUNTIME SOCKET SIZE BYTE [HEAP]
+                                   allocate (from HEAP, default by usage), fill
+                                   with BYTE, send the fd to the AF_UNIX socket
+                                   SOCKET, then exit
   hold RUNTIME COUNT SIZE          allocate COUNT buffers, print "ready",
                                    then sleep until killed
   storm RUNTIME COUNT SIZE         allocate and release COUNT buffers one by
@@ -20,9 +22,9 @@ import time
 import dmabufd_client
 
 
-def share(runtime: str, target: str, size: int, byte: int) -> None:
+def share(runtime: str, target: str, size: int, byte: int, heap: str = "") -> None:
     with dmabufd_client.connect(runtime) as client:
-        buffer = client.allocate(size, name="shared")
+        buffer = client.allocate(size, heap=heap, name="shared")
         with buffer.map(dmabufd_client.Access.WRITE) as mapping:
             view = mapping.memoryview
             view[:] = bytes([byte]) * size
@@ -59,7 +61,7 @@ def storm(runtime: str, count: int, size: int) -> None:
 if __name__ == "__main__":
     command, runtime, *rest = sys.argv[1:]
     if command == "share":
-        share(runtime, rest[0], int(rest[1]), int(rest[2]))
+        share(runtime, rest[0], int(rest[1]), int(rest[2]), *rest[3:4])
     elif command == "hold":
         hold(runtime, int(rest[0]), int(rest[1]))
     elif command == "storm":

@@ -140,3 +140,19 @@ def test_qemu_command_shape(tmp_path: Path) -> None:
     assert "mount_tag=hostroot" in joined
     assert f"file={tmp_path / 'disk.img'},if=virtio,format=raw,cache=none" in joined
     assert argv[argv.index("-cpu") + 1] == "max"
+
+
+def test_prune_keeps_current_kernels(tmp_path: Path) -> None:
+    frag = tmp_path / "frag.config"
+    frag.write_bytes(FRAGMENT)
+    inputs = vm.Inputs("6.12.117-1", tmp_path / "src.tar.xz", frag, ())
+    cache = vm.Cache(tmp_path / "cache")
+    current = cache.artifact("stock", vm.key_for("stock", inputs))
+    stale = cache.artifact("stock", "0123456789abcdef0123")
+    run_dir = cache.runs / "run-stock-x"
+    for d in (current, stale, run_dir):
+        d.mkdir(parents=True)
+    removed = vm.prune(cache, inputs)
+    assert sorted(removed) == sorted([stale, run_dir])
+    assert current.is_dir()
+    assert not stale.exists()

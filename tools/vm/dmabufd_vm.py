@@ -963,6 +963,21 @@ def status(cache: Cache | None = None, inputs: Inputs | None = None) -> str:
     return "\n".join(lines)
 
 
+def prune(cache: Cache, inputs: Inputs) -> list[Path]:
+    """Remove cached kernels whose key is not current, and leftover run dirs."""
+    current = {cache.artifact(v, key_for(v, inputs)) for v in VARIANTS if v == "stock" or inputs.patches}
+    removed: list[Path] = []
+    with cache.lock():
+        for path in sorted(cache.artifacts.glob("*")) if cache.artifacts.is_dir() else []:
+            if path not in current:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        for path in sorted(cache.runs.glob("run-*")) if cache.runs.is_dir() else []:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 # --------------------------------------------------------------------------------------------
 # CLI
 
@@ -996,6 +1011,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     r.add_argument("--kernel-args", default="", help="extra kernel command line")
     r.add_argument("cmd", nargs=argparse.REMAINDER)
     sub.add_parser("status", help="what is cached")
+    sub.add_parser("prune", help="remove cached kernels that are not current, and old run dirs")
     return p.parse_args(argv)
 
 
@@ -1009,6 +1025,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             except VMError:
                 inputs = None
             print(status(cache, inputs))
+            return 0
+        if args.command == "prune":
+            for path in prune(cache, resolve_inputs(args.fragment, args.patch_dir)):
+                print(f"removed {path}")
             return 0
         if args.command == "build":
             if not args.no_install:

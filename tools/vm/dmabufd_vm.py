@@ -346,6 +346,11 @@ def _nproc() -> int:
     return len(os.sched_getaffinity(0)) or 1
 
 
+def _rm_rf(path: Path) -> None:
+    """Remove a kernel tree: `rm -rf` is several times faster than shutil.rmtree on ~80k files."""
+    subprocess.run(["rm", "-rf", "--", str(path)], check=True)
+
+
 def _read_state(tree: Path) -> dict[str, str]:
     try:
         data = json.loads((tree / ".dmabufd-vm-state.json").read_text())
@@ -393,7 +398,7 @@ class _Builder:
         self.say(f"unpacking {self.inputs.tarball} ...")
         t0 = time.monotonic()
         if tree.exists():
-            shutil.rmtree(tree)
+            _rm_rf(tree)
         self.cache.trees.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="unpack-", dir=self.cache.trees))
         try:
@@ -413,7 +418,7 @@ class _Builder:
         src, dst = self.cache.tree("stock"), self.cache.tree("patched")
         t0 = time.monotonic()
         if dst.exists():
-            shutil.rmtree(dst)
+            _rm_rf(dst)
         self.sh(["cp", "-a", "--reflink=auto", str(src), str(dst)], self.cache.trees, logfile, "copy of the stock tree")
         for patch in self.inputs.patches:
             self.sh(

@@ -12,6 +12,7 @@ from dmabufd_client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from dmabufd_client.loading import LoadedFile, Model, Segment
 
 __all__ = [
     "Access",
@@ -23,11 +24,14 @@ __all__ = [
     "HeapEvent",
     "HeapInfo",
     "InvalidArgument",
+    "LoadedFile",
     "Mapping",
+    "Model",
     "NotFound",
     "PermissionDenied",
     "ProtocolError",
     "ResourceExhausted",
+    "Segment",
     "Unauthenticated",
     "Unavailable",
     "connect",

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dmabufd_client.buffer import Backend, Buffer, BufferInfo
 from dmabufd_client.errors import DmabufdError, InvalidArgument, ProtocolError, from_rpc_error
 from dmabufd_client.fdchannel import FdChannel
+from dmabufd_client.loading import LoadedFile, LoadStats, Model, ProgressCallback, Segment, TensorInfo
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 from dmabufd_common.api.v1 import dmabufd_pb2_grpc as pb_grpc
 from dmabufd_common.fdwire import CONTROL_SOCKET_NAME, FD_SOCKET_NAME, SESSION_METADATA_KEY, TICKET_METADATA_KEY
@@ -32,6 +33,22 @@ from dmabufd_common.paths import default_runtime_dir
 from dmabufd_common.units import parse_size
 
 R = TypeVar("R")
+FileLike = str | os.PathLike[str] | int | IO[bytes]
+LOAD_METHODS = {
+    pb.LOAD_METHOD_AUTO: "auto",
+    pb.LOAD_METHOD_DIRECT_COPY_FILE_RANGE: "direct-cfr",
+    pb.LOAD_METHOD_DIRECT_READ: "direct-read",
+    pb.LOAD_METHOD_SENDFILE: "sendfile",
+    pb.LOAD_METHOD_SPLICE: "splice",
+    pb.LOAD_METHOD_BUFFERED_READ: "buffered-read",
+}
+
+
+def _method_value(label: str) -> int:
+    for value, name in LOAD_METHODS.items():
+        if name == label:
+            return value
+    raise InvalidArgument(f"unknown load method {label!r}; known: {', '.join(LOAD_METHODS.values())}")
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,7 @@ class HeapInfo:
     cpu_sync_required: bool
     aliases: tuple[str, ...]
     allowed: bool
+    load_methods: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,7 @@ def _heap_info(heap: pb.Heap) -> HeapInfo:
         cpu_sync_required=caps.cpu_sync_required,
         aliases=tuple(heap.aliases),
         allowed=heap.allowed,
+        load_methods=tuple(LOAD_METHODS.get(m, "unknown") for m in caps.load_methods),
     )
 
 
@@ -185,6 +204,140 @@ class Client:
     def stats(self, check_proc: bool = False) -> pb.Stats:
         response, _ = self._call(self._stub.GetStats, pb.GetStatsRequest(check_proc=check_proc))
         return response
+
+    # -- loading --------------------------------------------------------
+
+    def _open_source(self, source: FileLike, by_path: bool) -> tuple[pb.FileSource, int | None, bool]:
+        """(the request's source, the fd to send, whether we opened it)."""
+        if by_path:
+            if not isinstance(source, str | os.PathLike):
+                raise InvalidArgument("by_path needs a path")
+            return pb.FileSource(path=os.fspath(source)), None, False
+        if isinstance(source, int):
+            return pb.FileSource(fd=True), source, False
+        if isinstance(source, str | os.PathLike):
+            try:
+                fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as error:
+                raise InvalidArgument(f"cannot open {os.fspath(source)}: {error.strerror}") from None
+            return pb.FileSource(fd=True), fd, True
+        return pb.FileSource(fd=True), source.fileno(), False
+
+    def _stream(
+        self, method: Callable[..., Any], request: object, file_fd: int | None, progress: ProgressCallback | None
+    ) -> tuple[pb.LoadProgress, bytes]:
+        ticket = self._fds.new_ticket(file_fd)
+        stream = method(request, metadata=self._metadata(ticket))
+        last: pb.LoadProgress | None = None
+        try:
+            for message in stream:
+                last = message
+                if progress is not None:
+                    progress(message.bytes_done, message.bytes_total)
+        except grpc.RpcError as error:
+            self._fds.discard(ticket)
+            raise from_rpc_error(error) from None
+        except BaseException:
+            stream.cancel()  # e.g. KeyboardInterrupt: the daemon stops and frees the load
+            self._fds.discard(ticket)
+            raise
+        if last is None or not last.HasField("result"):
+            raise ProtocolError("the load ended without a result")
+        return last, ticket
+
+    def _stats(self, result: pb.LoadResult) -> LoadStats:
+        return LoadStats(
+            method=LOAD_METHODS.get(result.method, "unknown"),
+            bytes=result.bytes,
+            wall_seconds=result.wall_seconds,
+            cpu_seconds=result.cpu_seconds,
+            verified=result.verified,
+            parallelism=result.parallelism,
+        )
+
+    def load_file(
+        self,
+        source: FileLike,
+        *,
+        offset: int = 0,
+        length: int = 0,
+        heap: str = "",
+        usage: str = "model-weights",
+        name: str = "",
+        method: str = "auto",
+        verify: bool = False,
+        max_buffer_bytes: int | str = 0,
+        by_path: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> LoadedFile:
+        """Load `length` bytes (0: to the end) of a file from `offset` into
+        new buffers. The file is opened here and its fd sent, so the daemon
+        reads only what this process can; by_path=True names it instead
+        (the daemon must allow the directory)."""
+        request = pb.LoadFileRequest(
+            heap=heap,
+            usage=usage,
+            name=name,
+            method=pb.LoadMethod.ValueType(_method_value(method)),
+            verify=verify,
+            max_buffer_bytes=parse_size(max_buffer_bytes),
+        )
+        file_source, fd, opened = self._open_source(source, by_path)
+        file_source.offset, file_source.length = offset, length
+        request.source.CopyFrom(file_source)
+        try:
+            last, ticket = self._stream(self._stub.LoadFile, request, fd, progress)
+        finally:
+            if opened and fd is not None:
+                os.close(fd)
+        result = last.result
+        pairs = dict(self._fds.take(ticket, len(result.buffers)))
+        buffers = [Buffer(pairs[info.id], buffer_info(info), self._release_one) for info in result.buffers]
+        segments = [Segment(s.buffer_id, s.buffer_offset, s.file_offset, s.length) for s in result.segments]
+        return LoadedFile(buffers, segments, self._stats(result))
+
+    def load_model(
+        self,
+        source: FileLike,
+        *,
+        heap: str = "",
+        usage: str = "model-weights",
+        method: str = "auto",
+        verify: bool = False,
+        by_path: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> Model:
+        """Load a safetensors file (or share it, if another client loaded
+        it already) and map its tensors as read-only numpy arrays."""
+        request = pb.LoadModelRequest(
+            heap=heap, usage=usage, method=pb.LoadMethod.ValueType(_method_value(method)), verify=verify
+        )
+        file_source, fd, opened = self._open_source(source, by_path)
+        request.source.CopyFrom(file_source)
+        try:
+            last, ticket = self._stream(self._stub.LoadModel, request, fd, progress)
+        finally:
+            if opened and fd is not None:
+                os.close(fd)
+        result, info = last.result, last.model
+        fds = dict(self._fds.take(ticket, len(result.buffers)))
+        tensors = [TensorInfo(t.name, t.dtype, tuple(t.shape), t.buffer_id, t.offset, t.nbytes) for t in info.tensors]
+        dma_buf = any(Backend(b.backend) is not Backend.MEMFD for b in result.buffers)
+        return Model(
+            info.model_id,
+            fds,
+            tensors,
+            dict(info.metadata),
+            shared=info.shared,
+            read_only_enforced=info.read_only_enforced,
+            dma_buf=dma_buf,
+            stats=self._stats(result),
+            release=self._release_model,
+        )
+
+    def _release_model(self, model_id: int) -> None:
+        if not self._closed.is_set():
+            self._call(self._stub.ReleaseModel, pb.ReleaseModelRequest(model_id=model_id))
 
     # -- health and lifetime ----------------------------------------------
 

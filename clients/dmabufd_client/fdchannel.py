@@ -50,11 +50,15 @@ class FdChannel:
     def token_hex(self) -> str:
         return self.hello.token.hex()
 
-    def new_ticket(self) -> bytes:
-        """Send a fresh ticket; the next call names it in its metadata."""
+    def new_ticket(self, file_fd: int | None = None) -> bytes:
+        """Send a fresh ticket (with the file a load reads, if given); the
+        next call names it in its metadata."""
         ticket = secrets.token_bytes(fdwire.TICKET_BYTES)
         try:
-            self._sock.send(fdwire.encode(fdwire.Ticket(ticket)))
+            if file_fd is None:
+                self._sock.send(fdwire.encode(fdwire.Ticket(ticket)))
+            else:
+                socket.send_fds(self._sock, [fdwire.encode(fdwire.FileTicket(ticket))], [file_fd])
         except OSError as error:
             raise Unavailable(f"dmabufd's fd socket is gone: {error.strerror or error}") from None
         return ticket

@@ -35,6 +35,7 @@ class FrameType(IntEnum):
     TICKET = 2  # client -> daemon, before each gRPC call
     FDS = 3  # daemon -> client, buffers created by the call with that ticket
     ERROR = 4  # either way: the peer's last frame was rejected
+    FILE = 5  # client -> daemon: a ticket with one file fd attached (LoadFile/LoadModel)
 
 
 class FrameError(ValueError):
@@ -62,6 +63,13 @@ class Ticket:
 
 
 @dataclass(frozen=True)
+class FileTicket:
+    """A ticket whose frame carries exactly one fd: the file a load reads."""
+
+    ticket: bytes
+
+
+@dataclass(frozen=True)
 class FdBatch:
     """Buffer ids of one frame; the frame carries one fd per id, in order."""
 
@@ -77,7 +85,7 @@ class ErrorFrame:
     message: str
 
 
-Frame = Hello | Ticket | FdBatch | ErrorFrame
+Frame = Hello | Ticket | FileTicket | FdBatch | ErrorFrame
 
 
 def _header(kind: FrameType) -> bytes:
@@ -88,10 +96,11 @@ def encode(frame: Frame) -> bytes:
     if isinstance(frame, Hello):
         body = _HELLO.pack(frame.session_id, frame.token, frame.pid, frame.uid, frame.gid)
         return _header(FrameType.HELLO) + body
-    if isinstance(frame, Ticket):
+    if isinstance(frame, Ticket | FileTicket):
         if len(frame.ticket) != TICKET_BYTES:
             raise FrameError(f"a ticket is {TICKET_BYTES} bytes")
-        return _header(FrameType.TICKET) + frame.ticket
+        kind = FrameType.TICKET if isinstance(frame, Ticket) else FrameType.FILE
+        return _header(kind) + frame.ticket
     if isinstance(frame, FdBatch):
         if len(frame.buffer_ids) > MAX_FDS_PER_FRAME:
             raise FrameError(f"at most {MAX_FDS_PER_FRAME} fds fit in one frame")
@@ -117,10 +126,10 @@ def decode(data: bytes) -> Frame:
         if kind == FrameType.HELLO:
             session_id, token, pid, uid, gid = _HELLO.unpack(body)
             return Hello(session_id, token, pid, uid, gid)
-        if kind == FrameType.TICKET:
+        if kind in (FrameType.TICKET, FrameType.FILE):
             if len(body) != TICKET_BYTES:
                 raise FrameError(f"a ticket frame carries {TICKET_BYTES} bytes, not {len(body)}")
-            return Ticket(body)
+            return Ticket(body) if kind == FrameType.TICKET else FileTicket(body)
         if kind == FrameType.FDS:
             ticket, first, total = _FDS.unpack_from(body)
             rest = body[_FDS.size :]

@@ -84,11 +84,24 @@ class HeapConfig:
 
 
 @dataclass(frozen=True)
+class LoadingConfig:
+    # Directories under which clients may name files by path (opened with
+    # the client's credentials). Empty: clients must send an fd.
+    roots: tuple[Path, ...] = ()
+    # I/O requests kept in flight per load, and the size of each.
+    parallelism: int = 4
+    chunk_bytes: int = 8 << 20
+    # Resident shared models (LoadModel) may use this much memory in all.
+    model_budget_bytes: int = 2 << 30
+
+
+@dataclass(frozen=True)
 class Config:
     sockets: SocketPolicy = SocketPolicy()
     clients: ClientPolicy = ClientPolicy()
     discovery: DiscoveryConfig = DiscoveryConfig()
     heaps: HeapConfig = HeapConfig()
+    loading: LoadingConfig = LoadingConfig()
     default_quota: Quota = Quota(max_bytes=4 << 30, max_buffers=4096)
     uid_quotas: dict[int, Quota] = field(default_factory=dict)
 
@@ -257,6 +270,26 @@ def _heaps(table: _Table, usage_table: _Table) -> HeapConfig:
     return config
 
 
+def _loading(table: _Table) -> LoadingConfig:
+    defaults = LoadingConfig()
+    roots = tuple(Path(root) for root in table.names("roots", ()))
+    for root in roots:
+        if not root.is_absolute():
+            raise ConfigError(f"loading.roots: {str(root)!r} is not an absolute path")
+    config = LoadingConfig(
+        roots=roots,
+        parallelism=int(table.number("parallelism", defaults.parallelism)),
+        chunk_bytes=table.size("chunk_bytes", defaults.chunk_bytes),
+        model_budget_bytes=table.size("model_budget_bytes", defaults.model_budget_bytes),
+    )
+    table.check_unknown()
+    if not 1 <= config.parallelism <= 64:
+        raise ConfigError("loading.parallelism must be between 1 and 64")
+    if config.chunk_bytes < 4096 or config.chunk_bytes % 4096:
+        raise ConfigError("loading.chunk_bytes must be a positive multiple of 4 KiB")
+    return config
+
+
 def parse_config(data: dict[str, Any]) -> Config:
     top = _Table(data, "")
     default_quota = Config().default_quota
@@ -274,6 +307,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         clients=_client_policy(top.table("clients")),
         discovery=_discovery(top.table("discovery")),
         heaps=_heaps(top.table("heaps"), top.table("usage")),
+        loading=_loading(top.table("loading")),
         default_quota=default_quota,
         uid_quotas=uid_quotas,
     )

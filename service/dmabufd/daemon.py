@@ -15,6 +15,9 @@ from dmabufd.config import Config
 from dmabufd.heaps.backend import HeapSpec
 from dmabufd.heaps.discovery import HeapDiscovery
 from dmabufd.heaps.registry import HeapRegistry
+from dmabufd.loading.loader import FileLoader
+from dmabufd.loading.models import ModelCache
+from dmabufd.loading.probe import supported_methods
 from dmabufd.sessions.ledger import Ledger
 from dmabufd.sessions.session import Peer, Session, SessionTable
 from dmabufd.transport.fdserver import FdServer
@@ -37,17 +40,29 @@ class Daemon:
     def __init__(self, config: Config, runtime_dir: Path) -> None:
         self.config = config
         self.runtime = RuntimeDir(runtime_dir)
-        self.registry = HeapRegistry(config.heaps)
+        self.registry = HeapRegistry(config.heaps, probe=supported_methods)
         self.ledger = Ledger(config)
         self.sessions = SessionTable(on_close=self._on_session_closed)
         self.broker = BufferBroker(config, self.registry, self.ledger)
+        self.loader = FileLoader(config.loading, self.broker)
+        self.models = ModelCache(self.loader, config.loading.model_budget_bytes, self.ledger.new_ids)
         self.discovery = HeapDiscovery(config.discovery, self._on_heaps_found)
         self.fd_server = FdServer(self.runtime.fd_socket, self.sessions, self._admit)
-        servicer = BufferService(self.sessions, self.registry, self.ledger, self.broker, config.clients.admins)
+        servicer = BufferService(
+            sessions=self.sessions,
+            registry=self.registry,
+            ledger=self.ledger,
+            broker=self.broker,
+            admins=config.clients.admins,
+            loader=self.loader,
+            models=self.models,
+            loading=config.loading,
+        )
         self.control = ControlServer(self.runtime.control_socket, servicer)
         self._stopping = threading.Event()
 
     def _on_session_closed(self, session: Session) -> None:
+        self.models.release_session(session.id)
         released = self.ledger.release_session(session)
         if released:
             log.info("session %d: released %d bytes it still held", session.id, released)
@@ -91,5 +106,6 @@ class Daemon:
         self.control.stop(grace_s=2.0)
         self.fd_server.stop()
         self.discovery.stop()
+        self.models.close()
         self.runtime.release()
         log.info("dmabufd stopped")

@@ -63,3 +63,29 @@ class DeliveryFailed(DmabufdError):
 
 class ConfigError(Exception):
     """The configuration file is wrong; raised at start-up, never to clients."""
+
+
+class OutOfRange(DmabufdError):
+    """An offset or length outside the file."""
+
+    status = grpc.StatusCode.OUT_OF_RANGE
+
+
+class FileNotFound(DmabufdError):
+    status = grpc.StatusCode.NOT_FOUND
+
+
+class FileChanged(DmabufdError):
+    """The file changed under a load (truncated, replaced)."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class LoadCancelled(DmabufdError):
+    status = grpc.StatusCode.CANCELLED
+
+
+class VerifyFailed(DmabufdError):
+    """The loaded bytes differ from the file's."""
+
+    status = grpc.StatusCode.DATA_LOSS

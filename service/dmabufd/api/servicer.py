@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
 
 import grpc
 
 from dmabufd.broker import BufferBroker
-from dmabufd.config import AccessRule
-from dmabufd.errors import DmabufdError
+from dmabufd.config import AccessRule, LoadingConfig
+from dmabufd.errors import BufferNotFound, DmabufdError, InvalidRequest
 from dmabufd.heaps.backend import PAGE_SIZE, HeapSpec
 from dmabufd.heaps.registry import HeapEventKind, HeapRegistry
+from dmabufd.loading.loader import CancelledFn, FileLoader, LoadOutcome, LoadRequest, ProgressFn, choose_method
+from dmabufd.loading.method import Method
+from dmabufd.loading.models import ModelCache, ModelLoad, ResidentModel
+from dmabufd.loading.source import SourceFile, close_quietly, from_client_fd, open_as_client
 from dmabufd.sessions import procfs
 from dmabufd.sessions.ledger import BufferRecord, Ledger
 from dmabufd.sessions.session import Session, SessionTable
@@ -32,6 +38,8 @@ T = TypeVar("T")
 
 # How often a WatchHeaps stream checks that its client is still there.
 WATCH_POLL_S = 0.5
+# How often a load reports progress (and notices a cancelled call).
+PROGRESS_INTERVAL_S = 0.25
 _EVENT_KINDS = {HeapEventKind.ADDED: pb.HeapEvent.KIND_ADDED, HeapEventKind.REMOVED: pb.HeapEvent.KIND_REMOVED}
 
 
@@ -51,13 +59,20 @@ def buffer_info(record: BufferRecord) -> pb.BufferInfo:
 class BufferService(pb_grpc.BufferServiceServicer):
     def __init__(
         self,
+        *,
         sessions: SessionTable,
         registry: HeapRegistry,
         ledger: Ledger,
         broker: BufferBroker,
         admins: AccessRule,
+        loader: FileLoader,
+        models: ModelCache,
+        loading: LoadingConfig,
     ) -> None:
         self._admins = admins
+        self._loader = loader
+        self._models = models
+        self._loading = loading
         self._sessions = sessions
         self._registry = registry
         self._ledger = ledger
@@ -97,6 +112,9 @@ class BufferService(pb_grpc.BufferServiceServicer):
                 zeroed=True,
                 cpu_sync_required=spec.cpu_sync_required,
                 granule_bytes=PAGE_SIZE,
+                load_methods=[
+                    pb.LoadMethod.ValueType(method.value) for method in self._registry.load_methods(spec.name)
+                ],
             ),
             aliases=self._registry.aliases_of(spec.name),
             allowed=self._registry.allowed(spec.name, self._broker.caller(session)),
@@ -203,4 +221,201 @@ class BufferService(pb_grpc.BufferServiceServicer):
         totals = self._ledger.totals()
         stats.allocations, stats.releases, stats.denials = totals.allocations, totals.releases, totals.denials
         stats.sessions_opened, stats.sessions_closed = self._sessions.opened, self._sessions.closed
+        stats.models, stats.model_bytes = self._models.resident()
         return stats
+
+    # -- loading ----------------------------------------------------------
+
+    def _open_source(self, session: Session, ticket: bytes, source: pb.FileSource) -> SourceFile:
+        """The file a load names: the fd sent with the call's ticket, or a
+        path opened with the client's credentials."""
+        kind = source.WhichOneof("source")
+        deposited = self._sessions.take_file(session, ticket)
+        if kind == "path":
+            close_quietly(deposited)
+            return open_as_client(source.path, session.peer, self._loading.roots)
+        if deposited is None:
+            raise InvalidRequest("no file: send its fd in a FILE frame with the call's ticket, or name a path")
+        return from_client_fd(deposited)
+
+    def _stream(
+        self,
+        context: grpc.ServicerContext,
+        total: int,
+        work: Callable[[ProgressFn, CancelledFn], pb.LoadProgress],
+    ) -> Iterator[pb.LoadProgress]:
+        """Run `work` on its own thread; stream progress until it ends.
+        A client that cancels (or whose deadline passes) stops the load."""
+        done = [0]
+        lock = threading.Lock()
+        outcome: list[pb.LoadProgress | BaseException] = []
+        finished = threading.Event()
+
+        def progress(nbytes: int) -> None:
+            with lock:
+                done[0] += nbytes
+
+        def cancelled() -> bool:
+            return not context.is_active()
+
+        def run() -> None:
+            try:
+                outcome.append(work(progress, cancelled))
+            except BaseException as error:
+                outcome.append(error)
+            finally:
+                finished.set()
+
+        threading.Thread(target=run, name="load", daemon=True).start()
+        reported = -1
+        while not finished.wait(PROGRESS_INTERVAL_S):
+            with lock:
+                current = done[0]
+            if current != reported:
+                reported = current
+                yield pb.LoadProgress(bytes_done=current, bytes_total=total)
+        result = outcome[0]
+        if isinstance(result, DmabufdError):
+            self._abort(context, result)
+        if isinstance(result, BaseException):
+            log.error("load failed", exc_info=result)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error in dmabufd; see the daemon's log")
+        yield result
+
+    def LoadFile(self, request: pb.LoadFileRequest, context: grpc.ServicerContext) -> Iterator[pb.LoadProgress]:
+        session, ticket = self._serve(context, lambda session, ticket: (session, ticket))
+        try:
+            source = self._open_source(session, ticket, request.source)
+            offset, length = source.check_range(request.source.offset, request.source.length)
+            method = Method(request.method)
+        except DmabufdError as error:
+            self._abort(context, error)
+        except ValueError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown load method {request.method}")
+        load = LoadRequest(
+            offset=offset,
+            length=length,
+            heap=request.heap,
+            usage=request.usage,
+            label=request.name,
+            method=method,
+            verify=request.verify,
+            max_buffer_bytes=request.max_buffer_bytes,
+        )
+
+        def work(progress: ProgressFn, cancelled: CancelledFn) -> pb.LoadProgress:
+            outcome = self._loader.load(session, ticket, source, load, progress=progress, cancelled=cancelled)
+            return pb.LoadProgress(bytes_done=length, bytes_total=length, result=self._result(outcome))
+
+        try:
+            yield from self._stream(context, length, work)
+        finally:
+            source.close()
+
+    def _result(self, outcome: LoadOutcome) -> pb.LoadResult:
+        report = outcome.report
+        return pb.LoadResult(
+            buffers=[buffer_info(record) for record in outcome.records],
+            segments=[
+                pb.LoadedSegment(
+                    buffer_id=record.id,
+                    buffer_offset=plan.piece.buffer_offset,
+                    file_offset=plan.piece.file_offset,
+                    length=plan.piece.length,
+                )
+                for record, plan in zip(outcome.records, outcome.plans, strict=True)
+            ],
+            method=pb.LoadMethod.ValueType(report.method.value),
+            bytes=outcome.bytes,
+            wall_seconds=report.wall_seconds,
+            cpu_seconds=report.cpu_seconds,
+            verified=report.verified,
+            parallelism=report.parallelism,
+        )
+
+    def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> Iterator[pb.LoadProgress]:
+        session, ticket = self._serve(context, lambda session, ticket: (session, ticket))
+        try:
+            source = self._open_source(session, ticket, request.source)
+            backend = self._broker.pick(session, request.heap, request.usage or "model-weights")
+            how = ModelLoad(
+                backend=backend,
+                method=choose_method(backend, Method(request.method), source),
+                verify=request.verify,
+                largest=self._broker.largest_buffer(backend),
+            )
+        except DmabufdError as error:
+            self._abort(context, error)
+        except ValueError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown load method {request.method}")
+
+        def work(progress: ProgressFn, cancelled: CancelledFn) -> pb.LoadProgress:
+            started = time.monotonic()
+            model, shared = self._models.acquire(
+                session.id, session.peer.uid, source, how, progress=progress, cancelled=cancelled
+            )
+            try:
+                session.sender.send_fds(ticket, model.buffer_ids, model.share_fds)
+            except BaseException:
+                self._models.release(session.id, model.id)
+                raise
+            return self._model_reply(model, shared, time.monotonic() - started)
+
+        try:
+            yield from self._stream(context, source.size, work)
+        finally:
+            source.close()
+
+    def _model_reply(self, model: ResidentModel, shared: bool, wall_seconds: float) -> pb.LoadProgress:
+        infos = [
+            pb.BufferInfo(
+                id=buffer_id,
+                size=allocation.size,
+                heap=model.key[1],
+                backend=pb.Backend.ValueType(allocation.kind.value),
+                kernel_name="dmabufd:model",
+                usage="model-weights",
+                inode=allocation.identity[1],
+            )
+            for buffer_id, allocation in zip(model.buffer_ids, model.allocations, strict=True)
+        ]
+        tensors = []
+        for tensor in model.header.tensors:
+            index, offset = model.placement[tensor.name]
+            tensors.append(
+                pb.TensorInfo(
+                    name=tensor.name,
+                    dtype=tensor.dtype,
+                    shape=tensor.shape,
+                    buffer_id=model.buffer_ids[index],
+                    offset=offset,
+                    nbytes=tensor.nbytes,
+                )
+            )
+        report = model.report
+        loaded = sum(plan.piece.length for plan in model.plans)
+        result = pb.LoadResult(
+            buffers=infos,
+            method=pb.LoadMethod.ValueType(report.method.value),
+            bytes=loaded,
+            wall_seconds=wall_seconds if shared else report.wall_seconds,
+            cpu_seconds=0.0 if shared else report.cpu_seconds,
+            verified=report.verified,
+            parallelism=report.parallelism,
+        )
+        info = pb.ModelInfo(
+            model_id=model.id,
+            tensors=tensors,
+            metadata=model.header.metadata,
+            shared=shared,
+            read_only_enforced=model.read_only_enforced,
+        )
+        return pb.LoadProgress(bytes_done=loaded, bytes_total=loaded, result=result, model=info)
+
+    def ReleaseModel(self, request: pb.ReleaseModelRequest, context: grpc.ServicerContext) -> pb.ReleaseModelResponse:
+        def handle(session: Session, _ticket: bytes) -> pb.ReleaseModelResponse:
+            if not self._models.release(session.id, request.model_id):
+                raise BufferNotFound(f"this session holds no model with id {request.model_id}")
+            return pb.ReleaseModelResponse()
+
+        return self._serve(context, handle)

@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import IntEnum
 
+from dmabufd.loading.method import Method
+
 PAGE_SIZE = mmap.PAGESIZE
 
 
@@ -77,6 +79,10 @@ class HeapBackend(ABC):
 
     def __init__(self, spec: HeapSpec) -> None:
         self.spec = spec
+        # Load methods that work into this heap's buffers on the running
+        # kernel, fastest first; set by the registry's probe when the heap
+        # appears.
+        self.load_methods: tuple[Method, ...] = ()
 
     @abstractmethod
     def allocate(self, size: int, kernel_name: str) -> Allocation:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -27,6 +27,7 @@ from dmabufd.heaps.backend import BackendKind, HeapBackend, HeapSpec
 from dmabufd.heaps.dmaheap import DmaHeapBackend
 from dmabufd.heaps.memfd import MemfdBackend
 from dmabufd.heaps.udmabuf import UdmabufBackend
+from dmabufd.loading.method import Method
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,14 @@ class Caller:
     gids: frozenset[int]
 
 
+Probe = Callable[[HeapBackend], tuple[Method, ...]]
+
+
 class HeapRegistry:
-    def __init__(self, config: HeapConfig) -> None:
+    def __init__(self, config: HeapConfig, probe: Probe | None = None) -> None:
+        """`probe` says which load methods work into a new heap's buffers."""
         self._config = config
+        self._probe = probe
         self._lock = threading.Lock()
         self._backends: dict[str, HeapBackend] = {}
         self._watchers: set[queue.SimpleQueue[HeapEvent | None]] = set()
@@ -80,7 +86,10 @@ class HeapRegistry:
                 if known is not None:  # same name, new device: replace
                     known.close()
                     events.append(HeapEvent(HeapEventKind.REMOVED, known.spec))
-                self._backends[name] = _BACKEND_TYPES[spec.kind](spec)
+                backend = _BACKEND_TYPES[spec.kind](spec)
+                if self._probe is not None:
+                    backend.load_methods = self._probe(backend)
+                self._backends[name] = backend
                 events.append(HeapEvent(HeapEventKind.ADDED, spec))
             for event in events:
                 for watcher in self._watchers:
@@ -112,6 +121,11 @@ class HeapRegistry:
             for alias, candidates in self._config.aliases.items()
             if alias != name and next((c for c in candidates if c in present), None) == name
         )
+
+    def load_methods(self, name: str) -> tuple[Method, ...]:
+        with self._lock:
+            backend = self._backends.get(name)
+        return backend.load_methods if backend is not None else ()
 
     def usage_routes(self) -> dict[str, tuple[str, ...]]:
         return {DEFAULT_USAGE: self._config.probe_order, **self._config.usage}

@@ -61,11 +61,9 @@ class Totals:
 class Reservation:
     """Quota held for one call until it commits or is cancelled."""
 
-    def __init__(self, ledger: Ledger, session: Session, count: int, size: int) -> None:
-        self.ledger = ledger
+    def __init__(self, session: Session, sizes: list[int]) -> None:
         self.session = session
-        self.count = count
-        self.size = size
+        self.sizes = sizes
         self.records: list[BufferRecord] = []
 
 
@@ -81,6 +79,14 @@ class Ledger:
         self._releases = 0
         self._denials = 0
 
+    def new_ids(self, count: int) -> list[int]:
+        """Buffer ids for buffers kept outside these books (resident models),
+        from the same sequence so ids never collide."""
+        with self._lock:
+            first = self._next_id
+            self._next_id += count
+        return list(range(first, first + count))
+
     def quota(self, uid: int) -> Quota:
         return self._config.quota_for(uid)
 
@@ -89,12 +95,12 @@ class Ledger:
             self._denials += 1
 
     @contextmanager
-    def reserve(self, session: Session, count: int, size: int) -> Iterator[Reservation]:
-        """Hold quota for `count` buffers of `size` bytes for the duration of
-        the block; commit() inside it keeps them, anything else returns them."""
+    def reserve(self, session: Session, sizes: list[int]) -> Iterator[Reservation]:
+        """Hold quota for buffers of these sizes for the duration of the
+        block; commit() inside it keeps them, anything else returns them."""
         uid = session.peer.uid
         quota = self.quota(uid)
-        wanted = count * size
+        count, wanted = len(sizes), sum(sizes)
         with self._lock:
             usage = self._usage.setdefault(uid, Usage())
             if usage.buffers + count > quota.max_buffers:
@@ -109,12 +115,12 @@ class Ledger:
                 )
             usage.bytes += wanted
             usage.buffers += count
-        reservation = Reservation(self, session, count, size)
+        reservation = Reservation(session, sizes)
         try:
             yield reservation
         finally:
             with self._lock:
-                usage.bytes -= wanted - len(reservation.records) * size
+                usage.bytes -= wanted - sum(record.size for record in reservation.records)
                 usage.buffers -= count - len(reservation.records)
 
     def commit(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import secrets
 import threading
 import time
@@ -30,6 +31,8 @@ from dmabufd.errors import AccessDenied, SessionInvalid
 log = logging.getLogger(__name__)
 
 MAX_OUTSTANDING_TICKETS = 256
+# Files sent for loads that have not been claimed yet, per session.
+MAX_DEPOSITED_FILES = 16
 TICKET_WAIT_S = 2.0
 
 
@@ -63,6 +66,8 @@ class Session:
         self.connected_at = time.time()
         self.closed = False
         self.outstanding_tickets = 0
+        # Ticket -> file fd sent with it (FILE frame), until a call claims it.
+        self.deposits: dict[bytes, int] = {}
 
     def __repr__(self) -> str:
         return f"<Session {self.id} pid={self.peer.pid} uid={self.peer.uid}>"
@@ -97,7 +102,11 @@ class SessionTable:
             for ticket in [t for t, owner in self._tickets.items() if owner is session]:
                 del self._tickets[ticket]
             self.closed += 1
+            deposits = list(session.deposits.values())
+            session.deposits.clear()
             self._cond.notify_all()
+        for fd in deposits:
+            os.close(fd)
         self._on_close(session)
         log.info("session %d closed: %s", session.id, reason)
 
@@ -105,9 +114,10 @@ class SessionTable:
         with self._cond:
             return list(self._by_token.values())
 
-    def add_ticket(self, session: Session, ticket: bytes) -> str | None:
-        """Record a ticket that arrived on `session`'s fd socket; returns a
-        reason when it is refused."""
+    def add_ticket(self, session: Session, ticket: bytes, file_fd: int | None = None) -> str | None:
+        """Record a ticket that arrived on `session`'s fd socket, with the
+        file fd its frame carried, if any. Returns a reason when it is
+        refused; the caller then still owns file_fd."""
         with self._cond:
             if session.closed:
                 return "session closed"
@@ -115,10 +125,19 @@ class SessionTable:
                 return "ticket already outstanding; send a fresh random ticket per call"
             if session.outstanding_tickets >= MAX_OUTSTANDING_TICKETS:
                 return f"more than {MAX_OUTSTANDING_TICKETS} tickets outstanding; each call consumes one"
+            if file_fd is not None:
+                if len(session.deposits) >= MAX_DEPOSITED_FILES:
+                    return f"more than {MAX_DEPOSITED_FILES} files sent and not yet loaded"
+                session.deposits[ticket] = file_fd
             self._tickets[ticket] = session
             session.outstanding_tickets += 1
             self._cond.notify_all()
         return None
+
+    def take_file(self, session: Session, ticket: bytes) -> int | None:
+        """The file fd sent with `ticket`, now owned by the caller."""
+        with self._cond:
+            return session.deposits.pop(ticket, None)
 
     def claim(self, token_hex: str | None, ticket_hex: str | None) -> Session:
         """The session a call acts for. Consumes the call's ticket."""

@@ -175,27 +175,39 @@ class FdServer:
         if not data and not fds:
             self._end(session, "client closed its fd socket")
             return
-        for fd in fds:  # version 1 accepts no fds from clients
-            os.close(fd)
-        problem = None
-        if flags & socket.MSG_CTRUNC:
-            problem = "control data truncated: too many fds in one message"
-        elif flags & socket.MSG_TRUNC:
-            problem = f"frame longer than {fdwire.MAX_FRAME_BYTES} bytes"
-        elif fds:
-            problem = f"unexpected fds ({len(fds)} closed): clients send no fds in protocol version 1"
-        else:
+        problem = self._accept_frame(session, data, fds, flags)
+        if problem is not None:
+            self._reject(session, channel, problem)
+
+    def _accept_frame(self, session: Session, data: bytes, fds: list[int], flags: int) -> str | None:
+        """Take one client frame; returns why it was refused, if it was.
+        Every fd received is kept (a FILE frame's one) or closed here."""
+        kept: int | None = None
+        try:
+            if flags & socket.MSG_CTRUNC:
+                return "control data truncated: too many fds in one message"
+            if flags & socket.MSG_TRUNC:
+                return f"frame longer than {fdwire.MAX_FRAME_BYTES} bytes"
             try:
                 frame = fdwire.decode(data)
             except fdwire.FrameError as error:
-                problem = str(error)
-            else:
-                if isinstance(frame, fdwire.Ticket):
-                    problem = self._sessions.add_ticket(session, frame.ticket)
-                else:
-                    problem = f"a client may not send {type(frame).__name__} frames"
-        if problem is not None:
-            self._reject(session, channel, problem)
+                return str(error) + (f" ({len(fds)} fds closed)" if fds else "")
+            if isinstance(frame, fdwire.FileTicket):
+                if len(fds) != 1:
+                    return f"a FILE frame carries exactly one fd, not {len(fds)} (closed)"
+                problem = self._sessions.add_ticket(session, frame.ticket, fds[0])
+                if problem is None:
+                    kept = fds[0]
+                return problem
+            if fds:
+                return f"unexpected fds ({len(fds)} closed): only FILE frames carry fds"
+            if isinstance(frame, fdwire.Ticket):
+                return self._sessions.add_ticket(session, frame.ticket)
+            return f"a client may not send {type(frame).__name__} frames"
+        finally:
+            for fd in fds:
+                if fd != kept:
+                    os.close(fd)
 
     def _reject(self, session: Session, channel: SessionChannel, problem: str) -> None:
         channel.protocol_errors += 1

@@ -59,6 +59,54 @@ BACKEND_MEMFD: Backend.ValueType  # 3
 """A sealed memfd: shared memory only; devices cannot import it."""
 Global___Backend: _TypeAlias = Backend  # noqa: Y015
 
+class _LoadMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LoadMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LoadMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOAD_METHOD_AUTO: _LoadMethod.ValueType  # 0
+    LOAD_METHOD_DIRECT_COPY_FILE_RANGE: _LoadMethod.ValueType  # 1
+    """copy_file_range() from an O_DIRECT fd into the dma-buf: the storage
+    controller DMAs into the buffer's pages (product kernel patch series).
+    """
+    LOAD_METHOD_DIRECT_READ: _LoadMethod.ValueType  # 2
+    """O_DIRECT read() into a mapping of the memfd behind the buffer (memfd,
+    udmabuf): no page cache; costs pinning user pages.
+    """
+    LOAD_METHOD_SENDFILE: _LoadMethod.ValueType  # 3
+    """sendfile() from the file into the memfd behind the buffer."""
+    LOAD_METHOD_SPLICE: _LoadMethod.ValueType  # 4
+    """splice() file -> pipe -> memfd."""
+    LOAD_METHOD_BUFFERED_READ: _LoadMethod.ValueType  # 5
+    """Buffered read() into a mapping of the buffer, bracketed by
+    DMA_BUF_IOCTL_SYNC: through the page cache; works everywhere.
+    """
+
+class LoadMethod(_LoadMethod, metaclass=_LoadMethodEnumTypeWrapper):
+    """How file data gets into a buffer. AUTO picks the fastest method the
+    running kernel proved it supports (see HeapCapabilities.load_methods).
+    """
+
+LOAD_METHOD_AUTO: LoadMethod.ValueType  # 0
+LOAD_METHOD_DIRECT_COPY_FILE_RANGE: LoadMethod.ValueType  # 1
+"""copy_file_range() from an O_DIRECT fd into the dma-buf: the storage
+controller DMAs into the buffer's pages (product kernel patch series).
+"""
+LOAD_METHOD_DIRECT_READ: LoadMethod.ValueType  # 2
+"""O_DIRECT read() into a mapping of the memfd behind the buffer (memfd,
+udmabuf): no page cache; costs pinning user pages.
+"""
+LOAD_METHOD_SENDFILE: LoadMethod.ValueType  # 3
+"""sendfile() from the file into the memfd behind the buffer."""
+LOAD_METHOD_SPLICE: LoadMethod.ValueType  # 4
+"""splice() file -> pipe -> memfd."""
+LOAD_METHOD_BUFFERED_READ: LoadMethod.ValueType  # 5
+"""Buffered read() into a mapping of the buffer, bracketed by
+DMA_BUF_IOCTL_SYNC: through the page cache; works everywhere.
+"""
+Global___LoadMethod: _TypeAlias = LoadMethod  # noqa: Y015
+
 @_typing.final
 class HeapCapabilities(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -69,6 +117,7 @@ class HeapCapabilities(_message.Message):
     ZEROED_FIELD_NUMBER: _builtins.int
     CPU_SYNC_REQUIRED_FIELD_NUMBER: _builtins.int
     GRANULE_BYTES_FIELD_NUMBER: _builtins.int
+    LOAD_METHODS_FIELD_NUMBER: _builtins.int
     backend: Global___Backend.ValueType
     device_importable: _builtins.bool
     """True when the buffers are dma-bufs a device driver can import."""
@@ -80,6 +129,10 @@ class HeapCapabilities(_message.Message):
     """DMA_BUF_IOCTL_SYNC brackets CPU access (false for memfd)."""
     granule_bytes: _builtins.int
     """Allocation granularity (page size)."""
+    @_builtins.property
+    def load_methods(self) -> _containers.RepeatedScalarFieldContainer[Global___LoadMethod.ValueType]:
+        """Load methods the running kernel proved it supports for this heap, fastest first."""
+
     def __init__(
         self,
         *,
@@ -89,10 +142,11 @@ class HeapCapabilities(_message.Message):
         zeroed: _builtins.bool = ...,
         cpu_sync_required: _builtins.bool = ...,
         granule_bytes: _builtins.int = ...,
+        load_methods: _abc.Iterable[Global___LoadMethod.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "cpu_sync_required", b"cpu_sync_required", "device_importable", b"device_importable", "granule_bytes", b"granule_bytes", "max_buffer_bytes", b"max_buffer_bytes", "zeroed", b"zeroed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "cpu_sync_required", b"cpu_sync_required", "device_importable", b"device_importable", "granule_bytes", b"granule_bytes", "load_methods", b"load_methods", "max_buffer_bytes", b"max_buffer_bytes", "zeroed", b"zeroed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -578,6 +632,8 @@ class Stats(_message.Message):
     DENIALS_FIELD_NUMBER: _builtins.int
     SESSIONS_OPENED_FIELD_NUMBER: _builtins.int
     SESSIONS_CLOSED_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    MODEL_BYTES_FIELD_NUMBER: _builtins.int
     ALL_CLIENTS_FIELD_NUMBER: _builtins.int
     total_buffers: _builtins.int
     total_bytes: _builtins.int
@@ -587,6 +643,9 @@ class Stats(_message.Message):
     denials: _builtins.int
     sessions_opened: _builtins.int
     sessions_closed: _builtins.int
+    models: _builtins.int
+    """Resident shared models and their bytes."""
+    model_bytes: _builtins.int
     all_clients: _builtins.bool
     """Whether the caller may see every client (privileged) or only itself."""
     @_builtins.property
@@ -605,12 +664,369 @@ class Stats(_message.Message):
         denials: _builtins.int = ...,
         sessions_opened: _builtins.int = ...,
         sessions_closed: _builtins.int = ...,
+        models: _builtins.int = ...,
+        model_bytes: _builtins.int = ...,
         all_clients: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_clients", b"all_clients", "allocations", b"allocations", "clients", b"clients", "denials", b"denials", "heaps", b"heaps", "releases", b"releases", "sessions_closed", b"sessions_closed", "sessions_opened", b"sessions_opened", "total_buffers", b"total_buffers", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_clients", b"all_clients", "allocations", b"allocations", "clients", b"clients", "denials", b"denials", "heaps", b"heaps", "model_bytes", b"model_bytes", "models", b"models", "releases", b"releases", "sessions_closed", b"sessions_closed", "sessions_opened", b"sessions_opened", "total_buffers", b"total_buffers", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Stats: _TypeAlias = Stats  # noqa: Y015
+
+@_typing.final
+class FileSource(_message.Message):
+    """What to load. The file is named by an fd the client sends with the
+    call's ticket (a FILE frame, see fd-protocol.md): the daemon reads only
+    what the client itself opened. A path is accepted only under the roots
+    the daemon's policy allows, and is opened with the client's credentials.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FD_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    fd: _builtins.bool
+    path: _builtins.str
+    offset: _builtins.int
+    length: _builtins.int
+    """Bytes to load; 0: to the end of the file."""
+    def __init__(
+        self,
+        *,
+        fd: _builtins.bool = ...,
+        path: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fd", b"fd", "path", b"path", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fd", b"fd", "length", b"length", "offset", b"offset", "path", b"path", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["fd", "path"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___FileSource: _TypeAlias = FileSource  # noqa: Y015
+
+@_typing.final
+class LoadFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    HEAP_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    VERIFY_FIELD_NUMBER: _builtins.int
+    MAX_BUFFER_BYTES_FIELD_NUMBER: _builtins.int
+    heap: _builtins.str
+    usage: _builtins.str
+    name: _builtins.str
+    method: Global___LoadMethod.ValueType
+    verify: _builtins.bool
+    """Compare the loaded bytes with the file (SHA-256 of both)."""
+    max_buffer_bytes: _builtins.int
+    """Largest buffer to make; a longer range is split across buffers. 0: the
+    heap's own limit (udmabuf: size_limit_mb).
+    """
+    @_builtins.property
+    def source(self) -> Global___FileSource: ...
+    def __init__(
+        self,
+        *,
+        source: Global___FileSource | None = ...,
+        heap: _builtins.str = ...,
+        usage: _builtins.str = ...,
+        name: _builtins.str = ...,
+        method: Global___LoadMethod.ValueType = ...,
+        verify: _builtins.bool = ...,
+        max_buffer_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heap", b"heap", "max_buffer_bytes", b"max_buffer_bytes", "method", b"method", "name", b"name", "source", b"source", "usage", b"usage", "verify", b"verify"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadFileRequest: _TypeAlias = LoadFileRequest  # noqa: Y015
+
+@_typing.final
+class LoadedSegment(_message.Message):
+    """Where a piece of the file landed: buffer `buffer_id` holds `length`
+    bytes of the file from `file_offset`, starting at `buffer_offset`
+    (non-zero when the range starts off a 4 KiB boundary: the daemon keeps
+    file and buffer offsets congruent so direct I/O applies to any range).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUFFER_ID_FIELD_NUMBER: _builtins.int
+    BUFFER_OFFSET_FIELD_NUMBER: _builtins.int
+    FILE_OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    buffer_id: _builtins.int
+    buffer_offset: _builtins.int
+    file_offset: _builtins.int
+    length: _builtins.int
+    def __init__(
+        self,
+        *,
+        buffer_id: _builtins.int = ...,
+        buffer_offset: _builtins.int = ...,
+        file_offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_id", b"buffer_id", "buffer_offset", b"buffer_offset", "file_offset", b"file_offset", "length", b"length"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadedSegment: _TypeAlias = LoadedSegment  # noqa: Y015
+
+@_typing.final
+class LoadResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUFFERS_FIELD_NUMBER: _builtins.int
+    SEGMENTS_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    WALL_SECONDS_FIELD_NUMBER: _builtins.int
+    CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    PARALLELISM_FIELD_NUMBER: _builtins.int
+    method: Global___LoadMethod.ValueType
+    bytes: _builtins.int
+    wall_seconds: _builtins.float
+    cpu_seconds: _builtins.float
+    """Daemon CPU time (user + system) the load cost."""
+    verified: _builtins.bool
+    parallelism: _builtins.int
+    """I/O requests kept in flight."""
+    @_builtins.property
+    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]: ...
+    @_builtins.property
+    def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoadedSegment]: ...
+    def __init__(
+        self,
+        *,
+        buffers: _abc.Iterable[Global___BufferInfo] | None = ...,
+        segments: _abc.Iterable[Global___LoadedSegment] | None = ...,
+        method: Global___LoadMethod.ValueType = ...,
+        bytes: _builtins.int = ...,
+        wall_seconds: _builtins.float = ...,
+        cpu_seconds: _builtins.float = ...,
+        verified: _builtins.bool = ...,
+        parallelism: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "bytes", b"bytes", "cpu_seconds", b"cpu_seconds", "method", b"method", "parallelism", b"parallelism", "segments", b"segments", "verified", b"verified", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadResult: _TypeAlias = LoadResult  # noqa: Y015
+
+@_typing.final
+class TensorInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    BUFFER_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    dtype: _builtins.str
+    buffer_id: _builtins.int
+    offset: _builtins.int
+    """Byte offset of the tensor in that buffer, and its length."""
+    nbytes: _builtins.int
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        buffer_id: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        nbytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_id", b"buffer_id", "dtype", b"dtype", "name", b"name", "nbytes", b"nbytes", "offset", b"offset", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorInfo: _TypeAlias = TensorInfo  # noqa: Y015
+
+@_typing.final
+class ModelInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    READ_ONLY_ENFORCED_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.int
+    """Identifies the loaded model in ReleaseModel."""
+    shared: _builtins.bool
+    """True when the weights were already resident and are shared."""
+    read_only_enforced: _builtins.bool
+    """True when the kernel enforces that nobody can write the buffers
+    (sealed memfd); see docs/loading.md for each backend.
+    """
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorInfo]: ...
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The safetensors __metadata__ entries."""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.int = ...,
+        tensors: _abc.Iterable[Global___TensorInfo] | None = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        shared: _builtins.bool = ...,
+        read_only_enforced: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "model_id", b"model_id", "read_only_enforced", b"read_only_enforced", "shared", b"shared", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class LoadProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BYTES_DONE_FIELD_NUMBER: _builtins.int
+    BYTES_TOTAL_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    bytes_done: _builtins.int
+    bytes_total: _builtins.int
+    @_builtins.property
+    def result(self) -> Global___LoadResult:
+        """Set on the last message of the stream only."""
+
+    @_builtins.property
+    def model(self) -> Global___ModelInfo:
+        """LoadModel only, with the result."""
+
+    def __init__(
+        self,
+        *,
+        bytes_done: _builtins.int = ...,
+        bytes_total: _builtins.int = ...,
+        result: Global___LoadResult | None = ...,
+        model: Global___ModelInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "model", b"model", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadProgress: _TypeAlias = LoadProgress  # noqa: Y015
+
+@_typing.final
+class LoadModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    HEAP_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    VERIFY_FIELD_NUMBER: _builtins.int
+    heap: _builtins.str
+    usage: _builtins.str
+    method: Global___LoadMethod.ValueType
+    verify: _builtins.bool
+    @_builtins.property
+    def source(self) -> Global___FileSource:
+        """The safetensors file (offset and length are ignored)."""
+
+    def __init__(
+        self,
+        *,
+        source: Global___FileSource | None = ...,
+        heap: _builtins.str = ...,
+        usage: _builtins.str = ...,
+        method: Global___LoadMethod.ValueType = ...,
+        verify: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heap", b"heap", "method", b"method", "source", b"source", "usage", b"usage", "verify", b"verify"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadModelRequest: _TypeAlias = LoadModelRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseModelRequest: _TypeAlias = ReleaseModelRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseModelResponse: _TypeAlias = ReleaseModelResponse  # noqa: Y015

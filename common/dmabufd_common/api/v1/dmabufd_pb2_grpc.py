@@ -69,6 +69,21 @@ class BufferServiceStub:
                 request_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.Stats.FromString,
                 _registered_method=True)
+        self.LoadFile = channel.unary_stream(
+                '/dmabufd.v1.BufferService/LoadFile',
+                request_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.LoadFileRequest.SerializeToString,
+                response_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.LoadProgress.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_stream(
+                '/dmabufd.v1.BufferService/LoadModel',
+                request_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.LoadProgress.FromString,
+                _registered_method=True)
+        self.ReleaseModel = channel.unary_unary(
+                '/dmabufd.v1.BufferService/ReleaseModel',
+                request_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseModelRequest.SerializeToString,
+                response_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseModelResponse.FromString,
+                _registered_method=True)
 
 
 class BufferServiceServicer:
@@ -116,6 +131,29 @@ class BufferServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadFile(self, request, context):
+        """Load a file range into new buffers. Streams progress; the last
+        message carries the result, and the buffers' fds arrive (tagged with
+        the call's ticket) before it. Cancelling the call frees everything.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load a safetensors file once and share it: later calls for the same
+        file (device, inode, size, mtime) get the resident buffers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BufferServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +191,21 @@ def add_BufferServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.GetStatsRequest.FromString,
                     response_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.Stats.SerializeToString,
+            ),
+            'LoadFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.LoadFile,
+                    request_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.LoadFileRequest.FromString,
+                    response_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.LoadProgress.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.LoadModelRequest.FromString,
+                    response_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.LoadProgress.SerializeToString,
+            ),
+            'ReleaseModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseModel,
+                    request_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseModelRequest.FromString,
+                    response_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +397,87 @@ class BufferService:
             '/dmabufd.v1.BufferService/GetStats',
             dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.GetStatsRequest.SerializeToString,
             dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dmabufd.v1.BufferService/LoadFile',
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.LoadFileRequest.SerializeToString,
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.LoadProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dmabufd.v1.BufferService/LoadModel',
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.LoadModelRequest.SerializeToString,
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.LoadProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmabufd.v1.BufferService/ReleaseModel',
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseModelRequest.SerializeToString,
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

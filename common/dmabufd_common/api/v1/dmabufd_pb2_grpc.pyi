@@ -52,6 +52,16 @@ class BufferServiceStub:
     ListBuffers: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.ListBuffersRequest, _dmabufd_pb2.ListBuffersResponse]
     DescribeBuffer: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.DescribeBufferRequest, _dmabufd_pb2.BufferInfo]
     GetStats: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.GetStatsRequest, _dmabufd_pb2.Stats]
+    LoadFile: _grpc.UnaryStreamMultiCallable[_dmabufd_pb2.LoadFileRequest, _dmabufd_pb2.LoadProgress]
+    """Load a file range into new buffers. Streams progress; the last
+    message carries the result, and the buffers' fds arrive (tagged with
+    the call's ticket) before it. Cancelling the call frees everything.
+    """
+    LoadModel: _grpc.UnaryStreamMultiCallable[_dmabufd_pb2.LoadModelRequest, _dmabufd_pb2.LoadProgress]
+    """Load a safetensors file once and share it: later calls for the same
+    file (device, inode, size, mtime) get the resident buffers.
+    """
+    ReleaseModel: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.ReleaseModelRequest, _dmabufd_pb2.ReleaseModelResponse]
 
 @_typing.type_check_only
 class BufferServiceAsyncStub(BufferServiceStub):
@@ -63,6 +73,16 @@ class BufferServiceAsyncStub(BufferServiceStub):
     ListBuffers: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.ListBuffersRequest, _dmabufd_pb2.ListBuffersResponse]  # type: ignore[assignment]
     DescribeBuffer: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.DescribeBufferRequest, _dmabufd_pb2.BufferInfo]  # type: ignore[assignment]
     GetStats: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.GetStatsRequest, _dmabufd_pb2.Stats]  # type: ignore[assignment]
+    LoadFile: _aio.UnaryStreamMultiCallable[_dmabufd_pb2.LoadFileRequest, _dmabufd_pb2.LoadProgress]  # type: ignore[assignment]
+    """Load a file range into new buffers. Streams progress; the last
+    message carries the result, and the buffers' fds arrive (tagged with
+    the call's ticket) before it. Cancelling the call frees everything.
+    """
+    LoadModel: _aio.UnaryStreamMultiCallable[_dmabufd_pb2.LoadModelRequest, _dmabufd_pb2.LoadProgress]  # type: ignore[assignment]
+    """Load a safetensors file once and share it: later calls for the same
+    file (device, inode, size, mtime) get the resident buffers.
+    """
+    ReleaseModel: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.ReleaseModelRequest, _dmabufd_pb2.ReleaseModelResponse]  # type: ignore[assignment]
 
 class BufferServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -113,5 +133,33 @@ class BufferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _dmabufd_pb2.GetStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dmabufd_pb2.Stats, _abc.Awaitable[_dmabufd_pb2.Stats]]: ...
+
+    @_abc_1.abstractmethod
+    def LoadFile(
+        self,
+        request: _dmabufd_pb2.LoadFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dmabufd_pb2.LoadProgress], _abc.AsyncIterator[_dmabufd_pb2.LoadProgress]]:
+        """Load a file range into new buffers. Streams progress; the last
+        message carries the result, and the buffers' fds arrive (tagged with
+        the call's ticket) before it. Cancelling the call frees everything.
+        """
+
+    @_abc_1.abstractmethod
+    def LoadModel(
+        self,
+        request: _dmabufd_pb2.LoadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dmabufd_pb2.LoadProgress], _abc.AsyncIterator[_dmabufd_pb2.LoadProgress]]:
+        """Load a safetensors file once and share it: later calls for the same
+        file (device, inode, size, mtime) get the resident buffers.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseModel(
+        self,
+        request: _dmabufd_pb2.ReleaseModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dmabufd_pb2.ReleaseModelResponse, _abc.Awaitable[_dmabufd_pb2.ReleaseModelResponse]]: ...
 
 def add_BufferServiceServicer_to_server(servicer: BufferServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,264 @@
+"""A file load end to end.
+
+Layout: the file range is cut into buffers no larger than the heap allows;
+each buffer holds its bytes at a buffer offset congruent to their file
+offset modulo 4 KiB (only the first buffer can start off zero), so direct
+I/O applies to any range. Each buffer's bytes are then cut into chunks
+(loading.chunk_bytes) that a pool of loading.parallelism threads copies at
+once: syscalls release the GIL, so several requests are in flight and the
+storage stays busy.
+
+Cancellation is checked between chunks; a cancelled or failed load frees
+every buffer it made. Nothing is booked or delivered until all bytes are in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from dmabufd.broker import BufferBroker
+from dmabufd.config import LoadingConfig
+from dmabufd.errors import FileChanged, InvalidRequest, LoadCancelled, VerifyFailed
+from dmabufd.heaps.backend import PAGE_SIZE, Allocation, BackendKind, HeapBackend, round_to_page
+from dmabufd.loading.method import Method
+from dmabufd.loading.methods import DIO_ALIGN, TRANSFERS, Piece, Source
+from dmabufd.loading.source import SourceFile
+from dmabufd.sessions.ledger import BufferRecord
+from dmabufd.sessions.session import Session
+from dmabufd_common import uapi
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int], None]
+CancelledFn = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    offset: int
+    length: int
+    heap: str
+    usage: str
+    label: str
+    method: Method
+    verify: bool
+    max_buffer_bytes: int
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """One buffer of a load: `piece` says which file bytes go where."""
+
+    piece: Piece
+    size: int
+
+
+@dataclass
+class TransferReport:
+    method: Method
+    wall_seconds: float
+    cpu_seconds: float
+    parallelism: int
+    verified: bool
+
+
+@dataclass
+class LoadOutcome:
+    records: list[BufferRecord]
+    plans: list[BufferPlan]
+    report: TransferReport
+    bytes: int
+
+
+def plan_buffers(offset: int, length: int, largest: int) -> list[BufferPlan]:
+    """Cut [offset, offset + length) into buffers of at most `largest` bytes."""
+    largest = largest // PAGE_SIZE * PAGE_SIZE
+    if largest < 2 * DIO_ALIGN:
+        raise InvalidRequest(f"buffers of at most {largest} bytes are too small to load into")
+    plans: list[BufferPlan] = []
+    position, end = offset, offset + length
+    while position < end:
+        buffer_offset = position % DIO_ALIGN
+        count = min(end - position, largest - buffer_offset)
+        plans.append(BufferPlan(Piece(position, buffer_offset, count), round_to_page(buffer_offset + count)))
+        position += count
+    return plans
+
+
+def chunks(piece: Piece, chunk_bytes: int) -> list[Piece]:
+    """Cut a piece at file offsets that are multiples of chunk_bytes."""
+    out: list[Piece] = []
+    position, end = piece.file_offset, piece.file_offset + piece.length
+    shift = piece.buffer_offset - piece.file_offset
+    while position < end:
+        stop = min(end, (position // chunk_bytes + 1) * chunk_bytes)
+        out.append(Piece(position, position + shift, stop - position))
+        position = stop
+    return out
+
+
+def choose_method(backend: HeapBackend, requested: Method, source: SourceFile) -> Method:
+    supported = backend.load_methods
+    if requested is not Method.AUTO:
+        if requested not in supported:
+            names = ", ".join(method.label for method in supported)
+            raise InvalidRequest(
+                f"method {requested.label} does not work into heap {backend.spec.name!r} on this kernel; "
+                f"it supports: {names}"
+            )
+        return requested
+    for method in supported:
+        if method is Method.DIRECT_READ and source.direct_fd is None:
+            continue  # the file system does no O_DIRECT: a buffered method is as good and simpler
+        return method
+    return Method.BUFFERED_READ
+
+
+def _digest_of_file(fd: int, piece: Piece) -> bytes:
+    start = piece.file_offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, piece.file_offset + piece.length - start, prot=mmap.PROT_READ, offset=start) as region:
+        view = memoryview(region)[piece.file_offset - start :]
+        digest = hashlib.sha256(view).digest()
+        view.release()
+    return digest
+
+
+def _digest_of_buffer(allocation: Allocation, piece: Piece) -> bytes:
+    sync = allocation.kind is not BackendKind.MEMFD
+    with mmap.mmap(allocation.fd, allocation.size, prot=mmap.PROT_READ) as region:
+        if sync:
+            uapi.dma_buf_sync(allocation.fd, uapi.SyncFlags.START | uapi.SyncFlags.READ)
+        view = memoryview(region)[piece.buffer_offset : piece.buffer_offset + piece.length]
+        digest = hashlib.sha256(view).digest()
+        view.release()
+        if sync:
+            uapi.dma_buf_sync(allocation.fd, uapi.SyncFlags.END | uapi.SyncFlags.READ)
+    return digest
+
+
+class FileLoader:
+    def __init__(self, config: LoadingConfig, broker: BufferBroker) -> None:
+        self._config = config
+        self._broker = broker
+
+    def transfer(
+        self,
+        source: SourceFile,
+        targets: list[tuple[Allocation, BufferPlan]],
+        method: Method,
+        *,
+        progress: ProgressFn,
+        cancelled: CancelledFn,
+        verify: bool,
+    ) -> TransferReport:
+        """Copy every plan's bytes into its allocation, in parallel."""
+        copy = TRANSFERS[method]
+        endpoints = Source(source.buffered_fd, source.direct_fd)
+        work = [
+            (allocation, chunk)
+            for allocation, plan in targets
+            for chunk in chunks(plan.piece, self._config.chunk_bytes)
+        ]
+        parallelism = max(1, min(self._config.parallelism, len(work)))
+        cpu_lock = threading.Lock()
+        cpu = [0.0]
+        stop = threading.Event()
+
+        def run(allocation: Allocation, piece: Piece) -> None:
+            if stop.is_set() or cancelled():
+                stop.set()
+                return
+            began = time.thread_time()
+            try:
+                copy(endpoints, allocation, piece)
+            finally:
+                with cpu_lock:
+                    cpu[0] += time.thread_time() - began
+            progress(piece.length)
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="load") as pool:
+            futures = [pool.submit(run, allocation, piece) for allocation, piece in work]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in done if f.exception() is not None), None)
+            if failed is not None:
+                stop.set()
+                wait(futures)
+                error = failed.exception()
+                assert error is not None
+                raise error
+        if stop.is_set() or cancelled():
+            raise LoadCancelled("the load was cancelled")
+        wall = time.monotonic() - started
+        if os.fstat(source.buffered_fd).st_size < max(p.piece.file_offset + p.piece.length for _, p in targets):
+            raise FileChanged("the file was truncated while loading")
+        verified = False
+        if verify:
+            began = time.thread_time()
+            for allocation, plan in targets:
+                if _digest_of_file(source.buffered_fd, plan.piece) != _digest_of_buffer(allocation, plan.piece):
+                    raise VerifyFailed(
+                        f"bytes loaded at file offset {plan.piece.file_offset} differ from the file "
+                        f"(method {method.label}); the file may have changed while loading"
+                    )
+            cpu[0] += time.thread_time() - began
+            verified = True
+        return TransferReport(method, wall, cpu[0], parallelism, verified)
+
+    def load(
+        self,
+        session: Session,
+        ticket: bytes,
+        source: SourceFile,
+        request: LoadRequest,
+        *,
+        progress: ProgressFn,
+        cancelled: CancelledFn,
+    ) -> LoadOutcome:
+        offset, length = source.check_range(request.offset, request.length)
+        backend = self._broker.pick(session, request.heap, request.usage)
+        method = choose_method(backend, request.method, source)
+        largest = self._broker.largest_buffer(backend)
+        if request.max_buffer_bytes:
+            largest = min(largest, request.max_buffer_bytes)
+        plans = plan_buffers(offset, length, largest)
+        if len(plans) > self._broker.max_batch:
+            raise InvalidRequest(
+                f"{length} bytes in buffers of at most {largest} bytes need {len(plans)} buffers; "
+                f"a call may make {self._broker.max_batch}: allow larger buffers or load less"
+            )
+        began_cpu = time.thread_time()
+        started = time.monotonic()
+        sizes = [plan.size for plan in plans]
+        with self._broker.provision(session, backend, sizes, request.usage, request.label) as provision:
+            report = self.transfer(
+                source,
+                list(zip(provision.allocations, plans, strict=True)),
+                method,
+                progress=progress,
+                cancelled=cancelled,
+                verify=request.verify,
+            )
+            records = self._broker.deliver(session, ticket, provision)
+        report.wall_seconds = time.monotonic() - started
+        report.cpu_seconds += time.thread_time() - began_cpu
+        log.info(
+            "session %d: loaded %d bytes into %d %s buffer(s) by %s in %.3f s (cpu %.3f s, %d in flight)",
+            session.id,
+            length,
+            len(records),
+            backend.spec.name,
+            method.label,
+            report.wall_seconds,
+            report.cpu_seconds,
+            report.parallelism,
+        )
+        return LoadOutcome(records, plans, report, length)

@@ -1,0 +1,197 @@
+"""The ways bytes move from a file into a buffer: one function per method.
+
+Every function copies one Piece: `length` bytes of the file from
+`file_offset` into the buffer at `buffer_offset`, where the two offsets are
+congruent modulo DIO_ALIGN (the loader lays buffers out that way). The
+aligned middle of a piece goes through the direct path; an unaligned head
+or tail (the ends of the file range) goes through the buffered fd the same
+way, since direct I/O needs file offset, memory address and length aligned
+to the file system's logical block (4 KiB covers every one we meet).
+
+Data never passes through Python objects: preadv() writes into a mapping
+of the destination, and sendfile(), splice() and copy_file_range() move it
+inside the kernel. Mappings are windows of one piece, unmapped at once, so
+the daemon's resident memory does not grow with the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from dmabufd.errors import FileChanged
+from dmabufd.heaps.backend import PAGE_SIZE, Allocation, BackendKind
+from dmabufd.loading.method import Method
+from dmabufd_common import uapi
+
+DIO_ALIGN = 4096
+F_SETPIPE_SZ = 1031
+
+
+@dataclass(frozen=True)
+class Piece:
+    file_offset: int
+    buffer_offset: int
+    length: int
+
+    def split(self) -> tuple[Piece | None, Piece | None, Piece | None]:
+        """(head, aligned body, tail): the body starts and ends on DIO_ALIGN."""
+        start, end = self.file_offset, self.file_offset + self.length
+        body_start = -(-start // DIO_ALIGN) * DIO_ALIGN
+        body_end = end // DIO_ALIGN * DIO_ALIGN
+        if body_start >= body_end:
+            return self, None, None
+        shift = self.buffer_offset - self.file_offset
+
+        def part(a: int, b: int) -> Piece | None:
+            return Piece(a, a + shift, b - a) if b > a else None
+
+        return part(start, body_start), part(body_start, body_end), part(body_end, end)
+
+
+@dataclass(frozen=True)
+class Source:
+    buffered_fd: int
+    direct_fd: int | None
+
+
+def _shrank(piece: Piece, done: int) -> FileChanged:
+    return FileChanged(
+        f"the file ended {piece.length - done} bytes early at offset {piece.file_offset + done}: "
+        "it was truncated while loading"
+    )
+
+
+@contextlib.contextmanager
+def _window(fd: int, piece: Piece, sync: bool) -> Iterator[memoryview]:
+    """A writable view of the buffer bytes `piece` covers, mapped for the
+    duration of the block (and bracketed by DMA_BUF_IOCTL_SYNC if `sync`)."""
+    start = piece.buffer_offset // PAGE_SIZE * PAGE_SIZE
+    end = piece.buffer_offset + piece.length
+    region = mmap.mmap(fd, end - start, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    view = memoryview(region)[piece.buffer_offset - start : end - start]
+    if sync:
+        uapi.dma_buf_sync(fd, uapi.SyncFlags.START | uapi.SyncFlags.WRITE)
+    try:
+        yield view
+    finally:
+        if sync:
+            uapi.dma_buf_sync(fd, uapi.SyncFlags.END | uapi.SyncFlags.WRITE)
+        view.release()
+        region.close()
+
+
+def _pread_into(fd: int, piece: Piece, view: memoryview) -> None:
+    done = 0
+    while done < piece.length:
+        count = os.preadv(fd, [view[done:]], piece.file_offset + done)
+        if count == 0:
+            raise _shrank(piece, done)
+        done += count
+
+
+def _memfd_of(target: Allocation) -> int:
+    """The shmem file behind a buffer, for methods that write into it."""
+    if target.kind is BackendKind.MEMFD:
+        return target.fd
+    if target.backing_fd is None:
+        raise ValueError(f"{target.kind.name} buffers have no memfd behind them")
+    return target.backing_fd
+
+
+def _each_part(piece: Piece, source: Source) -> Iterator[tuple[int, Piece]]:
+    """(fd, part) for the piece's head, body and tail: the body on the
+    O_DIRECT fd when there is one."""
+    head, body, tail = piece.split()
+    for part, direct in ((head, False), (body, True), (tail, False)):
+        if part is not None:
+            yield (source.direct_fd if direct and source.direct_fd is not None else source.buffered_fd), part
+
+
+def direct_copy_file_range(source: Source, target: Allocation, piece: Piece) -> None:
+    for fd, part in _each_part(piece, source):
+        done = 0
+        while done < part.length:
+            count = os.copy_file_range(
+                fd, target.fd, part.length - done, part.file_offset + done, part.buffer_offset + done
+            )
+            if count == 0:
+                raise _shrank(part, done)
+            done += count
+
+
+def direct_read(source: Source, target: Allocation, piece: Piece) -> None:
+    memfd = _memfd_of(target)
+    for fd, part in _each_part(piece, source):
+        with _window(memfd, part, sync=False) as view:
+            _pread_into(fd, part, view)
+
+
+def buffered_read(source: Source, target: Allocation, piece: Piece) -> None:
+    with _window(target.fd, piece, sync=target.kind is not BackendKind.MEMFD) as view:
+        _pread_into(source.buffered_fd, piece, view)
+
+
+def _reopen_for_writing(fd: int) -> int:
+    """A new open file description of the same memfd, with its own file
+    position (sendfile writes at the position; workers must not share one)."""
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+
+
+def sendfile(source: Source, target: Allocation, piece: Piece) -> None:
+    out = _reopen_for_writing(_memfd_of(target))
+    try:
+        for fd, part in _each_part(piece, source):
+            os.lseek(out, part.buffer_offset, os.SEEK_SET)
+            done = 0
+            while done < part.length:
+                count = os.sendfile(out, fd, part.file_offset + done, part.length - done)
+                if count == 0:
+                    raise _shrank(part, done)
+                done += count
+    finally:
+        os.close(out)
+
+
+def splice(source: Source, target: Allocation, piece: Piece) -> None:
+    memfd = _memfd_of(target)
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):  # EPERM past pipe-max-size: keep the default
+            fcntl.fcntl(write_end, F_SETPIPE_SZ, min(piece.length, 1 << 20))
+        for fd, part in _each_part(piece, source):
+            done = 0
+            while done < part.length:
+                moved = os.splice(fd, write_end, part.length - done, offset_src=part.file_offset + done)
+                if moved == 0:
+                    raise _shrank(part, done)
+                drained = 0
+                while drained < moved:
+                    drained += os.splice(
+                        read_end, memfd, moved - drained, offset_dst=part.buffer_offset + done + drained
+                    )
+                done += moved
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+TRANSFERS = {
+    Method.DIRECT_CFR: direct_copy_file_range,
+    Method.DIRECT_READ: direct_read,
+    Method.SENDFILE: sendfile,
+    Method.SPLICE: splice,
+    Method.BUFFERED_READ: buffered_read,
+}
+
+# Which methods can write into which kind of buffer at all (the probe then
+# says which the running kernel really supports).
+APPLICABLE: dict[BackendKind, tuple[Method, ...]] = {
+    BackendKind.DMA_HEAP: (Method.DIRECT_CFR, Method.BUFFERED_READ),
+    BackendKind.UDMABUF: (Method.DIRECT_CFR, Method.DIRECT_READ, Method.SPLICE, Method.SENDFILE, Method.BUFFERED_READ),
+    BackendKind.MEMFD: (Method.DIRECT_READ, Method.SPLICE, Method.SENDFILE, Method.BUFFERED_READ),
+}

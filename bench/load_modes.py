@@ -88,7 +88,8 @@ def finish(rows: list[Row]) -> dict[str, Any]:
         return summary
     creat, io = best.median("creat_ms") or 0.0, best.median("io_ms") or 0.0
     best_end_to_end = best.runs[0].bytes / MB / ((creat + io) / 1000)
-    growth = [run.extra["rss"]["growth"].get("VmRSS") for run in service.runs if run.extra["rss"]["pid"]]
+    measured = [run.extra["rss"]["growth"] for run in service.runs if run.extra["rss"]["pid"]]
+    growth = {key: max(g.get(key, 0) for g in measured) for key in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
     summary["dmabufd"] = {
         "method": service.runs[-1].extra["method"],
         "mb_s": service.mb_s,
@@ -97,7 +98,8 @@ def finish(rows: list[Row]) -> dict[str, Any]:
         "ratio_to_best_raw_io": service.mb_s / best.mb_s,
         "ratio_to_best_raw_creat_plus_io": service.mb_s / best_end_to_end,
         "ratio_target": RATIO_TARGET,
-        "rss_growth_bytes": max(growth) if growth else None,
+        "rss_growth_bytes": growth["VmRSS"] if measured else None,
+        "rss_growth_detail": growth if measured else None,
         "rss_limit_bytes": RSS_LIMIT,
     }
     return summary
@@ -141,6 +143,9 @@ def render(rows: list[Row], report: dict[str, Any]) -> str:
             f"{service['ratio_to_best_raw_creat_plus_io']:.3f} of its Creat+I/O MB/s (target >= {RATIO_TARGET}); "
             f"daemon RSS growth {'unknown' if rss is None else format_size(rss)} (limit {format_size(RSS_LIMIT)})"
         )
+        if service["rss_growth_detail"]:
+            detail = ", ".join(f"{key} {format_size(value)}" for key, value in service["rss_growth_detail"].items())
+            lines.append(f"daemon RSS peak growth by kind: {detail}")
     lines.append("MB/s: 10^6 bytes per second of I/O-ms; CPU-ms: user+sys of the I/O (row 9: daemon + client)")
     return "\n".join(lines)
 

@@ -16,7 +16,15 @@ from typing import Any
 
 import dmabufd_client
 from bench.modes import Mode, ModeUnsupported, Slot, Source
-from bench.service_row import CALL_TIMEOUT_S, Daemon, LoadedFile, has_load_file, load_file_of, running_daemon
+from bench.service_row import (
+    CALL_TIMEOUT_S,
+    Daemon,
+    Outcome,
+    describe,
+    has_load_file,
+    load_file_of,
+    running_daemon,
+)
 from bench.system import CacheDropper, RssSample, RssSampler, cpu_seconds, proc_cpu_seconds
 from bench.testfile import BLOCK, SourceFile
 from dmabufd_common import uapi
@@ -240,20 +248,27 @@ def run_raw_row(mode: Mode, setup: Setup) -> Row:
 DMABUFD_ROW = (9, "dmabufd-load", "dmabufd load")
 
 
-def _map_buffers(loaded: LoadedFile, stack: contextlib.ExitStack, size: int) -> list[Region]:
+def _map_placements(outcome: Outcome, stack: contextlib.ExitStack, size: int) -> list[Region]:
+    """Map each buffer once (read-only) and give a Region per placement, in file order; the
+    placements must cover the file exactly."""
+    views: dict[int, memoryview] = {}
     regions: list[Region] = []
-    offset = 0
-    for buffer in loaded.buffers:
-        length = min(buffer.size, size - offset)
-        if length <= 0:
-            break
-        region = stack.enter_context(mmap.mmap(buffer.fileno(), buffer.size, mmap.MAP_SHARED, mmap.PROT_READ))
-        view = memoryview(region)
+    covered = 0
+    for placement in outcome.placements:
+        if placement.file_offset != covered:
+            raise VerifyError(f"the buffers hold file bytes from {placement.file_offset}, expected {covered}")
+        buffer = placement.buffer
+        fd = buffer.fileno()
+        if fd not in views:
+            region = stack.enter_context(mmap.mmap(fd, buffer.size, mmap.MAP_SHARED, mmap.PROT_READ))
+            views[fd] = memoryview(region)
+            stack.callback(views[fd].release)
+        view = views[fd][placement.buffer_offset : placement.buffer_offset + placement.length]
         stack.callback(view.release)
-        regions.append(Region(view, buffer.fileno() if buffer.is_dma_buf else None, offset, length))
-        offset += length
-    if offset != size:
-        raise VerifyError(f"the buffers hold {offset} bytes, the file {size}")
+        regions.append(Region(view, fd if buffer.is_dma_buf else None, placement.file_offset, placement.length))
+        covered += placement.length
+    if covered != size:
+        raise VerifyError(f"the buffers hold {covered} bytes, the file {size}")
     return regions
 
 
@@ -291,13 +306,13 @@ def run_dmabufd_once(client: dmabufd_client.Client, daemon: Daemon, setup: Setup
     finally:
         os.close(file_fd)
     try:
+        outcome = describe(loaded, source.size)
         with contextlib.ExitStack() as stack:
-            regions = _map_buffers(loaded, stack, source.size)
+            regions = _map_placements(outcome, stack, source.size)
             samples = sum(check_samples(source, fds.buffered_fd, region) for region in regions)
             sha256_ok = check_sha256(source, regions) if verify else None
             if sha256_ok is False:
                 raise VerifyError("sha256 of the buffers differs from the file's")
-        buffers = len(loaded.buffers)
         cpu2, t2 = cpu_seconds(), time.perf_counter()
         loaded.close()
         close_s, close_cpu = time.perf_counter() - t2, cpu_seconds() - cpu2
@@ -307,23 +322,22 @@ def run_dmabufd_once(client: dmabufd_client.Client, daemon: Daemon, setup: Setup
     finally:
         dropper.drop(fds.buffered_fd)
     client_cpu = cpu1 - cpu0
-    reported_cpu = float(loaded.cpu_seconds)
     return Run(
         creat_ms=None,
         close_ms=close_s * 1000,
         io_ms=(t1 - t0) * 1000,
-        cpu_ms=((daemon_cpu if daemon_cpu is not None else reported_cpu) + client_cpu) * 1000,
+        cpu_ms=((daemon_cpu if daemon_cpu is not None else outcome.cpu_seconds) + client_cpu) * 1000,
         creat_cpu_ms=None,
         close_cpu_ms=close_cpu * 1000,
         bytes=source.size,
-        buffers=buffers,
+        buffers=len(outcome.buffers),
         samples_checked=samples,
         sha256_ok=sha256_ok,
         extra={
-            "method": loaded.method,
-            "reported_bytes": loaded.bytes,
-            "daemon_wall_ms": float(loaded.wall_seconds) * 1000,
-            "daemon_cpu_ms_reported": reported_cpu * 1000,
+            "method": outcome.method,
+            "reported_bytes": outcome.bytes,
+            "daemon_wall_ms": outcome.wall_seconds * 1000,
+            "daemon_cpu_ms_reported": outcome.cpu_seconds * 1000,
             "daemon_cpu_ms_measured": None if daemon_cpu is None else daemon_cpu * 1000,
             "client_cpu_ms": client_cpu * 1000,
             "rss": {
@@ -355,7 +369,7 @@ def run_dmabufd_row(runtime_dir: Path | None, setup: Setup, request: ServiceRequ
             )
             for _ in range(setup.repeat):
                 row.runs.append(run_dmabufd_once(client, daemon, setup, request))
-    except (dmabufd_client.DmabufdError, VerifyError, OSError, RuntimeError) as error:
+    except Exception as error:  # the API is young: report any failure in the row, keep the others
         row.status, row.reason = "failed", f"{type(error).__name__}: {error}"
     if row.runs:
         row.label = f"dmabufd load ({row.runs[-1].extra['method']})"

@@ -1,9 +1,9 @@
 """The ninth row: the same file loaded through a running dmabufd with the Python client.
 
-The client's load_file is being written; until it exists the row is skipped with a reason.
-Its planned shape: client.load_file(fd_or_path, offset=0, length=0, heap="", usage=...,
-name=..., method="auto", verify=False, max_buffer_bytes=...) returns an object with .buffers
-(Buffer objects), .method, .bytes, .wall_seconds, .cpu_seconds (the daemon's) and .close().
+Until the client has load_file the row is skipped with a reason. The call:
+client.load_file(fd, offset=0, length=..., heap="", usage=..., name=..., method="auto",
+verify=False, max_buffer_bytes=CHUNK) returns an object with .buffers (Buffer objects), .close(),
+and the method, bytes, wall and daemon CPU seconds (see describe()).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, cast
 
 import dmabufd_client
 from dmabufd_client import Buffer
@@ -28,23 +28,65 @@ CALL_TIMEOUT_S = 1800.0  # a 1 GiB load under QEMU TCG takes minutes
 LOAD_FILE = "load_file"
 
 
-class LoadedFile(Protocol):
-    """What Client.load_file returns (the planned shape)."""
+@dataclass
+class Placement:
+    """`length` file bytes from `file_offset` sit in `buffer` at `buffer_offset`."""
 
-    @property
-    def buffers(self) -> Sequence[Buffer]: ...
-    @property
-    def method(self) -> str: ...
-    @property
-    def bytes(self) -> int: ...
-    @property
-    def wall_seconds(self) -> float: ...
-    @property
-    def cpu_seconds(self) -> float: ...
-    def close(self) -> None: ...
+    buffer: Buffer
+    buffer_offset: int
+    file_offset: int
+    length: int
 
 
-LoadFile = Callable[..., LoadedFile]
+@dataclass
+class Outcome:
+    """What a load_file result says, whichever of its shapes the client returns: the planned
+    flat one (.method, .bytes, .wall_seconds, .cpu_seconds) or with them under .stats, and
+    with .segments (buffer_id, buffer_offset, file_offset, length) or buffers in file order."""
+
+    method: str
+    bytes: int
+    wall_seconds: float
+    cpu_seconds: float
+    buffers: list[Buffer]
+    placements: list[Placement]
+
+
+def _stat(loaded: Any, name: str) -> Any:
+    stats = getattr(loaded, "stats", None)
+    if stats is not None and hasattr(stats, name):
+        return getattr(stats, name)
+    return getattr(loaded, name)
+
+
+def describe(loaded: Any, size: int) -> Outcome:
+    buffers: list[Buffer] = list(loaded.buffers)
+    placements: list[Placement] = []
+    segments = getattr(loaded, "segments", None)
+    if segments:
+        by_id = {buffer.id: buffer for buffer in buffers}
+        placements = [
+            Placement(by_id[s.buffer_id], s.buffer_offset, s.file_offset, s.length)
+            for s in sorted(segments, key=lambda s: s.file_offset)
+        ]
+    else:
+        offset = 0
+        for buffer in buffers:
+            length = min(buffer.size, size - offset)
+            if length > 0:
+                placements.append(Placement(buffer, 0, offset, length))
+                offset += length
+    return Outcome(
+        method=str(_stat(loaded, "method")),
+        bytes=int(_stat(loaded, "bytes")),
+        wall_seconds=float(_stat(loaded, "wall_seconds")),
+        cpu_seconds=float(_stat(loaded, "cpu_seconds")),
+        buffers=buffers,
+        placements=placements,
+    )
+
+
+LoadFile = Callable[..., Any]
 
 
 def load_file_of(client: dmabufd_client.Client) -> LoadFile | None:

@@ -321,6 +321,15 @@ class Client:
                 os.close(fd)
         result, info = last.result, last.model
         fds = dict(self._fds.take(ticket, len(result.buffers)))
+        try:
+            return self._model(info, result, fds)
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            self._release_model(info.model_id)
+            raise
+
+    def _model(self, info: pb.ModelInfo, result: pb.LoadResult, fds: dict[int, int]) -> Model:
         tensors = [TensorInfo(t.name, t.dtype, tuple(t.shape), t.buffer_id, t.offset, t.nbytes) for t in info.tensors]
         dma_buf = any(Backend(b.backend) is not Backend.MEMFD for b in result.buffers)
         return Model(

@@ -16,11 +16,13 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from dmabufd_client.buffer import BufferInfo
 from dmabufd_client.client import Client, HeapInfo, connect
 from dmabufd_client.errors import DmabufdError
+from dmabufd_client.loading import LoadedFile
 from dmabufd_common.paths import RUNTIME_DIR_ENV
 from dmabufd_common.units import format_size, parse_size
 
@@ -157,6 +159,82 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load(client: Client, args: argparse.Namespace) -> int:
+    def load(progress: Callable[[int, int], None] | None) -> LoadedFile:
+        return client.load_file(
+            args.path,
+            offset=args.offset,
+            length=args.length,
+            heap=args.heap,
+            usage=args.usage,
+            name=args.name,
+            method=args.method,
+            verify=args.verify,
+            max_buffer_bytes=args.max_buffer,
+            by_path=args.by_path,
+            progress=progress,
+        )
+
+    started = time.perf_counter()
+    if args.json:
+        loaded = load(None)
+    else:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(f"loading {args.path}", total=None)
+            loaded = load(lambda done, total: bar.update(task, completed=done, total=total))
+    seconds = time.perf_counter() - started
+    with loaded:
+        stats = loaded.stats
+        rate = stats.bytes / stats.wall_seconds / 1e6 if stats.wall_seconds else 0.0
+        if args.json:
+            _emit_json(
+                {
+                    "path": str(args.path),
+                    "method": stats.method,
+                    "bytes": stats.bytes,
+                    "seconds": seconds,
+                    "daemon_wall_seconds": stats.wall_seconds,
+                    "daemon_cpu_seconds": stats.cpu_seconds,
+                    "mb_per_s": rate,
+                    "verified": stats.verified,
+                    "parallelism": stats.parallelism,
+                    "buffers": [_buffer_dict(b.info) for b in loaded.buffers],
+                    "segments": [asdict(segment) for segment in loaded.segments],
+                }
+            )
+        else:
+            table = Table(title=f"{args.path}: {format_size(stats.bytes)} by {stats.method}")
+            for column in ("buffer", "heap", "size", "file offset", "bytes", "at"):
+                table.add_column(column)
+            for segment in loaded.segments:
+                info = loaded.buffer_of(segment).info
+                table.add_row(
+                    str(info.id),
+                    info.heap,
+                    format_size(info.size),
+                    str(segment.file_offset),
+                    str(segment.length),
+                    str(segment.buffer_offset),
+                )
+            console.print(table)
+            verified = "verified against the file" if stats.verified else "not verified (--verify)"
+            console.print(
+                f"{rate:.0f} MB/s in the daemon ({stats.wall_seconds:.3f} s wall, {stats.cpu_seconds:.3f} s CPU, "
+                f"{stats.parallelism} in flight); {seconds:.3f} s end to end; {verified}"
+            )
+        if args.hold:
+            time.sleep(args.hold)
+    return 0
+
+
 def cmd_bench(_client: Client | None, args: argparse.Namespace) -> int:
     from dmabufd_client.bench import run_benchmark
 
@@ -197,6 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--count", type=int, default=0, help="stop after this many add/remove events")
     watch.add_argument("--timeout", type=float, default=0, help="stop after this many seconds")
     watch.set_defaults(run=cmd_watch)
+
+    load = sub.add_parser("load", help="load a file into buffers (released when the command exits)")
+    load.add_argument("path", type=Path)
+    load.add_argument("--offset", type=_size, default=0)
+    load.add_argument("--length", type=_size, default=0, help="bytes to load (default: to the end)")
+    load.add_argument("--heap", default="")
+    load.add_argument("--usage", default="model-weights")
+    load.add_argument("--name", default="dmabufctl-load")
+    load.add_argument(
+        "--method",
+        default="auto",
+        choices=["auto", "direct-cfr", "direct-read", "sendfile", "splice", "buffered-read"],
+    )
+    load.add_argument("--verify", action="store_true", help="compare the loaded bytes with the file")
+    load.add_argument("--max-buffer", type=_size, default=0, help="split into buffers of at most this size")
+    load.add_argument("--by-path", action="store_true", help="send the path, not an fd (daemon policy decides)")
+    load.add_argument("--hold", type=float, default=0, help="keep the buffers this many seconds")
+    load.set_defaults(run=cmd_load)
 
     bench = sub.add_parser("bench", help="measure allocation latency and throughput")
     bench.add_argument("--size", type=_size, default=4 << 20)

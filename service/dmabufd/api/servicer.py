@@ -43,6 +43,13 @@ PROGRESS_INTERVAL_S = 0.25
 _EVENT_KINDS = {HeapEventKind.ADDED: pb.HeapEvent.KIND_ADDED, HeapEventKind.REMOVED: pb.HeapEvent.KIND_REMOVED}
 
 
+def _method(value: int) -> Method:
+    try:
+        return Method(value)
+    except ValueError:
+        raise InvalidRequest(f"unknown load method {value}") from None
+
+
 def buffer_info(record: BufferRecord) -> pb.BufferInfo:
     return pb.BufferInfo(
         id=record.id,
@@ -238,6 +245,21 @@ class BufferService(pb_grpc.BufferServiceServicer):
             raise InvalidRequest("no file: send its fd in a FILE frame with the call's ticket, or name a path")
         return from_client_fd(deposited)
 
+    def _prepare(self, context: grpc.ServicerContext, step: Callable[[], T], source: SourceFile | None = None) -> T:
+        """Run one step before a load starts; on error, close the source
+        (if it is open already) and fail the call with the error's status."""
+        try:
+            return step()
+        except DmabufdError as error:
+            if source is not None:
+                source.close()
+            self._abort(context, error)
+        except Exception:
+            if source is not None:
+                source.close()
+            log.exception("internal error preparing a load")
+            context.abort(grpc.StatusCode.INTERNAL, "internal error in dmabufd; see the daemon's log")
+
     def _stream(
         self,
         context: grpc.ServicerContext,
@@ -245,35 +267,44 @@ class BufferService(pb_grpc.BufferServiceServicer):
         work: Callable[[ProgressFn, CancelledFn], pb.LoadProgress],
     ) -> Iterator[pb.LoadProgress]:
         """Run `work` on its own thread; stream progress until it ends.
-        A client that cancels (or whose deadline passes) stops the load."""
+        A client that cancels (or whose deadline passes) stops the load.
+        The stream never ends before the work does: the caller closes the
+        file afterwards, and it must not close it under a running load."""
         done = [0]
         lock = threading.Lock()
         outcome: list[pb.LoadProgress | BaseException] = []
         finished = threading.Event()
+        abandoned = threading.Event()
 
         def progress(nbytes: int) -> None:
             with lock:
                 done[0] += nbytes
 
         def cancelled() -> bool:
-            return not context.is_active()
+            return abandoned.is_set() or not context.is_active()
 
         def run() -> None:
             try:
                 outcome.append(work(progress, cancelled))
             except BaseException as error:
                 outcome.append(error)
+                if isinstance(error, DmabufdError):
+                    log.info("load failed: %s (%s)", error, error.status.name)
             finally:
                 finished.set()
 
         threading.Thread(target=run, name="load", daemon=True).start()
         reported = -1
-        while not finished.wait(PROGRESS_INTERVAL_S):
-            with lock:
-                current = done[0]
-            if current != reported:
-                reported = current
-                yield pb.LoadProgress(bytes_done=current, bytes_total=total)
+        try:
+            while not finished.wait(PROGRESS_INTERVAL_S):
+                with lock:
+                    current = done[0]
+                if current != reported:
+                    reported = current
+                    yield pb.LoadProgress(bytes_done=current, bytes_total=total)
+        finally:
+            abandoned.set()  # the client went away mid-stream (GeneratorExit)
+            finished.wait()
         result = outcome[0]
         if isinstance(result, DmabufdError):
             self._abort(context, result)
@@ -284,14 +315,11 @@ class BufferService(pb_grpc.BufferServiceServicer):
 
     def LoadFile(self, request: pb.LoadFileRequest, context: grpc.ServicerContext) -> Iterator[pb.LoadProgress]:
         session, ticket = self._serve(context, lambda session, ticket: (session, ticket))
-        try:
-            source = self._open_source(session, ticket, request.source)
-            offset, length = source.check_range(request.source.offset, request.source.length)
-            method = Method(request.method)
-        except DmabufdError as error:
-            self._abort(context, error)
-        except ValueError:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown load method {request.method}")
+        source = self._prepare(context, lambda: self._open_source(session, ticket, request.source))
+        offset, length = self._prepare(
+            context, lambda: source.check_range(request.source.offset, request.source.length), source
+        )
+        method = self._prepare(context, lambda: _method(request.method), source)
         load = LoadRequest(
             offset=offset,
             length=length,
@@ -335,19 +363,18 @@ class BufferService(pb_grpc.BufferServiceServicer):
 
     def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> Iterator[pb.LoadProgress]:
         session, ticket = self._serve(context, lambda session, ticket: (session, ticket))
-        try:
-            source = self._open_source(session, ticket, request.source)
+        source = self._prepare(context, lambda: self._open_source(session, ticket, request.source))
+
+        def plan() -> ModelLoad:
             backend = self._broker.pick(session, request.heap, request.usage or "model-weights")
-            how = ModelLoad(
+            return ModelLoad(
                 backend=backend,
-                method=choose_method(backend, Method(request.method), source),
+                method=choose_method(backend, _method(request.method), source),
                 verify=request.verify,
                 largest=self._broker.largest_buffer(backend),
             )
-        except DmabufdError as error:
-            self._abort(context, error)
-        except ValueError:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown load method {request.method}")
+
+        how = self._prepare(context, plan, source)
 
         def work(progress: ProgressFn, cancelled: CancelledFn) -> pb.LoadProgress:
             started = time.monotonic()
@@ -359,14 +386,16 @@ class BufferService(pb_grpc.BufferServiceServicer):
             except BaseException:
                 self._models.release(session.id, model.id)
                 raise
-            return self._model_reply(model, shared, time.monotonic() - started)
+            return self._model_reply(model, shared=shared, verified=how.verify, wall_seconds=time.monotonic() - started)
 
         try:
             yield from self._stream(context, source.size, work)
         finally:
             source.close()
 
-    def _model_reply(self, model: ResidentModel, shared: bool, wall_seconds: float) -> pb.LoadProgress:
+    def _model_reply(
+        self, model: ResidentModel, *, shared: bool, verified: bool, wall_seconds: float
+    ) -> pb.LoadProgress:
         infos = [
             pb.BufferInfo(
                 id=buffer_id,
@@ -394,13 +423,15 @@ class BufferService(pb_grpc.BufferServiceServicer):
             )
         report = model.report
         loaded = sum(plan.piece.length for plan in model.plans)
+        # A shared model was not read by this call: it reports the time to
+        # attach, and no bytes, so no one divides one by the other.
         result = pb.LoadResult(
             buffers=infos,
             method=pb.LoadMethod.ValueType(report.method.value),
-            bytes=loaded,
+            bytes=0 if shared else loaded,
             wall_seconds=wall_seconds if shared else report.wall_seconds,
             cpu_seconds=0.0 if shared else report.cpu_seconds,
-            verified=report.verified,
+            verified=verified or report.verified,
             parallelism=report.parallelism,
         )
         info = pb.ModelInfo(

@@ -156,28 +156,56 @@ class ModelCache:
         session holds a reference until release(). Returns (model, shared)."""
         key = self._key(source, how.backend, uid)
         while True:
+            mine: threading.Event | None = None
             with self._lock:
                 model = self._models.get(key)
                 if model is not None:
                     model.holders[session_id] = model.holders.get(session_id, 0) + 1
                     model.last_used = time.monotonic()
-                    return model, True
+                    break
                 pending = self._loading.get(key)
                 if pending is None:
-                    pending = self._loading[key] = threading.Event()
-                    break
+                    pending = mine = self._loading[key] = threading.Event()
+            if mine is not None:  # this call loads it; the lock is not held meanwhile
+                model = self._load_and_publish(
+                    key, session_id, source, how, loading=mine, progress=progress, cancelled=cancelled
+                )
+                return model, False
             pending.wait()  # another session is loading it: share its result
+        if how.verify:
+            # The resident bytes, checked against this caller's file (the
+            # caller's method is moot: nothing is loaded).
+            try:
+                self._loader.verify(source, list(zip(model.allocations, model.plans, strict=True)))
+            except BaseException:
+                self.release(session_id, model.id)
+                raise
+        return model, True
+
+    def _load_and_publish(
+        self,
+        key: ModelKey,
+        session_id: int,
+        source: SourceFile,
+        how: ModelLoad,
+        *,
+        loading: threading.Event,
+        progress: ProgressFn,
+        cancelled: CancelledFn,
+    ) -> ResidentModel:
+        """Load the model, make it resident held by the session, and wake
+        whoever waited for it (also when the load failed: they retry)."""
         try:
             model = self._load(key, source, how, progress, cancelled)
             with self._lock:
                 self._models[key] = model
                 self._by_id[model.id] = model
                 model.holders[session_id] = 1
-            return model, False
+            return model
         finally:
             with self._lock:
                 del self._loading[key]
-            pending.set()
+            loading.set()
 
     def _load(
         self, key: ModelKey, source: SourceFile, how: ModelLoad, progress: ProgressFn, cancelled: CancelledFn

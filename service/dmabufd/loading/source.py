@@ -6,9 +6,9 @@ what the client itself could have read.
   through /proc/self/fd to get its own O_DIRECT descriptor (the client's
   open file description, and its flags and position, are never touched).
 - A path is accepted only under configured roots, after resolving symlinks,
-  and is opened by a short-lived helper process running with the client's
-  uid, gid and groups, so the kernel's own permission checks (modes, ACLs,
-  LSMs) decide. The helper passes the fd back over a socketpair.
+  and is opened with the client's file-system uid, gid and groups (see
+  credentials.py), so the kernel's own permission checks (modes, ACLs,
+  LSMs) decide, not a re-implementation of them.
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ import contextlib
 import errno
 import fcntl
 import os
-import socket
 import stat
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from dmabufd.errors import AccessDenied, DmabufdError, FileNotFound, InvalidRequest, OutOfRange
+from dmabufd.loading import credentials
 from dmabufd.sessions.session import Peer
 
 _KINDS = {
@@ -35,17 +33,6 @@ _KINDS = {
     stat.S_IFSOCK: "a socket",
     stat.S_IFLNK: "a symbolic link",
 }
-
-# Run as the client: open argv[1] read-only and send the fd on fd argv[2].
-_OPENER = (
-    "import os, socket, sys\n"
-    "s = socket.socket(fileno=int(sys.argv[2]))\n"
-    "try:\n"
-    "    fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)\n"
-    "except OSError as e:\n"
-    "    s.send(str(e.errno).encode()); sys.exit(0)\n"
-    "socket.send_fds(s, [b'0'], [fd])\n"
-)
 
 
 @dataclass(frozen=True)
@@ -138,38 +125,20 @@ def open_as_client(path: str, peer: Peer, roots: tuple[Path, ...]) -> SourceFile
 
 
 def _open_with_credentials(path: str, peer: Peer) -> int:
-    if os.geteuid() == peer.uid or os.geteuid() != 0:
-        if os.geteuid() != peer.uid:
-            raise AccessDenied("the daemon cannot open files as another user (it is not root); send an fd instead")
-        return _open_here(path)
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with parent, child:
-        helper = subprocess.run(
-            [sys.executable, "-I", "-S", "-c", _OPENER, path, str(child.fileno())],
-            user=peer.uid,
-            group=peer.gid,
-            extra_groups=sorted(peer.groups),
-            pass_fds=[child.fileno()],
-            close_fds=True,
-            capture_output=True,
-            timeout=30,
-            check=False,
-        )
-        if helper.returncode != 0:
-            raise AccessDenied(f"could not open {path} as uid {peer.uid}: {helper.stderr.decode()[-200:]}")
-        parent.settimeout(5)
-        message, fds, _, _ = socket.recv_fds(parent, 64, 1)
-    if not fds:
-        code = int(message or b"0")
-        raise _open_error(path, code, peer.uid)
-    return fds[0]
+    if os.geteuid() == peer.uid:
+        return _open_here(path, peer.uid)
+    if os.geteuid() != 0:
+        raise AccessDenied("the daemon cannot open files as another user (it is not root); send an fd instead")
+    return credentials.open_as(peer.uid, peer.gid, peer.groups, lambda: _open_here(path, peer.uid))
 
 
-def _open_here(path: str) -> int:
+def _open_here(path: str, uid: int) -> int:
+    # O_NONBLOCK: opening a FIFO must not wait for a writer (the fstat check
+    # then refuses it); it changes nothing for reading a regular file.
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as error:
-        raise _open_error(path, error.errno or 0, os.geteuid()) from None
+        raise _open_error(path, error.errno or 0, uid) from None
 
 
 def _open_error(path: str, code: int, uid: int) -> DmabufdError:

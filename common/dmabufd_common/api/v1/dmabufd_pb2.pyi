@@ -803,6 +803,9 @@ class LoadResult(_message.Message):
     PARALLELISM_FIELD_NUMBER: _builtins.int
     method: Global___LoadMethod.ValueType
     bytes: _builtins.int
+    """Bytes this call read from the file (0 when LoadModel found the model
+    resident: the buffers were shared, not loaded).
+    """
     wall_seconds: _builtins.float
     cpu_seconds: _builtins.float
     """Daemon CPU time (user + system) the load cost."""

@@ -1,0 +1,150 @@
+"""LoadModel: one resident copy shared by clients, read-only where the
+kernel can enforce it, evicted under the budget; hostile files refused."""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import dmabufd_client
+from dmabufd_common import uapi
+from tests.conftest import DaemonFactory, RunningDaemon
+
+
+def make_model(path: Path, seed: int, megabytes: int = 1) -> dict[str, Any]:
+    """A model of about `megabytes` MiB with tensors of several dtypes."""
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, Any] = {
+        "embed.weight": rng.standard_normal((megabytes * 4096, 128)).astype(np.float16),
+        "layer.0.bias": rng.standard_normal(3).astype(np.float32),
+        "layer.0.weight": rng.standard_normal((7, 5)).astype(np.float64),
+        "steps": np.arange(10, dtype=np.int64),
+        "mask": np.array([True, False, True]),
+    }
+    save_file(tensors, str(path), metadata={"seed": str(seed)})
+    return tensors
+
+
+def test_tensors_equal_the_reference_loader(client: dmabufd_client.Client, tmp_path: Path) -> None:
+    make_model(tmp_path / "m.safetensors", 1)
+    reference = load_file(str(tmp_path / "m.safetensors"))
+    with client.load_model(tmp_path / "m.safetensors", verify=True) as model:
+        assert set(model) == set(reference)
+        for name, expected in reference.items():
+            got = model[name]
+            assert got.dtype == expected.dtype
+            assert got.shape == expected.shape
+            assert got.tobytes() == expected.tobytes()
+            assert not got.flags.writeable
+        assert model.metadata == {"seed": "1"}
+        assert model.stats.verified
+        assert not model.shared
+        assert model.read_only_enforced, "memfd models are sealed"
+
+
+def test_second_client_shares_the_resident_model(daemon: RunningDaemon, tmp_path: Path) -> None:
+    make_model(tmp_path / "m.safetensors", 2)
+    with daemon.connect() as first, daemon.connect() as second:
+        one = first.load_model(tmp_path / "m.safetensors")
+        two = second.load_model(tmp_path / "m.safetensors", verify=True)
+        assert (one.shared, two.shared) == (False, True)
+        assert two.stats.bytes == 0, "nothing was read for the second client"
+        assert two.stats.verified
+        assert np.array_equal(one["embed.weight"], two["embed.weight"])
+        assert first.stats().models == 1
+        one.close()
+        two.close()
+        assert first.stats().models == 1, "it stays resident for the next client"
+
+
+def test_nobody_can_write_a_shared_memfd_model(client: dmabufd_client.Client, tmp_path: Path) -> None:
+    make_model(tmp_path / "m.safetensors", 3)
+    with client.load_model(tmp_path / "m.safetensors") as model:
+        (fd,) = model._fds.values()
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & (uapi.F_SEAL_WRITE | uapi.F_SEAL_FUTURE_WRITE)
+        with pytest.raises(PermissionError):
+            mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        writable = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)  # even a reopened read-write fd
+        try:
+            with pytest.raises(PermissionError):
+                os.pwrite(writable, b"x", 0)
+        finally:
+            os.close(writable)
+        with pytest.raises(ValueError, match="read-only"):
+            model["steps"][0] = 1
+
+
+def test_changed_file_is_a_different_model(client: dmabufd_client.Client, tmp_path: Path) -> None:
+    make_model(tmp_path / "m.safetensors", 4)
+    with client.load_model(tmp_path / "m.safetensors") as old:
+        old_steps = old["steps"].copy()
+    make_model(tmp_path / "m.safetensors", 5)  # replaced: new inode or mtime
+    os.utime(tmp_path / "m.safetensors", ns=(1, 1))
+    with client.load_model(tmp_path / "m.safetensors") as new:
+        assert not new.shared
+        assert new.metadata == {"seed": "5"}
+    assert old_steps.tolist() == list(range(10))
+
+
+def test_idle_models_are_evicted_under_the_budget(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    daemon = daemon_factory('[loading]\nmodel_budget_bytes = "3M"\n')
+    for seed in (10, 11):
+        make_model(tmp_path / f"m{seed}.safetensors", seed, megabytes=2)
+    make_model(tmp_path / "m12.safetensors", 12, megabytes=2)
+    make_model(tmp_path / "huge.safetensors", 13, megabytes=4)
+    with daemon.connect() as client:
+        with client.load_model(tmp_path / "m10.safetensors"):
+            pass
+        held = client.load_model(tmp_path / "m11.safetensors")
+        assert client.stats().models == 1, "the idle model made room"
+        with pytest.raises(dmabufd_client.ResourceExhausted, match="in use hold"):
+            client.load_model(tmp_path / "m12.safetensors")
+        held.close()
+        with pytest.raises(dmabufd_client.ResourceExhausted, match="whole model budget"):
+            client.load_model(tmp_path / "huge.safetensors")
+
+
+def test_tensors_never_straddle_buffers(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    daemon = daemon_factory('[heaps]\nmax_buffer_bytes = "1M"\n')
+    rng = np.random.default_rng(7)
+    tensors = {f"t{i}": rng.standard_normal(60_000).astype(np.float32) for i in range(6)}  # 240 KB each
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    with daemon.connect() as client, client.load_model(tmp_path / "m.safetensors") as model:
+        assert len(model._fds) >= 2
+        for name, expected in tensors.items():
+            assert np.array_equal(model[name], expected)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (b'{"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 99999]}}', "fall outside"),
+        (
+            b'{"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},'
+            b' "b": {"dtype": "U8", "shape": [8], "data_offsets": [4, 12]}}',
+            "overlap",
+        ),
+        (b'{"t": {"dtype": "F32", "shape": [1099511627776], "data_offsets": [0, 16]}}', "needs"),
+        (b"not json at all", "not valid JSON"),
+        (b"{}", "no tensors"),
+    ],
+)
+def test_hostile_models_are_refused(daemon: RunningDaemon, tmp_path: Path, header: bytes, message: str) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    with daemon.connect() as client:
+        client.heaps()
+        baseline = daemon.settled_fd_count()
+        with pytest.raises(dmabufd_client.InvalidArgument, match=message):
+            client.load_model(path)
+        assert client.stats().models == 0
+        assert daemon.wait_for_fd_count(baseline) == baseline

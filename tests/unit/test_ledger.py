@@ -32,7 +32,7 @@ def ledger(max_bytes: int = 1 << 20, max_buffers: int = 8) -> Ledger:
 
 
 def book(target: Ledger, owner: Session, count: int, size: int = 4096) -> list[int]:
-    with target.reserve(owner, count, size) as reservation:
+    with target.reserve(owner, [size] * count) as reservation:
         records = target.commit(reservation, "memfd", "", allocations(count, size))
     return [record.id for record in records]
 
@@ -48,7 +48,7 @@ def test_quota_counts_per_uid_across_sessions() -> None:
 
 def test_failed_call_returns_its_reservation() -> None:
     books = ledger(max_buffers=4)
-    with pytest.raises(RuntimeError), books.reserve(session(1), 4, 4096):
+    with pytest.raises(RuntimeError), books.reserve(session(1), [4096] * 4):
         raise RuntimeError("allocation failed")
     assert books.usage_of(1000).buffers == 0
     book(books, session(1), 4)
@@ -58,7 +58,7 @@ def test_commit_to_a_closed_session_frees_the_buffers() -> None:
     books = ledger()
     owner = session(1)
     fresh = allocations(2)
-    with books.reserve(owner, 2, 4096) as reservation:
+    with books.reserve(owner, [4096, 4096]) as reservation:
         owner.closed = True
         with pytest.raises(SessionInvalid):
             books.commit(reservation, "memfd", "", fresh)

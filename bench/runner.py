@@ -335,6 +335,7 @@ def run_dmabufd_once(client: dmabufd_client.Client, daemon: Daemon, setup: Setup
         sha256_ok=sha256_ok,
         extra={
             "method": outcome.method,
+            "stats": outcome.stats,
             "reported_bytes": outcome.bytes,
             "daemon_wall_ms": outcome.wall_seconds * 1000,
             "daemon_cpu_ms_reported": outcome.cpu_seconds * 1000,

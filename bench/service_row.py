@@ -50,6 +50,7 @@ class Outcome:
     cpu_seconds: float
     buffers: list[Buffer]
     placements: list[Placement]
+    stats: dict[str, Any]  # every plain field the result carries (e.g. parallelism), for the JSON
 
 
 def _stat(loaded: Any, name: str) -> Any:
@@ -83,6 +84,11 @@ def describe(loaded: Any, size: int) -> Outcome:
         cpu_seconds=float(_stat(loaded, "cpu_seconds")),
         buffers=buffers,
         placements=placements,
+        stats={
+            key: value
+            for key, value in getattr(getattr(loaded, "stats", loaded), "__dict__", {}).items()
+            if isinstance(value, str | int | float | bool)
+        },
     )
 
 

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 RUNTIME_DIR ?= $(or $(DMABUFD_RUNTIME_DIR),/run/dmabufd)
 
-.PHONY: run test lint typecheck check-protos unit vm protos bench vm-build clean
+.PHONY: run test lint typecheck check-protos unit vm protos bench bench-load vm-build clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ protos: $(STAMP)
 ## bench: allocation latency and throughput against a daemon started here.
 bench: $(STAMP)
 	$(BIN)/python tools/bench_service.py
+
+## bench-load: the seed file-loading benchmark (eight raw modes and dmabufd) on a 1 GiB file.
+bench-load: $(STAMP)
+	$(BIN)/python -m bench.load_modes --size 1G
 
 vm-build: $(STAMP)
 	$(BIN)/python tools/vm/dmabufd_vm.py build --all

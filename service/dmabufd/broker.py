@@ -79,6 +79,9 @@ class BufferBroker:
     def pick(self, session: Session, heap: str, usage: str) -> HeapBackend:
         return self._registry.resolve(heap, usage, self.caller(session))
 
+    def eligible(self, session: Session, heap: str, usage: str) -> list[HeapBackend]:
+        return self._registry.eligible(heap, usage, self.caller(session))
+
     def largest_buffer(self, backend: HeapBackend) -> int:
         """The largest buffer `backend` may make here (daemon and heap limits)."""
         heap_limit = backend.spec.max_buffer_bytes

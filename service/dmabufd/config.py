@@ -90,7 +90,9 @@ class LoadingConfig:
     roots: tuple[Path, ...] = ()
     # I/O requests kept in flight per load, and the size of each.
     parallelism: int = 4
-    chunk_bytes: int = 8 << 20
+    # Each in-flight request maps its chunk while it runs, so the daemon's
+    # resident memory peaks at parallelism x chunk_bytes during a load.
+    chunk_bytes: int = 4 << 20
     # Resident shared models (LoadModel) may use this much memory in all.
     model_budget_bytes: int = 2 << 30
 

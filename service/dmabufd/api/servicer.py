@@ -22,7 +22,15 @@ from dmabufd.config import AccessRule, LoadingConfig
 from dmabufd.errors import BufferNotFound, DmabufdError, InvalidRequest
 from dmabufd.heaps.backend import PAGE_SIZE, HeapSpec
 from dmabufd.heaps.registry import HeapEventKind, HeapRegistry
-from dmabufd.loading.loader import CancelledFn, FileLoader, LoadOutcome, LoadRequest, ProgressFn, choose_method
+from dmabufd.loading.loader import (
+    CancelledFn,
+    FileLoader,
+    LoadOutcome,
+    LoadRequest,
+    ProgressFn,
+    choose_heap,
+    choose_method,
+)
 from dmabufd.loading.method import Method
 from dmabufd.loading.models import ModelCache, ModelLoad, ResidentModel
 from dmabufd.loading.source import SourceFile, close_quietly, from_client_fd, open_as_client
@@ -366,10 +374,12 @@ class BufferService(pb_grpc.BufferServiceServicer):
         source = self._prepare(context, lambda: self._open_source(session, ticket, request.source))
 
         def plan() -> ModelLoad:
-            backend = self._broker.pick(session, request.heap, request.usage or "model-weights")
+            requested = _method(request.method)
+            candidates = self._broker.eligible(session, request.heap, request.usage or "model-weights")
+            backend = choose_heap(candidates, requested, source)
             return ModelLoad(
                 backend=backend,
-                method=choose_method(backend, _method(request.method), source),
+                method=choose_method(backend, requested, source),
                 verify=request.verify,
                 largest=self._broker.largest_buffer(backend),
             )

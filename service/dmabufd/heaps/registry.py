@@ -140,6 +140,12 @@ class HeapRegistry:
     def resolve(self, heap: str, usage: str, caller: Caller) -> HeapBackend:
         """The backend a request should allocate from. Raises HeapNotFound,
         AccessDenied or InvalidRequest with a message naming the way out."""
+        return self.eligible(heap, usage, caller)[0]
+
+    def eligible(self, heap: str, usage: str, caller: Caller) -> list[HeapBackend]:
+        """Every backend the request may use, in preference order (one for
+        a named heap; for a usage, each route entry that is present and
+        allowed). Never empty: raises as resolve() does."""
         with self._lock:
             present = dict(self._backends)
         if heap:
@@ -153,20 +159,23 @@ class HeapRegistry:
                 )
             if not self.allowed(found[0], caller):
                 raise AccessDenied(f"uid {caller.uid} may not allocate from heap {found[0]!r} (see heaps.access)")
-            return present[found[0]]
+            return [present[found[0]]]
         routes = self.usage_routes()
         usage = usage or DEFAULT_USAGE
         if usage not in routes:
             raise InvalidRequest(f"unknown usage {usage!r}; known usages: {', '.join(sorted(routes))}")
         denied: list[str] = []
+        usable: list[HeapBackend] = []
         for entry in routes[usage]:
-            for name in self._candidates(entry):
-                if name not in present:
-                    continue
-                if self.allowed(name, caller):
-                    return present[name]
+            name = next((name for name in self._candidates(entry) if name in present), None)
+            if name is None:
+                continue
+            if not self.allowed(name, caller):
                 denied.append(name)
-                break
+            elif present[name] not in usable:
+                usable.append(present[name])
+        if usable:
+            return usable
         if denied:
             raise AccessDenied(
                 f"usage {usage!r}: uid {caller.uid} may not use any present heap of its route ({', '.join(denied)})"

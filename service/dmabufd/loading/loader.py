@@ -105,6 +105,24 @@ def chunks(piece: Piece, chunk_bytes: int) -> list[Piece]:
     return out
 
 
+# Fastest first: how auto ranks the heaps of a usage route for a load.
+SPEED_RANK = (Method.DIRECT_CFR, Method.DIRECT_READ, Method.SPLICE, Method.SENDFILE, Method.BUFFERED_READ)
+
+
+def choose_heap(candidates: list[HeapBackend], requested: Method, source: SourceFile) -> HeapBackend:
+    """For a load by usage: the route's heap with the fastest method for
+    this file (route order breaks ties). On a stock kernel that prefers an
+    O_DIRECT read into a udmabuf's memfd over a buffered read into a heap
+    buffer; on the product kernel, direct copy_file_range into the first heap."""
+    if requested is not Method.AUTO or len(candidates) == 1:
+        return candidates[0]
+
+    def rank(backend: HeapBackend) -> int:
+        return SPEED_RANK.index(choose_method(backend, Method.AUTO, source))
+
+    return min(candidates, key=rank)
+
+
 def choose_method(backend: HeapBackend, requested: Method, source: SourceFile) -> Method:
     supported = backend.load_methods
     if requested is not Method.AUTO:
@@ -227,7 +245,7 @@ class FileLoader:
         cancelled: CancelledFn,
     ) -> LoadOutcome:
         offset, length = source.check_range(request.offset, request.length)
-        backend = self._broker.pick(session, request.heap, request.usage)
+        backend = choose_heap(self._broker.eligible(session, request.heap, request.usage), request.method, source)
         method = choose_method(backend, request.method, source)
         largest = self._broker.largest_buffer(backend)
         if request.max_buffer_bytes:

@@ -79,6 +79,20 @@ def test_auto_picks_the_fastest_method_the_kernel_has(
             assert loaded.method == ("buffered-read" if heap == "system" else "direct-read")
 
 
+def test_load_by_usage_takes_the_heap_with_the_fastest_method(
+    client: dmabufd_client.Client, scratch_dir: Path, patched: bool
+) -> None:
+    """model-weights routes system -> udmabuf -> memfd. With the series,
+    direct copy_file_range into the system heap; without it, an O_DIRECT
+    read into a udmabuf's memfd beats a buffered read into the heap."""
+    path = scratch_dir / "by-usage.bin"
+    expected = make_file(path, 4 << 20)
+    with client.load_file(path, usage="model-weights") as loaded:
+        assert digest_of(loaded) == expected
+        heap = loaded.buffers[0].info.heap
+        assert (heap, loaded.method) == (("system", "direct-cfr") if patched else ("udmabuf", "direct-read"))
+
+
 @pytest.mark.parametrize("heap", ["system", "udmabuf"])
 @pytest.mark.parametrize(
     ("size", "offset", "length"),

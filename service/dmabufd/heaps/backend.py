@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import IntEnum
@@ -91,3 +92,28 @@ class HeapBackend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook: memfd caches nothing
         """Release cached device fds; buffers already allocated live on."""
+
+
+class DeviceBackend(HeapBackend):
+    """A backend that allocates through a device node (a DMA heap,
+    /dev/udmabuf). The node is opened once, at first use, and the fd cached
+    for the life of the heap (one open per heap, not per allocation, as
+    libdmabufheap does); the allocation ioctls need no lock of ours."""
+
+    def __init__(self, spec: HeapSpec, open_flags: int) -> None:
+        super().__init__(spec)
+        self._open_flags = open_flags
+        self._device_fd: int | None = None
+        self._open_lock = threading.Lock()  # guards _device_fd
+
+    def device(self) -> int:
+        with self._open_lock:
+            if self._device_fd is None:
+                self._device_fd = os.open(self.spec.device_path, self._open_flags | os.O_CLOEXEC)
+            return self._device_fd
+
+    def close(self) -> None:
+        with self._open_lock:
+            if self._device_fd is not None:
+                os.close(self._device_fd)
+                self._device_fd = None

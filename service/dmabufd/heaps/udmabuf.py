@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import fcntl
 import os
-import threading
 from pathlib import Path
 
-from dmabufd.heaps.backend import Allocation, BackendKind, HeapBackend, HeapSpec
+from dmabufd.heaps.backend import Allocation, BackendKind, DeviceBackend, HeapSpec
 from dmabufd.heaps.memfd import sealed_memfd
 from dmabufd_common import uapi
 
@@ -34,24 +33,16 @@ def read_size_limit(sys_root: Path) -> int:
         return DEFAULT_SIZE_LIMIT_MB << 20
 
 
-class UdmabufBackend(HeapBackend):
+class UdmabufBackend(DeviceBackend):
     def __init__(self, spec: HeapSpec) -> None:
-        super().__init__(spec)
-        self._device_fd: int | None = None
-        self._open_lock = threading.Lock()  # guards _device_fd
-
-    def _device(self) -> int:
-        with self._open_lock:
-            if self._device_fd is None:
-                self._device_fd = os.open(self.spec.device_path, os.O_RDWR | os.O_CLOEXEC)
-            return self._device_fd
+        super().__init__(spec, os.O_RDWR)
 
     def allocate(self, size: int, kernel_name: str) -> Allocation:
         memfd = sealed_memfd(kernel_name, size, uapi.F_SEAL_SHRINK)
         try:
             create = bytearray(uapi.UDMABUF_CREATE_STRUCT.pack(memfd, uapi.UDMABUF_FLAGS_CLOEXEC, 0, size))
             # A mutable buffer makes fcntl return the ioctl's result: the new fd.
-            fd = fcntl.ioctl(self._device(), uapi.UDMABUF_CREATE, create, True)
+            fd = fcntl.ioctl(self.device(), uapi.UDMABUF_CREATE, create, True)
         except BaseException:
             os.close(memfd)
             raise
@@ -62,9 +53,3 @@ class UdmabufBackend(HeapBackend):
             os.close(fd)
             os.close(memfd)
             raise
-
-    def close(self) -> None:
-        with self._open_lock:
-            if self._device_fd is not None:
-                os.close(self._device_fd)
-                self._device_fd = None

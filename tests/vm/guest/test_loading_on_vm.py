@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +14,6 @@ from safetensors.numpy import save_file
 
 import dmabufd_client
 from dmabufd_client import Access, LoadedFile
-from tests.conftest import DaemonFactory, RunningDaemon
-
-
-@pytest.fixture
-def daemon(daemon_factory: DaemonFactory) -> RunningDaemon:
-    return daemon_factory()
-
-
-@pytest.fixture
-def client(daemon: RunningDaemon) -> Iterator[dmabufd_client.Client]:
-    with daemon.connect() as connected:
-        yield connected
 
 
 def make_file(path: Path, size: int) -> str:

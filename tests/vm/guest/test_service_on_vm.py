@@ -17,7 +17,7 @@ import pytest
 
 import dmabufd_client
 from dmabufd_client import Access, Backend
-from tests.conftest import DaemonFactory, RunningDaemon
+from tests.conftest import RunningDaemon
 
 PEER = Path(__file__).resolve().parents[2] / "integration" / "peer.py"
 SIZE_LIMIT = Path("/sys/module/udmabuf/parameters/size_limit_mb")
@@ -30,11 +30,6 @@ def fdinfo(pid: int, fd: int) -> dict[str, str]:
 
 def field(info: dict[str, str], key: str) -> str:
     return info.get(key, "").strip()
-
-
-@pytest.fixture
-def daemon(daemon_factory: DaemonFactory) -> RunningDaemon:
-    return daemon_factory()
 
 
 def test_real_heaps_are_discovered(daemon: RunningDaemon) -> None:

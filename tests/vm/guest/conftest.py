@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,4 @@ def scratch_dir() -> Iterator[Path]:
     d = base / f"guest-tests-{os.getpid()}"
     d.mkdir()
     yield d
-    for p in d.iterdir():
-        p.unlink()
-    d.rmdir()
+    shutil.rmtree(d, ignore_errors=True)

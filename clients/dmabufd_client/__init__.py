@@ -13,6 +13,7 @@ from dmabufd_client.errors import (
     Unavailable,
 )
 from dmabufd_client.loading import LoadedFile, Model, Segment
+from dmabufd_client.pools import Grant, GrantOffer, PlanePlacement, Pool, Redeemed
 
 __all__ = [
     "Access",
@@ -21,6 +22,8 @@ __all__ = [
     "BufferInfo",
     "Client",
     "DmabufdError",
+    "Grant",
+    "GrantOffer",
     "HeapEvent",
     "HeapInfo",
     "InvalidArgument",
@@ -29,7 +32,10 @@ __all__ = [
     "Model",
     "NotFound",
     "PermissionDenied",
+    "PlanePlacement",
+    "Pool",
     "ProtocolError",
+    "Redeemed",
     "ResourceExhausted",
     "Segment",
     "Unauthenticated",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -26,6 +26,7 @@ from dmabufd_client.buffer import Backend, Buffer, BufferInfo
 from dmabufd_client.errors import DmabufdError, InvalidArgument, ProtocolError, from_rpc_error
 from dmabufd_client.fdchannel import FdChannel
 from dmabufd_client.loading import LoadedFile, LoadStats, Model, ProgressCallback, Segment, TensorInfo
+from dmabufd_client.pools import Grant, GrantOffer, PlanePlacement, Pool, Redeemed
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 from dmabufd_common.api.v1 import dmabufd_pb2_grpc as pb_grpc
 from dmabufd_common.fdwire import CONTROL_SOCKET_NAME, FD_SOCKET_NAME, SESSION_METADATA_KEY, TICKET_METADATA_KEY
@@ -347,6 +348,101 @@ class Client:
     def _release_model(self, model_id: int) -> None:
         if not self._closed.is_set():
             self._call(self._stub.ReleaseModel, pb.ReleaseModelRequest(model_id=model_id))
+
+    # -- image pools and grants -------------------------------------------
+
+    def _pool(self, info: pb.PoolInfo, received: dict[int, Buffer], owned: bool) -> Pool:
+        frames = [[received[buffer_id] for buffer_id in frame.buffer_ids] for frame in info.frames]
+        planes = [PlanePlacement(p.buffer_index, p.offset, p.stride, p.size) for p in info.planes]
+        return Pool(
+            info.pool_id,
+            info.format.fourcc,
+            (info.format.width, info.format.height),
+            planes,
+            frames,
+            frame_bytes=info.frame_bytes,
+            recycled=info.recycled,
+            allocation_seconds=info.allocation_seconds,
+            release=self._release_pool if owned else None,
+        )
+
+    def allocate_pool(
+        self,
+        fourcc: str,
+        width: int,
+        height: int,
+        count: int,
+        *,
+        stride_align: int = 0,
+        buffer_per_plane: bool = False,
+        heap: str = "",
+        usage: str = "camera",
+        name: str = "",
+        recycle: bool = False,
+    ) -> Pool:
+        """`count` frames of an image format, with the planes laid out as
+        V4L2/DRM define them (see dmabufd_camera.formats)."""
+        request = pb.AllocatePoolRequest(
+            format=pb.ImageFormat(fourcc=fourcc, width=width, height=height, stride_align=stride_align),
+            count=count,
+            buffer_per_plane=buffer_per_plane,
+            heap=heap,
+            usage=usage,
+            name=name,
+            recycle=recycle,
+        )
+        info, ticket = self._call(self._stub.AllocatePool, request)
+        return self._pool(info, self._receive(ticket, info.buffers), owned=True)
+
+    def _receive(self, ticket: bytes, buffers: Sequence[pb.BufferInfo]) -> dict[int, Buffer]:
+        """The call's fds as Buffer objects (booked elsewhere: closing one
+        releases nothing by itself), by buffer id."""
+        fds = dict(self._fds.take(ticket, len(buffers)))
+        if set(fds) != {b.id for b in buffers}:
+            for fd in fds.values():
+                os.close(fd)
+            raise ProtocolError("the fds dmabufd delivered do not match the buffers it reported")
+        return {b.id: Buffer(fds[b.id], buffer_info(b), None) for b in buffers}
+
+    def _release_pool(self, pool_id: int) -> None:
+        if not self._closed.is_set():
+            self._call(self._stub.ReleasePool, pb.ReleasePoolRequest(pool_id=pool_id))
+
+    def grant(self, what: Pool | Sequence[Buffer], *, to_uid: int | None = None, read_only: bool = False) -> Grant:
+        """Share buffers (or a pool) with the client of uid `to_uid`, or,
+        without it, with whoever redeems the returned one-time token."""
+        request = pb.GrantRequest(read_only=read_only)
+        if isinstance(what, Pool):
+            request.pool_id = what.id
+        else:
+            request.buffer_ids.extend(buffer.id for buffer in what)
+        if to_uid is None:
+            request.token = True
+        else:
+            request.uid = to_uid
+        response, _ = self._call(self._stub.Grant, request)
+        return Grant(response.grant_id, response.token)
+
+    def redeem(self, token: str = "", *, grant_id: int = 0) -> Redeemed:
+        """Receive a grant's buffers as this process's own fds."""
+        request = pb.RedeemRequest(token=token) if token else pb.RedeemRequest(grant_id=grant_id)
+        response, ticket = self._call(self._stub.Redeem, request)
+        received = self._receive(ticket, response.buffers)
+        pool = self._pool(response.pool, received, owned=False) if response.HasField("pool") else None
+        buffers = [received[b.id] for b in response.buffers]
+        return Redeemed(response.grant_id, buffers, response.read_only, pool)
+
+    def revoke(self, grant_id: int) -> None:
+        self._call(self._stub.Revoke, pb.RevokeRequest(grant_id=grant_id))
+
+    def grants(self) -> tuple[list[GrantOffer], list[GrantOffer]]:
+        """(grants offered to this uid, grants this session made)."""
+        response, _ = self._call(self._stub.ListGrants, pb.ListGrantsRequest())
+
+        def offer(g: pb.GrantInfo) -> GrantOffer:
+            return GrantOffer(g.grant_id, g.from_uid, g.from_pid, g.buffer_count, g.bytes, g.read_only, g.pool_id)
+
+        return [offer(g) for g in response.offered], [offer(g) for g in response.made]
 
     # -- health and lifetime ----------------------------------------------
 

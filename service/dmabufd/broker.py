@@ -107,18 +107,31 @@ class BufferBroker:
 
     @contextlib.contextmanager
     def provision(
-        self, session: Session, backend: HeapBackend, sizes: list[int], usage: str, label: str
+        self,
+        session: Session,
+        backend: HeapBackend,
+        sizes: list[int],
+        *,
+        usage: str,
+        label: str,
+        reused: list[Allocation] | None = None,
     ) -> Iterator[Provision]:
-        """Reserve quota for and allocate one buffer per (page-rounded) size.
-        Unless deliver() took them, they are freed when the block ends."""
+        """Reserve quota for one buffer per (page-rounded) size, taking the
+        `reused` allocations (recycled, renamed here) for the first sizes
+        and allocating the rest. Unless deliver() took them, the new ones
+        are freed when the block ends; the reused ones stay the caller's."""
         name = kernel_name(session.peer.pid, label, usage or backend.spec.name)
+        reused = reused or []
         with self._ledger.reserve(session, sizes) as reservation:
-            provision = Provision(backend, usage, name, reservation, allocate_all(backend, sizes, name))
+            fresh = allocate_all(backend, sizes[len(reused) :], name)
+            for allocation in reused:
+                allocation.rename(name)
+            provision = Provision(backend, usage, name, reservation, reused + fresh)
             try:
                 yield provision
             finally:
                 if not reservation.records:
-                    for allocation in provision.allocations:
+                    for allocation in fresh:
                         allocation.close()
 
     def deliver(self, session: Session, ticket: bytes, provision: Provision) -> list[BufferRecord]:
@@ -141,7 +154,7 @@ class BufferBroker:
         rounded = self.check_size(backend, size)
         if not 1 <= count <= self._config.heaps.max_batch:
             raise InvalidRequest(f"count must be between 1 and {self._config.heaps.max_batch}, not {count}")
-        with self.provision(session, backend, [rounded] * count, usage, label) as provision:
+        with self.provision(session, backend, [rounded] * count, usage=usage, label=label) as provision:
             records = self.deliver(session, ticket, provision)
         log.debug("session %d: %d x %d bytes from %s", session.id, count, rounded, backend.spec.name)
         return records

@@ -95,6 +95,8 @@ class LoadingConfig:
     chunk_bytes: int = 4 << 20
     # Resident shared models (LoadModel) may use this much memory in all.
     model_budget_bytes: int = 2 << 30
+    # Released image pools kept warm for reuse may hold this much in all.
+    pool_recycle_budget_bytes: int = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,7 @@ def _loading(table: _Table) -> LoadingConfig:
         parallelism=int(table.number("parallelism", defaults.parallelism)),
         chunk_bytes=table.size("chunk_bytes", defaults.chunk_bytes),
         model_budget_bytes=table.size("model_budget_bytes", defaults.model_budget_bytes),
+        pool_recycle_budget_bytes=table.size("pool_recycle_budget_bytes", defaults.pool_recycle_budget_bytes),
     )
     table.check_unknown()
     if not 1 <= config.parallelism <= 64:

@@ -9,6 +9,8 @@ import resource
 import threading
 from pathlib import Path
 
+from dmabufd_camera.formats import layout
+
 from dmabufd.api.servicer import BufferService
 from dmabufd.broker import BufferBroker
 from dmabufd.config import Config
@@ -18,6 +20,8 @@ from dmabufd.heaps.registry import HeapRegistry
 from dmabufd.loading.loader import FileLoader
 from dmabufd.loading.models import ModelCache
 from dmabufd.loading.probe import supported_methods
+from dmabufd.pools.pool import PoolTable
+from dmabufd.sessions.grants import GrantTable
 from dmabufd.sessions.ledger import Ledger
 from dmabufd.sessions.session import Peer, Session, SessionTable
 from dmabufd.transport.fdserver import FdServer
@@ -46,6 +50,8 @@ class Daemon:
         self.broker = BufferBroker(config, self.registry, self.ledger)
         self.loader = FileLoader(config.loading, self.broker)
         self.models = ModelCache(self.loader, config.loading.model_budget_bytes, self.ledger.new_ids)
+        self.pools = PoolTable(self.broker, self.ledger, layout, config.loading.pool_recycle_budget_bytes)
+        self.grants = GrantTable()
         self.discovery = HeapDiscovery(config.discovery, self._on_heaps_found)
         self.fd_server = FdServer(self.runtime.fd_socket, self.sessions, self._admit)
         servicer = BufferService(
@@ -57,11 +63,15 @@ class Daemon:
             loader=self.loader,
             models=self.models,
             loading=config.loading,
+            pools=self.pools,
+            grants=self.grants,
         )
         self.control = ControlServer(self.runtime.control_socket, servicer)
         self._stopping = threading.Event()
 
     def _on_session_closed(self, session: Session) -> None:
+        self.grants.owner_closed(session)
+        self.pools.release_session(session)
         self.models.release_session(session.id)
         released = self.ledger.release_session(session)
         if released:
@@ -107,5 +117,6 @@ class Daemon:
         self.fd_server.stop()
         self.discovery.stop()
         self.models.close()
+        self.pools.close()
         self.runtime.release()
         log.info("dmabufd stopped")

@@ -9,6 +9,7 @@ fd (daemon's or client's) or mapping remains.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from dmabufd.loading.method import Method
+from dmabufd_common import uapi
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -61,6 +63,13 @@ class Allocation:
         # (st_dev, st_ino): how the same buffer is recognised in another
         # process's /proc/<pid>/fd.
         self.identity = (info.st_dev, info.st_ino)
+
+    def rename(self, kernel_name: str) -> None:
+        """Give a reused buffer its new owner's name (dma-bufs only; one
+        still attached to a device keeps its old name: EBUSY)."""
+        if self.kind is not BackendKind.MEMFD:
+            with contextlib.suppress(OSError):
+                uapi.dma_buf_set_name(self.fd, kernel_name)
 
     def close(self) -> None:
         for fd in (self.fd, self.backing_fd):

@@ -259,7 +259,7 @@ class FileLoader:
         began_cpu = time.thread_time()
         started = time.monotonic()
         sizes = [plan.size for plan in plans]
-        with self._broker.provision(session, backend, sizes, request.usage, request.label) as provision:
+        with self._broker.provision(session, backend, sizes, usage=request.usage, label=request.label) as provision:
             allocation_seconds = time.monotonic() - started
             report = self.transfer(
                 source,

@@ -171,8 +171,9 @@ class Ledger:
         self._releases += len(records)
         return released
 
-    def release(self, session: Session, buffer_ids: list[int]) -> int:
-        """Release the session's buffers; all or nothing."""
+    def release(self, session: Session, buffer_ids: list[int], close: bool = True) -> int:
+        """Release the session's buffers; all or nothing. With close=False
+        the caller takes over their allocations (a pool being recycled)."""
         with self._lock:
             books = self._by_session.get(session.id, {})
             missing = [buffer_id for buffer_id in buffer_ids if buffer_id not in books]
@@ -180,8 +181,9 @@ class Ledger:
                 raise BufferNotFound(f"this session holds no buffer with id(s) {', '.join(map(str, missing))}")
             records = [books[buffer_id] for buffer_id in dict.fromkeys(buffer_ids)]
             released = self._forget(records)
-        for record in records:
-            record.allocation.close()
+        if close:
+            for record in records:
+                record.allocation.close()
         return released
 
     def release_session(self, session: Session) -> int:

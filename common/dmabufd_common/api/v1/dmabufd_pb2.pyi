@@ -1033,3 +1033,435 @@ class ReleaseModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseModelResponse: _TypeAlias = ReleaseModelResponse  # noqa: Y015
+
+@_typing.final
+class ImageFormat(_message.Message):
+    """An image format: a V4L2/DRM fourcc ("YUYV", "NV12", "NM12", "YU12",
+    "RGB3", "XR24", "GREY", "RGGB", ...) and dimensions.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOURCC_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    STRIDE_ALIGN_FIELD_NUMBER: _builtins.int
+    fourcc: _builtins.str
+    width: _builtins.int
+    height: _builtins.int
+    stride_align: _builtins.int
+    """Each line's stride is rounded up to a multiple of this (0 or 1: none)."""
+    def __init__(
+        self,
+        *,
+        fourcc: _builtins.str = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        stride_align: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fourcc", b"fourcc", "height", b"height", "stride_align", b"stride_align", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageFormat: _TypeAlias = ImageFormat  # noqa: Y015
+
+@_typing.final
+class PlaneLayout(_message.Message):
+    """Where one plane of a frame lives."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUFFER_INDEX_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    STRIDE_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    buffer_index: _builtins.int
+    """Index into the frame's buffer_ids: 0 unless buffer_per_plane."""
+    offset: _builtins.int
+    stride: _builtins.int
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        buffer_index: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        stride: _builtins.int = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_index", b"buffer_index", "offset", b"offset", "size", b"size", "stride", b"stride"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlaneLayout: _TypeAlias = PlaneLayout  # noqa: Y015
+
+@_typing.final
+class AllocatePoolRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    BUFFER_PER_PLANE_FIELD_NUMBER: _builtins.int
+    HEAP_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    RECYCLE_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Frames in the pool."""
+    buffer_per_plane: _builtins.bool
+    """One dma-buf per plane (the V4L2 multi-planar API with separate
+    buffers) instead of one per frame with the planes at offsets.
+    """
+    heap: _builtins.str
+    usage: _builtins.str
+    """Default "camera"."""
+    name: _builtins.str
+    recycle: _builtins.bool
+    """Keep the pool's buffers warm when it is released, for the next pool of
+    the same format, heap and uid (within the daemon's recycling budget).
+    """
+    @_builtins.property
+    def format(self) -> Global___ImageFormat: ...
+    def __init__(
+        self,
+        *,
+        format: Global___ImageFormat | None = ...,
+        count: _builtins.int = ...,
+        buffer_per_plane: _builtins.bool = ...,
+        heap: _builtins.str = ...,
+        usage: _builtins.str = ...,
+        name: _builtins.str = ...,
+        recycle: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["format", b"format"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_per_plane", b"buffer_per_plane", "count", b"count", "format", b"format", "heap", b"heap", "name", b"name", "recycle", b"recycle", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocatePoolRequest: _TypeAlias = AllocatePoolRequest  # noqa: Y015
+
+@_typing.final
+class PoolFrame(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUFFER_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def buffer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        buffer_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_ids", b"buffer_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoolFrame: _TypeAlias = PoolFrame  # noqa: Y015
+
+@_typing.final
+class PoolInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    PLANES_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
+    BUFFERS_FIELD_NUMBER: _builtins.int
+    FRAME_BYTES_FIELD_NUMBER: _builtins.int
+    RECYCLED_FIELD_NUMBER: _builtins.int
+    ALLOCATION_SECONDS_FIELD_NUMBER: _builtins.int
+    pool_id: _builtins.int
+    frame_bytes: _builtins.int
+    """Bytes of one frame (all planes)."""
+    recycled: _builtins.bool
+    """The buffers came from a recycled pool."""
+    allocation_seconds: _builtins.float
+    @_builtins.property
+    def format(self) -> Global___ImageFormat: ...
+    @_builtins.property
+    def planes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlaneLayout]: ...
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___PoolFrame]: ...
+    @_builtins.property
+    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]: ...
+    def __init__(
+        self,
+        *,
+        pool_id: _builtins.int = ...,
+        format: Global___ImageFormat | None = ...,
+        planes: _abc.Iterable[Global___PlaneLayout] | None = ...,
+        frames: _abc.Iterable[Global___PoolFrame] | None = ...,
+        buffers: _abc.Iterable[Global___BufferInfo] | None = ...,
+        frame_bytes: _builtins.int = ...,
+        recycled: _builtins.bool = ...,
+        allocation_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["format", b"format"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_seconds", b"allocation_seconds", "buffers", b"buffers", "format", b"format", "frame_bytes", b"frame_bytes", "frames", b"frames", "planes", b"planes", "pool_id", b"pool_id", "recycled", b"recycled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoolInfo: _TypeAlias = PoolInfo  # noqa: Y015
+
+@_typing.final
+class ReleasePoolRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    pool_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        pool_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool_id", b"pool_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleasePoolRequest: _TypeAlias = ReleasePoolRequest  # noqa: Y015
+
+@_typing.final
+class GrantRequest(_message.Message):
+    """Share buffers with another client: one chosen by uid, or whoever redeems
+    a one-time token. The receiver gets its own fds on its own fd socket.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUFFER_IDS_FIELD_NUMBER: _builtins.int
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    pool_id: _builtins.int
+    """Or a whole pool."""
+    uid: _builtins.int
+    token: _builtins.bool
+    """Make a one-time token instead."""
+    read_only: _builtins.bool
+    """Only where the kernel enforces it (memfd: sealed against writes for
+    everyone from then on); refused for dma-buf heaps.
+    """
+    @_builtins.property
+    def buffer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        buffer_ids: _abc.Iterable[_builtins.int] | None = ...,
+        pool_id: _builtins.int = ...,
+        uid: _builtins.int = ...,
+        token: _builtins.bool = ...,
+        read_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["to", b"to", "token", b"token", "uid", b"uid"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_ids", b"buffer_ids", "pool_id", b"pool_id", "read_only", b"read_only", "to", b"to", "token", b"token", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_to: _TypeAlias = _typing.Literal["uid", "token"]  # noqa: Y015
+    _WhichOneofArgType_to: _TypeAlias = _typing.Literal["to", b"to"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_to) -> _WhichOneofReturnType_to | None: ...
+
+Global___GrantRequest: _TypeAlias = GrantRequest  # noqa: Y015
+
+@_typing.final
+class GrantResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.int
+    token: _builtins.str
+    """Hex; only for token grants. Pass it to the receiver by any means."""
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.int = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant_id", b"grant_id", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantResponse: _TypeAlias = GrantResponse  # noqa: Y015
+
+@_typing.final
+class RedeemRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    grant_id: _builtins.int
+    """A grant made to the caller's uid (see ListGrants)."""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        grant_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "grant_id", b"grant_id", "token", b"token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "grant_id", b"grant_id", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_grant: _TypeAlias = _typing.Literal["token", "grant_id"]  # noqa: Y015
+    _WhichOneofArgType_grant: _TypeAlias = _typing.Literal["grant", b"grant"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_grant) -> _WhichOneofReturnType_grant | None: ...
+
+Global___RedeemRequest: _TypeAlias = RedeemRequest  # noqa: Y015
+
+@_typing.final
+class RedeemResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUFFERS_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    read_only: _builtins.bool
+    grant_id: _builtins.int
+    @_builtins.property
+    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]: ...
+    @_builtins.property
+    def pool(self) -> Global___PoolInfo:
+        """Set when the grant was a pool."""
+
+    def __init__(
+        self,
+        *,
+        buffers: _abc.Iterable[Global___BufferInfo] | None = ...,
+        pool: Global___PoolInfo | None = ...,
+        read_only: _builtins.bool = ...,
+        grant_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "grant_id", b"grant_id", "pool", b"pool", "read_only", b"read_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeemResponse: _TypeAlias = RedeemResponse  # noqa: Y015
+
+@_typing.final
+class RevokeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant_id", b"grant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeRequest: _TypeAlias = RevokeRequest  # noqa: Y015
+
+@_typing.final
+class RevokeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeResponse: _TypeAlias = RevokeResponse  # noqa: Y015
+
+@_typing.final
+class ListGrantsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGrantsRequest: _TypeAlias = ListGrantsRequest  # noqa: Y015
+
+@_typing.final
+class GrantInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    FROM_UID_FIELD_NUMBER: _builtins.int
+    FROM_PID_FIELD_NUMBER: _builtins.int
+    BUFFER_COUNT_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    POOL_ID_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.int
+    from_uid: _builtins.int
+    from_pid: _builtins.int
+    buffer_count: _builtins.int
+    bytes: _builtins.int
+    read_only: _builtins.bool
+    pool_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.int = ...,
+        from_uid: _builtins.int = ...,
+        from_pid: _builtins.int = ...,
+        buffer_count: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        read_only: _builtins.bool = ...,
+        pool_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_count", b"buffer_count", "bytes", b"bytes", "from_pid", b"from_pid", "from_uid", b"from_uid", "grant_id", b"grant_id", "pool_id", b"pool_id", "read_only", b"read_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantInfo: _TypeAlias = GrantInfo  # noqa: Y015
+
+@_typing.final
+class ListGrantsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFERED_FIELD_NUMBER: _builtins.int
+    MADE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def offered(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantInfo]:
+        """Grants made to the caller's uid and not redeemed yet."""
+
+    @_builtins.property
+    def made(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantInfo]:
+        """Grants the caller made and has not revoked."""
+
+    def __init__(
+        self,
+        *,
+        offered: _abc.Iterable[Global___GrantInfo] | None = ...,
+        made: _abc.Iterable[Global___GrantInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["made", b"made", "offered", b"offered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGrantsResponse: _TypeAlias = ListGrantsResponse  # noqa: Y015

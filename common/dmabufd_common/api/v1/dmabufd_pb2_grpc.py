@@ -84,6 +84,36 @@ class BufferServiceStub:
                 request_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseModelRequest.SerializeToString,
                 response_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseModelResponse.FromString,
                 _registered_method=True)
+        self.AllocatePool = channel.unary_unary(
+                '/dmabufd.v1.BufferService/AllocatePool',
+                request_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.AllocatePoolRequest.SerializeToString,
+                response_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.PoolInfo.FromString,
+                _registered_method=True)
+        self.ReleasePool = channel.unary_unary(
+                '/dmabufd.v1.BufferService/ReleasePool',
+                request_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleasePoolRequest.SerializeToString,
+                response_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
+        self.Grant = channel.unary_unary(
+                '/dmabufd.v1.BufferService/Grant',
+                request_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.GrantRequest.SerializeToString,
+                response_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.GrantResponse.FromString,
+                _registered_method=True)
+        self.Redeem = channel.unary_unary(
+                '/dmabufd.v1.BufferService/Redeem',
+                request_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.RedeemRequest.SerializeToString,
+                response_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.RedeemResponse.FromString,
+                _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/dmabufd.v1.BufferService/Revoke',
+                request_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.RevokeResponse.FromString,
+                _registered_method=True)
+        self.ListGrants = channel.unary_unary(
+                '/dmabufd.v1.BufferService/ListGrants',
+                request_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ListGrantsRequest.SerializeToString,
+                response_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ListGrantsResponse.FromString,
+                _registered_method=True)
 
 
 class BufferServiceServicer:
@@ -154,6 +184,44 @@ class BufferServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AllocatePool(self, request, context):
+        """Image pools: N frames of a format, allocated, booked and released together.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleasePool(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Grant(self, request, context):
+        """Sharing buffers between clients.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Redeem(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Revoke(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGrants(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BufferServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +274,36 @@ def add_BufferServiceServicer_to_server(servicer, server):
                     servicer.ReleaseModel,
                     request_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseModelRequest.FromString,
                     response_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseModelResponse.SerializeToString,
+            ),
+            'AllocatePool': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllocatePool,
+                    request_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.AllocatePoolRequest.FromString,
+                    response_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.PoolInfo.SerializeToString,
+            ),
+            'ReleasePool': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleasePool,
+                    request_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleasePoolRequest.FromString,
+                    response_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Grant': grpc.unary_unary_rpc_method_handler(
+                    servicer.Grant,
+                    request_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.GrantRequest.FromString,
+                    response_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.GrantResponse.SerializeToString,
+            ),
+            'Redeem': grpc.unary_unary_rpc_method_handler(
+                    servicer.Redeem,
+                    request_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.RedeemRequest.FromString,
+                    response_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.RedeemResponse.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.RevokeRequest.FromString,
+                    response_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.RevokeResponse.SerializeToString,
+            ),
+            'ListGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGrants,
+                    request_deserializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ListGrantsRequest.FromString,
+                    response_serializer=dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ListGrantsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +576,168 @@ class BufferService:
             '/dmabufd.v1.BufferService/ReleaseModel',
             dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseModelRequest.SerializeToString,
             dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllocatePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmabufd.v1.BufferService/AllocatePool',
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.AllocatePoolRequest.SerializeToString,
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.PoolInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleasePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmabufd.v1.BufferService/ReleasePool',
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleasePoolRequest.SerializeToString,
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Grant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmabufd.v1.BufferService/Grant',
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.GrantRequest.SerializeToString,
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.GrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Redeem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmabufd.v1.BufferService/Redeem',
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.RedeemRequest.SerializeToString,
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.RedeemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmabufd.v1.BufferService/Revoke',
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.RevokeRequest.SerializeToString,
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.RevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmabufd.v1.BufferService/ListGrants',
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ListGrantsRequest.SerializeToString,
+            dmabufd__common_dot_api_dot_v1_dot_dmabufd__pb2.ListGrantsResponse.FromString,
             options,
             channel_credentials,
             insecure,

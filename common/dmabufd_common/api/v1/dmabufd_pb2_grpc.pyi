@@ -62,6 +62,14 @@ class BufferServiceStub:
     file (device, inode, size, mtime) get the resident buffers.
     """
     ReleaseModel: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.ReleaseModelRequest, _dmabufd_pb2.ReleaseModelResponse]
+    AllocatePool: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.AllocatePoolRequest, _dmabufd_pb2.PoolInfo]
+    """Image pools: N frames of a format, allocated, booked and released together."""
+    ReleasePool: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.ReleasePoolRequest, _dmabufd_pb2.ReleaseResponse]
+    Grant: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.GrantRequest, _dmabufd_pb2.GrantResponse]
+    """Sharing buffers between clients."""
+    Redeem: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.RedeemRequest, _dmabufd_pb2.RedeemResponse]
+    Revoke: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.RevokeRequest, _dmabufd_pb2.RevokeResponse]
+    ListGrants: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.ListGrantsRequest, _dmabufd_pb2.ListGrantsResponse]
 
 @_typing.type_check_only
 class BufferServiceAsyncStub(BufferServiceStub):
@@ -83,6 +91,14 @@ class BufferServiceAsyncStub(BufferServiceStub):
     file (device, inode, size, mtime) get the resident buffers.
     """
     ReleaseModel: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.ReleaseModelRequest, _dmabufd_pb2.ReleaseModelResponse]  # type: ignore[assignment]
+    AllocatePool: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.AllocatePoolRequest, _dmabufd_pb2.PoolInfo]  # type: ignore[assignment]
+    """Image pools: N frames of a format, allocated, booked and released together."""
+    ReleasePool: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.ReleasePoolRequest, _dmabufd_pb2.ReleaseResponse]  # type: ignore[assignment]
+    Grant: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.GrantRequest, _dmabufd_pb2.GrantResponse]  # type: ignore[assignment]
+    """Sharing buffers between clients."""
+    Redeem: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.RedeemRequest, _dmabufd_pb2.RedeemResponse]  # type: ignore[assignment]
+    Revoke: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.RevokeRequest, _dmabufd_pb2.RevokeResponse]  # type: ignore[assignment]
+    ListGrants: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.ListGrantsRequest, _dmabufd_pb2.ListGrantsResponse]  # type: ignore[assignment]
 
 class BufferServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -161,5 +177,49 @@ class BufferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _dmabufd_pb2.ReleaseModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dmabufd_pb2.ReleaseModelResponse, _abc.Awaitable[_dmabufd_pb2.ReleaseModelResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AllocatePool(
+        self,
+        request: _dmabufd_pb2.AllocatePoolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dmabufd_pb2.PoolInfo, _abc.Awaitable[_dmabufd_pb2.PoolInfo]]:
+        """Image pools: N frames of a format, allocated, booked and released together."""
+
+    @_abc_1.abstractmethod
+    def ReleasePool(
+        self,
+        request: _dmabufd_pb2.ReleasePoolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dmabufd_pb2.ReleaseResponse, _abc.Awaitable[_dmabufd_pb2.ReleaseResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Grant(
+        self,
+        request: _dmabufd_pb2.GrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dmabufd_pb2.GrantResponse, _abc.Awaitable[_dmabufd_pb2.GrantResponse]]:
+        """Sharing buffers between clients."""
+
+    @_abc_1.abstractmethod
+    def Redeem(
+        self,
+        request: _dmabufd_pb2.RedeemRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dmabufd_pb2.RedeemResponse, _abc.Awaitable[_dmabufd_pb2.RedeemResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Revoke(
+        self,
+        request: _dmabufd_pb2.RevokeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dmabufd_pb2.RevokeResponse, _abc.Awaitable[_dmabufd_pb2.RevokeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListGrants(
+        self,
+        request: _dmabufd_pb2.ListGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dmabufd_pb2.ListGrantsResponse, _abc.Awaitable[_dmabufd_pb2.ListGrantsResponse]]: ...
 
 def add_BufferServiceServicer_to_server(servicer: BufferServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,281 @@
+"""Image pools for camera pipelines.
+
+A pool is N frames of one format. A frame is one buffer holding every
+plane at its offset, or (buffer_per_plane) one buffer per plane, as the
+V4L2 multi-planar API may want. The layout maths (strides, plane sizes)
+is the one V4L2 and DRM define; it lives in dmabufd_camera.formats and is
+shared with the camera client.
+
+A pool's buffers are ordinary booked buffers of the session (quota,
+stats); the pool only groups them. Releasing the pool releases them all.
+
+Recycling: a pool allocated with `recycle` goes, on release, into a warm
+cache keyed by (uid, heap, format, frame layout) instead of being freed,
+so a pipeline that restarts gets its buffers back without allocating. The
+cache gives buffers back only to the same uid (old frames are not
+scrubbed), only once no process known to hold them (the owner, grant
+redeemers) still has any of them open, and only within
+pools.recycle_budget_bytes; anything else is freed.
+
+Locking: _lock guards the tables; allocation and I/O run outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dmabufd.broker import BufferBroker, Provision
+from dmabufd.errors import BufferNotFound, InvalidRequest
+from dmabufd.heaps.backend import Allocation, round_to_page
+from dmabufd.sessions import procfs
+from dmabufd.sessions.ledger import BufferRecord, Ledger
+from dmabufd.sessions.session import Session
+
+log = logging.getLogger(__name__)
+
+MAX_POOL_FRAMES = 64
+
+
+class PlaneSpec(Protocol):
+    @property
+    def offset(self) -> int: ...
+    @property
+    def stride(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+
+
+class LayoutSpec(Protocol):
+    @property
+    def size(self) -> int: ...
+    @property
+    def planes(self) -> Sequence[PlaneSpec]: ...
+
+
+LayoutFn = Callable[[str, int, int, int], LayoutSpec]
+
+
+@dataclass(frozen=True)
+class FormatKey:
+    fourcc: str
+    width: int
+    height: int
+    stride_align: int
+
+
+@dataclass(frozen=True)
+class PlanePlacement:
+    buffer_index: int
+    offset: int
+    stride: int
+    size: int
+
+
+@dataclass
+class Pool:
+    id: int
+    session_id: int
+    uid: int
+    heap: str
+    format: FormatKey
+    placements: list[PlanePlacement]
+    frame_bytes: int
+    frames: list[list[BufferRecord]]
+    recycle: bool
+    recycled: bool
+    allocation_seconds: float
+    # pids that redeemed grants of this pool's buffers (checked before recycling)
+    holders: set[int] = field(default_factory=set)
+
+    @property
+    def records(self) -> list[BufferRecord]:
+        return [record for frame in self.frames for record in frame]
+
+
+WarmKey = tuple[int, str, FormatKey, tuple[int, ...]]
+
+
+def plan_frame(layout: LayoutSpec, buffer_per_plane: bool) -> tuple[list[PlanePlacement], list[int]]:
+    """The planes' placement and the frame's buffer sizes (page-rounded)."""
+    if not buffer_per_plane:
+        placements = [PlanePlacement(0, plane.offset, plane.stride, plane.size) for plane in layout.planes]
+        return placements, [round_to_page(layout.size)]
+    placements = [PlanePlacement(index, 0, plane.stride, plane.size) for index, plane in enumerate(layout.planes)]
+    return placements, [round_to_page(plane.size) for plane in layout.planes]
+
+
+class PoolTable:
+    def __init__(self, broker: BufferBroker, ledger: Ledger, layout: LayoutFn, recycle_budget_bytes: int) -> None:
+        self._broker = broker
+        self._ledger = ledger
+        self._layout = layout
+        self._budget = recycle_budget_bytes
+        self._lock = threading.Lock()
+        self._pools: dict[int, Pool] = {}
+        self._warm: dict[WarmKey, list[list[Allocation]]] = {}
+        self._next_id = 1
+
+    def _warm_bytes(self) -> int:
+        return sum(a.size for frames in self._warm.values() for frame in frames for a in frame)
+
+    def allocate(
+        self,
+        session: Session,
+        ticket: bytes,
+        *,
+        image: FormatKey,
+        count: int,
+        buffer_per_plane: bool,
+        heap: str,
+        usage: str,
+        label: str,
+        recycle: bool,
+    ) -> Pool:
+        if not 1 <= count <= MAX_POOL_FRAMES:
+            raise InvalidRequest(f"a pool has between 1 and {MAX_POOL_FRAMES} frames, not {count}")
+        try:
+            layout = self._layout(image.fourcc, image.width, image.height, image.stride_align)
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from None
+        usage = usage or "camera"
+        backend = self._broker.pick(session, heap, usage)
+        placements, sizes = plan_frame(layout, buffer_per_plane)
+        for size in sizes:
+            self._broker.check_size(backend, size)
+        key: WarmKey = (session.peer.uid, backend.spec.name, image, tuple(sizes))
+        started = time.monotonic()
+        with self._lock:
+            warm = self._warm.get(key, [])
+            reused, self._warm[key] = warm[:count], warm[count:]
+            if not self._warm[key]:
+                del self._warm[key]
+        entered: list[Provision] = []
+        try:
+            with self._broker.provision(
+                session,
+                backend,
+                sizes * count,
+                usage=usage,
+                label=label,
+                reused=[a for frame in reused for a in frame],
+            ) as provision:
+                entered.append(provision)
+                records = self._broker.deliver(session, ticket, provision)
+        except BaseException:
+            # Booked then undelivered buffers were closed with their release;
+            # buffers never booked are still good: back to the warm cache.
+            if not (entered and entered[0].reservation.records):
+                self._return_warm(key, reused)
+            raise
+        seconds = time.monotonic() - started
+        per_frame = len(sizes)
+        frames = [records[i : i + per_frame] for i in range(0, len(records), per_frame)]
+        with self._lock:
+            pool = Pool(
+                id=self._next_id,
+                session_id=session.id,
+                uid=session.peer.uid,
+                heap=backend.spec.name,
+                format=image,
+                placements=placements,
+                frame_bytes=layout.size,
+                frames=frames,
+                recycle=recycle,
+                recycled=bool(reused) and len(reused) == count,
+                allocation_seconds=seconds,
+            )
+            self._next_id += 1
+            self._pools[pool.id] = pool
+        log.info(
+            "session %d: pool %d, %d x %s %dx%d on %s in %.2f ms%s",
+            session.id,
+            pool.id,
+            count,
+            image.fourcc,
+            image.width,
+            image.height,
+            backend.spec.name,
+            seconds * 1e3,
+            f" ({len(reused)} frames recycled)" if reused else "",
+        )
+        return pool
+
+    def _return_warm(self, key: WarmKey, frames: list[list[Allocation]]) -> None:
+        if frames:
+            with self._lock:
+                self._warm.setdefault(key, []).extend(frames)
+
+    def find(self, session: Session, pool_id: int) -> Pool:
+        with self._lock:
+            pool = self._pools.get(pool_id)
+        if pool is None or pool.session_id != session.id:
+            raise BufferNotFound(f"this session holds no pool with id {pool_id}")
+        return pool
+
+    def note_holder(self, pool_id: int, pid: int) -> Pool | None:
+        """Remember that `pid` received the pool's fds (a grant): it must
+        have closed them before the pool may be recycled."""
+        with self._lock:
+            pool = self._pools.get(pool_id)
+            if pool is not None:
+                pool.holders.add(pid)
+            return pool
+
+    def release(self, session: Session, pool_id: int, owner_pid: int | None) -> int:
+        """Release a pool's buffers from the books, recycling them if asked
+        and safe. `owner_pid` is None when the owner is known to be gone."""
+        pool = self.find(session, pool_id)
+        with self._lock:
+            del self._pools[pool.id]
+        records = pool.records
+        released = self._ledger.release(session, [r.id for r in records], close=False)
+        self._retire(pool, owner_pid)
+        return released
+
+    def release_session(self, session: Session) -> None:
+        """Called as the session ends, before the ledger releases the rest."""
+        with self._lock:
+            pools = [p for p in self._pools.values() if p.session_id == session.id]
+            for pool in pools:
+                del self._pools[pool.id]
+        for pool in pools:
+            with contextlib.suppress(BufferNotFound):
+                self._ledger.release(session, [r.id for r in pool.records], close=False)
+            self._retire(pool, None)
+
+    def _retire(self, pool: Pool, owner_pid: int | None) -> None:
+        """Recycle or close a released pool's allocations."""
+        frames = [[record.allocation for record in frame] for frame in pool.frames]
+        identities = [a.identity for frame in frames for a in frame]
+        pids = set(pool.holders) | ({owner_pid} if owner_pid is not None else set())
+        in_use = any(procfs.open_files(pid, identities).files for pid in pids)
+        size = sum(a.size for frame in frames for a in frame)
+        key: WarmKey = (pool.uid, pool.heap, pool.format, tuple(a.size for a in frames[0]))
+        with self._lock:
+            keep = pool.recycle and not in_use and self._warm_bytes() + size <= self._budget
+            if keep:
+                self._warm.setdefault(key, []).extend(frames)
+        if not keep:
+            for frame in frames:
+                for allocation in frame:
+                    allocation.close()
+        log.debug("pool %d %s", pool.id, "kept warm" if keep else "freed")
+
+    def warm(self) -> tuple[int, int]:
+        """(frames, bytes) kept warm."""
+        with self._lock:
+            return sum(len(frames) for frames in self._warm.values()), self._warm_bytes()
+
+    def close(self) -> None:
+        with self._lock:
+            warm, self._warm = self._warm, {}
+        for frames in warm.values():
+            for frame in frames:
+                for allocation in frame:
+                    allocation.close()

@@ -60,6 +60,14 @@ class ImageLayout:
         return fourcc_code(self.fourcc)
 
     @property
+    def v4l2_planes(self) -> list[tuple[int, int]]:
+        """(bytesperline, sizeimage) per memory plane, as VIDIOC_S_FMT reports them:
+        one per plane for multi-planar formats, else plane 0's stride and the total."""
+        if self.multi_planar:
+            return [(plane.stride, plane.size) for plane in self.planes]
+        return [(self.planes[0].stride, self.size)]
+
+    @property
     def buffer_sizes(self) -> list[int]:
         """Bytes per memory buffer: one per plane for multi-planar formats,
         else the single buffer holding every plane."""

@@ -76,7 +76,9 @@ def test_names_and_fourccs(alias: str, canonical: str) -> None:
 def test_multi_planar_buffers_and_pixelformat() -> None:
     nv12m = layout("NV12M", 640, 480)
     assert nv12m.buffer_sizes == [307200, 153600]
+    assert nv12m.v4l2_planes == [(640, 307200), (640, 153600)]
     assert layout("NV12", 640, 480).buffer_sizes == [460800]
+    assert layout("YU12", 640, 480, 64).v4l2_planes == [(640, 460800)]
     assert layout("YUYV", 2, 2).pixelformat == 0x56595559  # v4l2_fourcc('Y','U','Y','V')
     assert formats.fourcc_str(0x3231564E) == "NV12"
 

@@ -166,3 +166,28 @@ def test_a_real_dma_heap_uevent_reaches_discovery(daemon: RunningDaemon) -> None
         time.sleep(0.1)
     with daemon.connect() as client:
         assert "system" in {heap.name for heap in client.heaps()}
+
+
+@pytest.mark.parametrize("heap", ["system", "udmabuf"])
+def test_pools_and_grants_on_real_dma_bufs(daemon: RunningDaemon, heap: str) -> None:
+    with daemon.connect() as producer, daemon.connect() as consumer:
+        pool = producer.allocate_pool("NV12", 640, 480, 4, heap=heap, recycle=True)
+        assert all(b.is_dma_buf and b.info.heap == heap for b in pool.buffers)
+        with pool.frames[2][0].map(Access.WRITE) as mapping:
+            mapping.memoryview[pool.planes[1].offset : pool.planes[1].offset + 3] = b"uv!"
+        with pytest.raises(dmabufd_client.DmabufdError, match="cannot make it read-only") as refused:
+            producer.grant(pool, read_only=True)
+        assert refused.value.status is not None
+        assert refused.value.status.name == "FAILED_PRECONDITION"
+        with consumer.redeem(producer.grant(pool).token) as received:
+            assert received.pool is not None
+            frame = received.pool.frames[2][0]
+            assert field(fdinfo(os.getpid(), frame.fileno()), "exp_name") == heap
+            with frame.map(Access.READ) as mapping:
+                offset = received.pool.planes[1].offset
+                assert bytes(mapping.memoryview[offset : offset + 3]) == b"uv!"
+        inodes = {b.info.inode for b in pool.buffers}
+        pool.close()
+        with producer.allocate_pool("NV12", 640, 480, 4, heap=heap, recycle=True) as again:
+            assert again.recycled
+            assert {b.info.inode for b in again.buffers} == inodes

@@ -6,9 +6,7 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 from pathlib import Path
-from types import FrameType
 
 from dmabufd import __version__
 from dmabufd.config import load_config
@@ -45,16 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         log.error("%s", error)
         return 2
-    # Handlers go in before start() logs "ready", so a SIGTERM sent the
-    # moment the daemon is ready still stops it cleanly.
-    stop_requested = threading.Event()
-
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        stop_requested.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    # Block the stop signals before any thread exists: every thread inherits
+    # the mask, so SIGTERM/SIGINT stay pending until sigwait() below takes
+    # them. (A Python handler runs only on the main thread, and only once
+    # it runs bytecode again: a signal delivered to a gRPC thread while the
+    # main thread sleeps in a lock would be noticed late or never.)
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     daemon = Daemon(config, args.runtime_dir or default_runtime_dir())
     try:
         daemon.start()
@@ -64,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         log.error("cannot start: %s", error)
         return 1
-    stop_requested.wait()
+    received = signal.sigwait(stop_signals)
+    log.info("received %s", signal.Signals(received).name)
     daemon.stop()
     return 0

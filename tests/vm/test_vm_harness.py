@@ -126,12 +126,14 @@ def test_qemu_command_shape(tmp_path: Path) -> None:
         tmp_path / "init.sh",
         tmp_path / "res",
         tmp_path / "disk.img",
+        workdir=tmp_path / "repo",
         mem="2G",
         smp=2,
         accel="tcg",
         cache_mode="none",
     )
     joined = " ".join(argv)
+    assert f"id=workdir,path={tmp_path / 'repo'}" in joined, "the checkout is shared wherever it is"
     assert "-no-reboot" in argv
     assert "-nographic" in argv
     assert "panic=-1" in joined

@@ -685,6 +685,10 @@ mkdir -p /tmp/home
 mount -t tmpfs -o mode=755 tmpfs /mnt
 mkdir -p {GUEST_SCRATCH} {GUEST_RESULTS}
 setup=ok
+# The working directory comes on a share of its own, mounted at its host
+# path: a checkout under /tmp or /run would otherwise be hidden by the tmpfs.
+mkdir -p {q(str(cwd))}
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro workdir {q(str(cwd))} || setup=workdir
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results {GUEST_RESULTS} || setup=results
 mount -t ext4 -o noatime /dev/vda {GUEST_SCRATCH} || setup=scratch
 chmod 1777 {GUEST_SCRATCH}
@@ -748,6 +752,7 @@ def qemu_command(
     results: Path,
     scratch: Path,
     *,
+    workdir: Path,
     mem: str,
     smp: int,
     accel: str,
@@ -788,6 +793,10 @@ def qemu_command(
         "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device",
         "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+        "-fsdev",
+        f"local,id=workdir,path={workdir},security_model=none,readonly=on,multidevs=remap",
+        "-device",
+        "virtio-9p-pci,fsdev=workdir,mount_tag=workdir",
         "-fsdev",
         f"local,id=results,path={results},security_model=none",
         "-device",
@@ -846,7 +855,8 @@ def run(
     scratch = rundir / "scratch.img"
     _make_scratch(scratch, disk_mb, log)
     init = rundir / "init.sh"
-    init.write_text(render_init(cmd, (cwd or Path.cwd()).resolve(), guest_env(variant, art, patched_art, env or {})))
+    workdir = (cwd or Path.cwd()).resolve()
+    init.write_text(render_init(cmd, workdir, guest_env(variant, art, patched_art, env or {})))
     init.chmod(0o755)
     console_path = console_log or cache.logs / f"console-{rundir.name}.log"
     argv = qemu_command(
@@ -854,6 +864,7 @@ def run(
         init,
         results,
         scratch,
+        workdir=workdir,
         mem=mem,
         smp=smp,
         accel=accel,

@@ -142,6 +142,7 @@ def test_qemu_command_shape(tmp_path: Path) -> None:
     assert "mount_tag=hostroot" in joined
     assert f"file={tmp_path / 'disk.img'},if=virtio,format=raw,cache=none" in joined
     assert argv[argv.index("-cpu") + 1] == "max"
+    assert "vivid.n_devs=2 vivid.multiplanar=1,2" in joined
 
 
 def test_prune_keeps_current_kernels(tmp_path: Path) -> None:

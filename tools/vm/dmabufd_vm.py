@@ -77,6 +77,9 @@ PASSTHROUGH_ENV: tuple[str, ...] = (
     "CI",
     "PYTEST_ADDOPTS",
 )
+# Always on the guest's kernel command line (run's kernel_args are appended): two vivid
+# instances, /dev/video0 single-planar and the next multi-planar, for the camera tests.
+DEFAULT_KERNEL_ARGS = "vivid.n_devs=2 vivid.multiplanar=1,2"
 GUEST_SCRATCH = "/mnt/scratch"
 GUEST_RESULTS = "/mnt/results"
 
@@ -769,6 +772,7 @@ def qemu_command(
             f"init={init}",
             "panic=-1",
             "quiet",
+            DEFAULT_KERNEL_ARGS,
             kernel_args,
         ]
     ).strip()

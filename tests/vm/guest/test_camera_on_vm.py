@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dmabufd_camera import formats, v4l2
-from dmabufd_camera.capture import Capture, allocate_frames, stream
 
+from dmabufd_camera import v4l2
+from dmabufd_camera.capture import Capture, allocate_frames, stream
 from dmabufd_client import Access
+from dmabufd_common import formats
 from tests.conftest import RunningDaemon
 
 # vivid's webcam input (input 0, the default) offers these discrete sizes only.

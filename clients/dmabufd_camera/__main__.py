@@ -8,7 +8,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from dmabufd_camera import capture, formats, v4l2
+from dmabufd_camera import capture, v4l2
+from dmabufd_common import formats
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import dmabufd_client
-from dmabufd_camera import formats, v4l2
+from dmabufd_camera import v4l2
 from dmabufd_client import Buffer, Client
+from dmabufd_common import formats
 
 
 class CaptureError(Exception):

@@ -20,7 +20,7 @@ import os
 import select
 from dataclasses import dataclass
 
-from dmabufd_camera.formats import fourcc_code, fourcc_str
+from dmabufd_common.formats import fourcc_code, fourcc_str
 
 # -- ioctl encoding (include/uapi/asm-generic/ioctl.h, used by x86 and arm64) --
 

@@ -381,7 +381,7 @@ class Client:
         recycle: bool = False,
     ) -> Pool:
         """`count` frames of an image format, with the planes laid out as
-        V4L2/DRM define them (see dmabufd_camera.formats)."""
+        V4L2/DRM define them (see dmabufd_common.formats)."""
         request = pb.AllocatePoolRequest(
             format=pb.ImageFormat(fourcc=fourcc, width=width, height=height, stride_align=stride_align),
             count=count,

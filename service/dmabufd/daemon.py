@@ -9,8 +9,6 @@ import resource
 import threading
 from pathlib import Path
 
-from dmabufd_camera.formats import layout
-
 from dmabufd.api.servicer import BufferService
 from dmabufd.broker import BufferBroker
 from dmabufd.config import Config
@@ -27,6 +25,7 @@ from dmabufd.sessions.session import Peer, Session, SessionTable
 from dmabufd.transport.fdserver import FdServer
 from dmabufd.transport.grpc_server import ControlServer
 from dmabufd.transport.runtime_dir import RuntimeDir, apply_socket_policy
+from dmabufd_common.formats import layout
 
 log = logging.getLogger(__name__)
 

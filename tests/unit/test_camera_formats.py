@@ -4,8 +4,9 @@ pixel-format pages (the VM test checks the same maths against vivid)."""
 from __future__ import annotations
 
 import pytest
-from dmabufd_camera import formats
-from dmabufd_camera.formats import PlaneLayout, layout
+
+from dmabufd_common import formats
+from dmabufd_common.formats import PlaneLayout, layout
 
 
 def planes(*triples: tuple[int, int, int]) -> list[PlaneLayout]:

@@ -3,7 +3,7 @@
 A pool is N frames of one format. A frame is one buffer holding every
 plane at its offset, or (buffer_per_plane) one buffer per plane, as the
 V4L2 multi-planar API may want. The layout maths (strides, plane sizes)
-is the one V4L2 and DRM define; it lives in dmabufd_camera.formats and is
+is the one V4L2 and DRM define; it lives in dmabufd_common.formats and is
 shared with the camera client.
 
 A pool's buffers are ordinary booked buffers of the session (quota,

@@ -25,7 +25,7 @@ from typing import Any
 
 import dmabufd_client
 from dmabufd_camera import v4l2
-from dmabufd_client import Buffer, Client
+from dmabufd_client import Buffer, Client, Pool
 from dmabufd_common import formats
 
 
@@ -33,15 +33,24 @@ class CaptureError(Exception):
     """The device cannot capture what was asked (format, size, buffers)."""
 
 
-def allocate_frames(client: Client, layout: formats.ImageLayout, count: int, heap: str = "") -> list[list[Buffer]]:
-    """`count` frames of `layout` from dmabufd: per frame, one dma-buf holding every
-    plane, or one per plane for a multi-planar format (V4L2 capture cannot put two
-    planes in one dma-buf). The one place that asks dmabufd for the pool."""
-    # TODO(pools): client.allocate_pool(...) once the daemon has image pools.
-    per_plane = [
-        client.allocate_batch(size, count, heap=heap, usage="camera", name="camera") for size in layout.buffer_sizes
-    ]
-    return [list(frame) for frame in zip(*per_plane, strict=True)]
+def allocate_frames(
+    client: Client, layout: formats.ImageLayout, count: int, heap: str = "", stride_align: int = 1
+) -> Pool:
+    """A pool of `count` frames of `layout` from dmabufd: per frame, one dma-buf
+    holding every plane, or one per plane for a multi-planar format (V4L2 capture
+    cannot put two planes in one dma-buf). Kept warm on release, so a restarted
+    pipeline gets its buffers back at once."""
+    return client.allocate_pool(
+        layout.fourcc,
+        layout.width,
+        layout.height,
+        count,
+        stride_align=stride_align,
+        heap=heap,
+        usage="camera",
+        name="camera",
+        recycle=True,
+    )
 
 
 @dataclass
@@ -70,6 +79,9 @@ class CaptureResult:
     first_sequence: int = -1
     last_sequence: int = -1
     consumer: ConsumerReport | None = None
+    # The dmabufd pool: came warm from a recycled one, and how long it took.
+    pool_recycled: bool = False
+    pool_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,26 +222,30 @@ class Capture:
         self.close()
 
 
-# -- the consumer: a second process that gets each frame's fds over SCM_RIGHTS --
+# -- the consumer: a second process that receives the pool through a dmabufd grant --
 
 
 class ConsumerLink:
-    """The producer's end: a SOCK_SEQPACKET socketpair to a consumer process.
-    Later this becomes a dmabufd grant (the consumer redeems it over its own session)."""
+    """The producer's end of a consumer process. The pool reaches the consumer
+    once, through a dmabufd grant it redeems on its own session (so it gets its
+    own fds from the daemon); after that each frame is named by its index over a
+    socketpair, as the Android camera HAL refers to a buffer by id once sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: Client, pool: Pool) -> None:
+        grant = client.grant(pool)
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dmabufd_camera.consumer", str(theirs.fileno())], pass_fds=[theirs.fileno()]
             )
+        self.sock.send(json.dumps({"grant": grant.token, "runtime_dir": str(client.runtime_dir)}).encode())
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, frame: v4l2.Dequeued, fds: list[int]) -> None:
+    def send(self, frame: v4l2.Dequeued) -> None:
         header = {"index": frame.index, "sequence": frame.sequence, "bytesused": frame.bytesused}
-        socket.send_fds(self.sock, [json.dumps(header).encode()], fds)
+        self.sock.send(json.dumps(header).encode())
 
     def receive(self) -> dict[str, Any]:
         return dict(json.loads(self.sock.recv(65536)))
@@ -253,12 +269,15 @@ class ConsumerLink:
         self.sock.close()
 
 
-def stream(cap: Capture, frames: int, consumer: bool = False, timeout_s: float = 5.0) -> CaptureResult:
+def stream(
+    cap: Capture, frames: int, consumer: tuple[Client, Pool] | None = None, timeout_s: float = 5.0
+) -> CaptureResult:
     """Capture `frames` frames with the buffers already set up (use_dmabufs/use_mmap),
-    requeueing each one, or once the consumer has checked and released it."""
+    requeueing each one, or once the consumer (given the client and the pool to
+    grant it) has checked and released it."""
     if frames < 1:
         raise ValueError("frames must be at least 1")
-    if consumer and cap.memory != v4l2.MEMORY_DMABUF:
+    if consumer is not None and cap.memory != v4l2.MEMORY_DMABUF:
         raise CaptureError("the consumer gets dma-bufs: use_dmabufs() first")
     result = CaptureResult(
         device=cap.device.path,
@@ -271,7 +290,7 @@ def stream(cap: Capture, frames: int, consumer: bool = False, timeout_s: float =
         buffers=cap.count,
         planes=[(p.bytesperline, p.sizeimage) for p in cap.format.planes],
     )
-    link = ConsumerLink() if consumer else None
+    link = ConsumerLink(*consumer) if consumer is not None else None
     at_consumer: set[int] = set()
     poller = select.poll()
     poller.register(cap.device.fileno(), select.POLLIN)
@@ -307,7 +326,7 @@ def stream(cap: Capture, frames: int, consumer: bool = False, timeout_s: float =
                 last_at, result.last_sequence = now, frame.sequence
                 result.frames += 1
                 if link is not None:
-                    link.send(frame, cap.dmabuf_fds(frame.index))
+                    link.send(frame)
                     at_consumer.add(frame.index)
                 else:
                     cap.queue(frame.index)
@@ -344,14 +363,14 @@ def run(
         if deterministic and cap.caps.driver == "vivid":
             v4l2.make_deterministic(cap.device)
         with dmabufd_client.connect(runtime_dir) as client:
-            pool = allocate_frames(client, cap.layout, buffers, heap)
+            pool = allocate_frames(client, cap.layout, buffers, heap, stride_align)
             try:
-                cap.use_dmabufs(pool)
-                result = stream(cap, frames, consumer=consumer)
-                result.heap = pool[0][0].info.heap
+                cap.use_dmabufs(pool.frames)
+                result = stream(cap, frames, consumer=(client, pool) if consumer else None)
+                result.heap = pool.frames[0][0].info.heap
+                result.pool_recycled = pool.recycled
+                result.pool_seconds = pool.allocation_seconds
             finally:
                 cap.stop()
-                for frame in pool:
-                    for buffer in frame:
-                        buffer.close()
+                pool.close()
     return result

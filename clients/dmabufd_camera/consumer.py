@@ -1,6 +1,7 @@
-"""The consumer process: gets each frame's dma-buf fds over SCM_RIGHTS, checks
-the frame (maps it read-only, CRC-32 of every plane's bytesused), releases it
-(closes its fds and tells the producer the buffer can be queued again).
+"""The consumer process: redeems the producer's grant for the pool (its own
+fds, from dmabufd, on its own session), then for each frame index it is
+sent checks the frame (maps it read-only, CRC-32 of every plane's bytesused)
+and releases it (tells the producer the buffer can be queued again).
 
 Run by capture.ConsumerLink as `python -m dmabufd_camera.consumer FD`.
 """
@@ -10,12 +11,12 @@ from __future__ import annotations
 import errno
 import json
 import mmap
-import os
 import socket
 import sys
 import zlib
 from collections import Counter
 
+import dmabufd_client
 from dmabufd_common import uapi
 
 
@@ -45,32 +46,33 @@ def checksum(fds: list[int], bytesused: list[int]) -> int:
 
 
 def serve(sock: socket.socket) -> None:
-    frames = 0
-    checksums: Counter[int] = Counter()
-    errors: list[str] = []
-    while True:
-        message, fds, _, _ = socket.recv_fds(sock, 65536, 8)
-        if not message:
-            return  # the producer went away
-        header = json.loads(message)
-        if header.get("stop"):
-            for fd in fds:
-                os.close(fd)
-            summary = {"frames": frames, "checksums": {str(k): v for k, v in checksums.items()}, "errors": errors}
-            sock.send(json.dumps(summary).encode())
-            return
-        try:
-            if len(fds) != len(header["bytesused"]):
-                errors.append(f"frame {header['sequence']}: {len(fds)} fds for {len(header['bytesused'])} planes")
-            else:
-                checksums[checksum(fds, header["bytesused"])] += 1
-                frames += 1
-        except OSError as error:
-            errors.append(f"frame {header['sequence']}: {error}")
-        finally:
-            for fd in fds:
-                os.close(fd)
-        sock.send(json.dumps({"index": header["index"], "sequence": header["sequence"]}).encode())
+    hello = json.loads(sock.recv(65536))
+    with dmabufd_client.connect(hello["runtime_dir"]) as client, client.redeem(hello["grant"]) as received:
+        if received.pool is None:
+            raise SystemExit("the grant is not a pool")
+        frames_fds = [[buffer.fileno() for buffer in frame] for frame in received.pool.frames]
+        frames = 0
+        checksums: Counter[int] = Counter()
+        errors: list[str] = []
+        while True:
+            message = sock.recv(65536)
+            if not message:
+                return  # the producer went away
+            header = json.loads(message)
+            if header.get("stop"):
+                summary = {"frames": frames, "checksums": {str(k): v for k, v in checksums.items()}, "errors": errors}
+                sock.send(json.dumps(summary).encode())
+                return
+            fds = frames_fds[header["index"]]
+            try:
+                if len(fds) != len(header["bytesused"]):
+                    errors.append(f"frame {header['sequence']}: {len(fds)} fds for {len(header['bytesused'])} planes")
+                else:
+                    checksums[checksum(fds, header["bytesused"])] += 1
+                    frames += 1
+            except OSError as error:
+                errors.append(f"frame {header['sequence']}: {error}")
+            sock.send(json.dumps({"index": header["index"], "sequence": header["sequence"]}).encode())
 
 
 def main(argv: list[str] | None = None) -> int:

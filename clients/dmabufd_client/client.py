@@ -102,6 +102,7 @@ def buffer_info(message: pb.BufferInfo) -> BufferInfo:
 class Client:
     def __init__(self, runtime_dir: Path | None = None, timeout_s: float = 10.0) -> None:
         directory = runtime_dir or default_runtime_dir()
+        self.runtime_dir = directory
         self.timeout_s = timeout_s
         self._fds = FdChannel(directory / FD_SOCKET_NAME, timeout_s)
         self._channel = grpc.insecure_channel(f"unix:{directory / CONTROL_SOCKET_NAME}")

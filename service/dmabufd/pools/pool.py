@@ -55,6 +55,8 @@ class LayoutSpec(Protocol):
     @property
     def size(self) -> int: ...
     @property
+    def multi_planar(self) -> bool: ...
+    @property
     def planes(self) -> Sequence[PlaneSpec]: ...
 
 
@@ -145,7 +147,10 @@ class PoolTable:
             raise InvalidRequest(str(error)) from None
         usage = usage or "camera"
         backend = self._broker.pick(session, heap, usage)
-        placements, sizes = plan_frame(layout, buffer_per_plane)
+        # V4L2 capture cannot put two planes of a multi-planar format in one
+        # dma-buf (it ignores the data_offset a capture queue is given), so
+        # those formats always get a buffer per plane.
+        placements, sizes = plan_frame(layout, buffer_per_plane or layout.multi_planar)
         for size in sizes:
             self._broker.check_size(backend, size)
         key: WarmKey = (session.peer.uid, backend.spec.name, image, tuple(sizes))

@@ -141,14 +141,14 @@ def test_dmabuf_frames_equal_mmap_frames(
         v4l2.make_deterministic(cap.device)
         pool = allocate_frames(client, cap.layout, 4, heap=heap)
         try:
-            assert all(buffer.info.heap == heap and buffer.is_dma_buf for frame in pool for buffer in frame)
-            assert len(pool[0]) == len(cap.layout.buffer_sizes)
-            cap.use_dmabufs(pool)
+            assert all(buffer.info.heap == heap and buffer.is_dma_buf for buffer in pool.buffers)
+            assert len(pool.frames[0]) == len(cap.layout.buffer_sizes)
+            cap.use_dmabufs(pool.frames)
             cap.start()
             for _ in range(8):
                 frame = cap.dequeue()
                 assert not frame.error
-                for plane, (buffer, used) in enumerate(zip(pool[frame.index], frame.bytesused, strict=True)):
+                for plane, (buffer, used) in enumerate(zip(pool.frames[frame.index], frame.bytesused, strict=True)):
                     assert used == len(reference[plane])
                     with buffer.map(Access.READ) as mapping:
                         view = mapping.memoryview
@@ -159,9 +159,7 @@ def test_dmabuf_frames_equal_mmap_frames(
                 cap.queue(frame.index)
             cap.stop()
         finally:
-            for buffers in pool:
-                for buffer in buffers:
-                    buffer.close()
+            pool.close()
     record(f"frames-{fourcc}-{heap}", {"verified": verified, "planes": [len(p) for p in reference]})
     assert verified == 8
 
@@ -233,7 +231,7 @@ def test_stream_counts_sequence_gaps_as_drops(daemon: RunningDaemon, vivid: dict
     with Capture(path, "YUYV", width, height) as cap, daemon.connect() as client:
         pool = allocate_frames(client, cap.layout, 2, heap="system")  # vivid's minimum
         try:
-            cap.use_dmabufs(pool)
+            cap.use_dmabufs(pool.frames)
             cap.start()
             held = [cap.dequeue(), cap.dequeue()]
             time.sleep(0.5)  # vivid keeps generating frames with nowhere to put them
@@ -242,11 +240,9 @@ def test_stream_counts_sequence_gaps_as_drops(daemon: RunningDaemon, vivid: dict
             after = cap.dequeue()
             assert after.sequence > held[1].sequence + 1
             cap.stop()
-            cap.use_dmabufs(pool)
+            cap.use_dmabufs(pool.frames)
             result = stream(cap, 3)
             assert result.frames == 3
             assert result.dropped == result.last_sequence - result.first_sequence - 2
         finally:
-            for buffers in pool:
-                for buffer in buffers:
-                    buffer.close()
+            pool.close()

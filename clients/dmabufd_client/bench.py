@@ -85,6 +85,20 @@ class _Job:
     count: int
 
 
+def _pool_times(client: Client, heap: str, rounds: int = 5) -> tuple[float, float]:
+    """Median seconds to allocate an 8-frame NV12 1080p pool, fresh and recycled."""
+    fresh: list[float] = []
+    warm: list[float] = []
+    for _ in range(rounds):
+        with client.allocate_pool("NV12", 1920, 1080, 8, heap=heap, recycle=False) as pool:
+            fresh.append(pool.allocation_seconds)
+    client.allocate_pool("NV12", 1920, 1080, 8, heap=heap, recycle=True).close()
+    for _ in range(rounds):
+        with client.allocate_pool("NV12", 1920, 1080, 8, heap=heap, recycle=True) as pool:
+            warm.append(pool.allocation_seconds)
+    return statistics.median(fresh), statistics.median(warm)
+
+
 def _worker(job: _Job, start: Any, results: Any) -> None:
     with connect(job.runtime_dir) as client:
         client.health()
@@ -125,6 +139,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         _latencies(client, size, heap, min(100, iterations))  # warm-up
         alloc_s, health_s = _latencies(client, size, heap, iterations)
         batch_s, singles_s = _batch_vs_singles(client, size, heap, rounds=20)
+        pool_fresh_s, pool_recycled_s = _pool_times(client, heap)
     per_client = max(100, iterations // 4)
     single_rate = _throughput(args.runtime_dir, size, heap, 1, per_client)
     multi_rate = _throughput(args.runtime_dir, size, heap, args.clients, per_client)
@@ -141,6 +156,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "batch32_ms": batch_s * 1e3,
         "single_x32_ms": singles_s * 1e3,
         "batch_speedup": singles_s / batch_s,
+        "pool_8x_nv12_1080p_fresh_ms": pool_fresh_s * 1e3,
+        "pool_8x_nv12_1080p_recycled_ms": pool_recycled_s * 1e3,
         "allocs_per_s_1_client": single_rate,
         f"allocs_per_s_{args.clients}_clients": multi_rate,
         "clients": args.clients,
@@ -160,6 +177,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     table.add_row(f"batch of {BATCH} (one call)", f"{result['batch32_ms']:.2f} ms")
     table.add_row(f"{BATCH} single calls", f"{result['single_x32_ms']:.2f} ms")
     table.add_row("batch speed-up", f"{result['batch_speedup']:.1f}x")
+    table.add_row("pool 8 x NV12 1080p, fresh", f"{pool_fresh_s * 1e3:.2f} ms")
+    table.add_row("pool 8 x NV12 1080p, recycled", f"{pool_recycled_s * 1e3:.2f} ms")
     table.add_row("allocations/s, 1 client", f"{single_rate:.0f}")
     table.add_row(f"allocations/s, {args.clients} clients", f"{multi_rate:.0f}")
     Console().print(table)

@@ -159,3 +159,10 @@ def test_prune_keeps_current_kernels(tmp_path: Path) -> None:
     assert sorted(removed) == sorted([stale, run_dir])
     assert current.is_dir()
     assert not stale.exists()
+
+
+def test_cache_under_a_guest_tmpfs_is_detected() -> None:
+    assert vm._hidden_in_guest(Path("/tmp/cache/dmabufd-vm")) == "/tmp"
+    assert vm._hidden_in_guest(Path("/run/x")) == "/run"
+    assert vm._hidden_in_guest(Path("/root/.cache/dmabufd-vm")) is None
+    assert vm._hidden_in_guest(Path("/tmpfoo/x")) is None

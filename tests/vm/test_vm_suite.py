@@ -70,8 +70,7 @@ def test_guest_suite(variant: vm.Variant, kernels: dict[str, vm.Artifact | str],
         mem="4G",
         disk_mb=2048,
         timeout=GUEST_TIMEOUT,
-        # Two vivid instances, the second multi-planar (NV12M capture tests).
-        kernel_args="vivid.n_devs=2 vivid.multiplanar=1,2",
+        # (two vivid instances, the second multi-planar, are on every guest's command line)
         console=None,
         console_log=console,
         build_if_missing=False,

@@ -715,6 +715,17 @@ exit 0
 """
 
 
+GUEST_MOUNTS = ("/tmp", "/run", "/mnt", "/dev", "/proc", "/sys")
+
+
+def _hidden_in_guest(path: Path) -> str | None:
+    """The guest mount point that would hide `path` (only the working directory is re-shared)."""
+    for mount in GUEST_MOUNTS:
+        if path == Path(mount) or Path(mount) in path.parents:
+            return mount
+    return None
+
+
 def _make_scratch(path: Path, size_mb: int, log: TextIO) -> None:
     with open(path, "wb") as fh:
         fh.truncate(size_mb * 1024 * 1024)
@@ -849,6 +860,13 @@ def run(
     if accel == "auto":
         accel = "kvm" if _kvm_usable() else "tcg"
 
+    hidden = _hidden_in_guest(cache.root.resolve())
+    if hidden:
+        raise VMError(
+            f"the cache {cache.root} is under {hidden}, which the guest mounts a tmpfs over: "
+            "the kernel's selftests and the init script would be invisible there; "
+            "set DMABUFD_VM_CACHE (or --cache) to a directory elsewhere"
+        )
     cache.runs.mkdir(parents=True, exist_ok=True)
     cache.logs.mkdir(parents=True, exist_ok=True)
     rundir = Path(tempfile.mkdtemp(prefix=f"run-{variant}-", dir=cache.runs))

@@ -28,6 +28,11 @@ from dmabufd_camera import v4l2
 from dmabufd_client import Buffer, Client, Pool
 from dmabufd_common import formats
 
+# How long a capture may go without a frame (emulated machines are slow), and
+# how long a consumer process may take to start and redeem its grant.
+FRAME_TIMEOUT_S = 30.0
+STARTUP_TIMEOUT_S = 120.0
+
 
 class CaptureError(Exception):
     """The device cannot capture what was asked (format, size, buffers)."""
@@ -181,7 +186,7 @@ class Capture:
         self.device.stream_on(self.buf_type)
         self._streaming = True
 
-    def dequeue(self, timeout_s: float = 5.0) -> v4l2.Dequeued:
+    def dequeue(self, timeout_s: float = FRAME_TIMEOUT_S) -> v4l2.Dequeued:
         deadline = time.monotonic() + timeout_s
         while True:
             frame = self.device.dequeue(self.buf_type, self.memory, self.num_planes)
@@ -239,6 +244,20 @@ class ConsumerLink:
                 [sys.executable, "-m", "dmabufd_camera.consumer", str(theirs.fileno())], pass_fds=[theirs.fileno()]
             )
         self.sock.send(json.dumps({"grant": grant.token, "runtime_dir": str(client.runtime_dir)}).encode())
+        # Stream only once the consumer holds the pool: a consumer still
+        # starting up would otherwise hold every buffer and stall capture.
+        self.sock.settimeout(STARTUP_TIMEOUT_S)
+        try:
+            ready = self.receive()
+        except (TimeoutError, ValueError):
+            self.kill()
+            raise CaptureError("the consumer did not redeem the pool's grant") from None
+        finally:
+            if self.sock.fileno() >= 0:
+                self.sock.settimeout(None)
+        if not ready.get("ready"):
+            self.kill()
+            raise CaptureError(f"the consumer could not take the pool: {ready.get('error', 'unknown')}")
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -270,7 +289,7 @@ class ConsumerLink:
 
 
 def stream(
-    cap: Capture, frames: int, consumer: tuple[Client, Pool] | None = None, timeout_s: float = 5.0
+    cap: Capture, frames: int, consumer: tuple[Client, Pool] | None = None, timeout_s: float = FRAME_TIMEOUT_S
 ) -> CaptureResult:
     """Capture `frames` frames with the buffers already set up (use_dmabufs/use_mmap),
     requeueing each one, or once the consumer (given the client and the pool to

@@ -47,9 +47,17 @@ def checksum(fds: list[int], bytesused: list[int]) -> int:
 
 def serve(sock: socket.socket) -> None:
     hello = json.loads(sock.recv(65536))
-    with dmabufd_client.connect(hello["runtime_dir"]) as client, client.redeem(hello["grant"]) as received:
+    try:
+        client = dmabufd_client.connect(hello["runtime_dir"])
+        received = client.redeem(hello["grant"])
+    except dmabufd_client.DmabufdError as error:
+        sock.send(json.dumps({"ready": False, "error": str(error)}).encode())
+        return
+    with client, received:
         if received.pool is None:
-            raise SystemExit("the grant is not a pool")
+            sock.send(json.dumps({"ready": False, "error": "the grant is not a pool"}).encode())
+            return
+        sock.send(json.dumps({"ready": True}).encode())
         frames_fds = [[buffer.fileno() for buffer in frame] for frame in received.pool.frames]
         frames = 0
         checksums: Counter[int] = Counter()

@@ -111,7 +111,7 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     clients = Table(title="clients" if stats.all_clients else "clients (yours only: not an admin)")
     columns = ["session", "pid", "uid", "command", "buffers", "bytes", "quota"]
     if args.proc:
-        columns.append("seen in /proc")
+        columns += ["seen in /proc", "all dma-bufs (fdinfo)"]
     for column in columns:
         clients.add_column(column)
     for c in stats.clients:
@@ -126,6 +126,7 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
         ]
         if args.proc:
             row.append(f"{c.proc_buffer_count} ({format_size(c.proc_bytes)})" if c.proc_checked else "unreadable")
+            row.append(f"{c.proc_dmabuf_count} ({format_size(c.proc_dmabuf_bytes)})" if c.proc_checked else "-")
         clients.add_row(*row)
     console.print(clients)
     heaps = Table(title="heaps")

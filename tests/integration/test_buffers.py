@@ -134,6 +134,7 @@ def test_stats_cross_check_with_proc(daemon: RunningDaemon, client: dmabufd_clie
     assert mine.proc_checked
     assert (mine.proc_buffer_count, mine.proc_bytes) == (3, 3 * 16384)
     assert mine.pid == os.getpid()
+    assert mine.proc_dmabuf_count == 0, "memfds are not dma-bufs: fdinfo has no exp_name for them"
     # A client that drops its fd without releasing shows up in the cross-check.
     os.close(buffers[0].detach())
     (mine,) = [c for c in client.stats(check_proc=True).clients if c.session_id == client.session_id]

@@ -132,6 +132,8 @@ class BuffersApi(ServiceBase):
                 client.proc_checked = holdings.readable
                 client.proc_buffer_count = len(seen)
                 client.proc_bytes = sum(record.size for record in seen)
+                dmabufs = procfs.dmabufs_of(session.peer.pid)
+                client.proc_dmabuf_count, client.proc_dmabuf_bytes = dmabufs.count, dmabufs.bytes
             stats.clients.append(client)
         for record in buffers:
             heap = heaps.setdefault(record.heap, pb.HeapStats(heap=record.heap))

@@ -148,6 +148,8 @@ def test_sigkill_releases_heap_buffers(daemon: RunningDaemon) -> None:
         stats = observer.stats(check_proc=True)
         (entry,) = [c for c in stats.clients if c.session_id == held["session"]]
         assert (entry.buffer_count, entry.proc_buffer_count) == (32, 32)
+        # fdinfo's view, as dmabuf_dump counts it: 32 dma-bufs of 1 MiB.
+        assert (entry.proc_dmabuf_count, entry.proc_dmabuf_bytes) == (32, 32 << 20)
         assert {h.heap for h in stats.heaps} == {"system"}
     holder.send_signal(signal.SIGKILL)
     holder.wait()

@@ -554,6 +554,8 @@ class ClientStats(_message.Message):
     PROC_BUFFER_COUNT_FIELD_NUMBER: _builtins.int
     PROC_BYTES_FIELD_NUMBER: _builtins.int
     CONNECTED_AT_FIELD_NUMBER: _builtins.int
+    PROC_DMABUF_COUNT_FIELD_NUMBER: _builtins.int
+    PROC_DMABUF_BYTES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.int
     pid: _builtins.int
     uid: _builtins.int
@@ -569,6 +571,12 @@ class ClientStats(_message.Message):
     proc_buffer_count: _builtins.int
     proc_bytes: _builtins.int
     connected_at: _builtins.float
+    proc_dmabuf_count: _builtins.int
+    """With check_proc: every dma-buf the process holds, booked here or not,
+    from /proc/<pid>/fdinfo (size: and exp_name: lines), counted once per
+    buffer, as Android's dmabuf_dump counts them.
+    """
+    proc_dmabuf_bytes: _builtins.int
     def __init__(
         self,
         *,
@@ -585,10 +593,12 @@ class ClientStats(_message.Message):
         proc_buffer_count: _builtins.int = ...,
         proc_bytes: _builtins.int = ...,
         connected_at: _builtins.float = ...,
+        proc_dmabuf_count: _builtins.int = ...,
+        proc_dmabuf_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_count", b"buffer_count", "bytes", b"bytes", "command", b"command", "connected_at", b"connected_at", "gid", b"gid", "pid", b"pid", "proc_buffer_count", b"proc_buffer_count", "proc_bytes", b"proc_bytes", "proc_checked", b"proc_checked", "quota_buffers", b"quota_buffers", "quota_bytes", b"quota_bytes", "session_id", b"session_id", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_count", b"buffer_count", "bytes", b"bytes", "command", b"command", "connected_at", b"connected_at", "gid", b"gid", "pid", b"pid", "proc_buffer_count", b"proc_buffer_count", "proc_bytes", b"proc_bytes", "proc_checked", b"proc_checked", "proc_dmabuf_bytes", b"proc_dmabuf_bytes", "proc_dmabuf_count", b"proc_dmabuf_count", "quota_buffers", b"quota_buffers", "quota_bytes", b"quota_bytes", "session_id", b"session_id", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

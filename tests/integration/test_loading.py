@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +15,9 @@ import pytest
 
 import dmabufd_client
 from dmabufd_client import Access, LoadedFile
-from tests.conftest import DaemonFactory, RunningDaemon
+from tests.conftest import ROOTLESS_UID, DaemonFactory, RunningDaemon, run_as_rootless_client
 
 METHODS = ["direct-read", "sendfile", "splice", "buffered-read"]
-ROOTLESS_UID = 12345
 
 
 def make_file(path: Path, size: int) -> bytes:
@@ -221,17 +218,14 @@ def test_path_is_opened_with_the_clients_credentials(daemon_factory: DaemonFacto
     (models / "public.bin").chmod(0o644)
     make_file(models / "private.bin", 4096)
     (models / "private.bin").chmod(0o600)
-    script = (
-        "import os, sys, dmabufd_client\n"
-        f"os.setgid({ROOTLESS_UID}); os.setuid({ROOTLESS_UID})\n"
-        f"c = dmabufd_client.connect({str(daemon.runtime_dir)!r})\n"
+    result = run_as_rootless_client(
+        daemon,
         f"c.load_file({str(models / 'public.bin')!r}, by_path=True).close()\n"
         "try:\n"
         f"    c.load_file({str(models / 'private.bin')!r}, by_path=True)\n"
         "except dmabufd_client.PermissionDenied as e:\n"
-        "    print('denied:', e)\n"
+        "    print('denied:', e)\n",
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"denied: uid {ROOTLESS_UID} may not read")
     assert stat.S_IMODE(os.stat(models / "private.bin").st_mode) == 0o600

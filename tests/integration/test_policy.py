@@ -13,9 +13,7 @@ import grpc
 import pytest
 
 import dmabufd_client
-from tests.conftest import DaemonFactory
-
-ROOTLESS_UID = 12345
+from tests.conftest import ROOTLESS_UID, DaemonFactory, run_as_rootless_client
 
 
 def test_byte_quota(daemon_factory: DaemonFactory) -> None:
@@ -116,14 +114,9 @@ def test_non_admin_sees_only_its_own_uid(daemon_factory: DaemonFactory) -> None:
     daemon = daemon_factory(public=True)
     with daemon.connect() as admin:
         admin.allocate(4096).detach()
-        script = (
-            "import os, dmabufd_client\n"
-            f"os.setgid({ROOTLESS_UID}); os.setuid({ROOTLESS_UID})\n"
-            f"c = dmabufd_client.connect({str(daemon.runtime_dir)!r})\n"
-            "s = c.stats()\n"
-            "print(s.all_clients, len(s.clients), s.clients[0].uid)\n"
+        result = run_as_rootless_client(
+            daemon, "s = c.stats()\nprint(s.all_clients, len(s.clients), s.clients[0].uid)\n"
         )
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False)
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == ["False", "1", str(ROOTLESS_UID)]
         assert admin.stats().all_clients
@@ -133,14 +126,11 @@ def test_unprivileged_client_uses_its_own_uid_for_quota(daemon_factory: DaemonFa
     if os.getuid() != 0:
         pytest.skip("needs root to run a client under another uid")
     daemon = daemon_factory(f'[quota.uids.{ROOTLESS_UID}]\nmax_bytes = "4K"\n', public=True)
-    script = (
-        "import os, dmabufd_client\n"
-        f"os.setgid({ROOTLESS_UID}); os.setuid({ROOTLESS_UID})\n"
-        f"c = dmabufd_client.connect({str(daemon.runtime_dir)!r})\n"
+    result = run_as_rootless_client(
+        daemon,
         "c.allocate(4096)\n"
-        "try:\n    c.allocate(4096)\nexcept dmabufd_client.ResourceExhausted as e:\n    print('refused', e)\n"
+        "try:\n    c.allocate(4096)\nexcept dmabufd_client.ResourceExhausted as e:\n    print('refused', e)\n",
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"refused uid {ROOTLESS_UID} holds 4 KiB")
     with daemon.connect() as root_client:  # root's own quota is untouched

@@ -5,16 +5,12 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import subprocess
-import sys
 
 import pytest
 
 import dmabufd_client
 from dmabufd_client import Access
-from tests.conftest import DaemonFactory, RunningDaemon
-
-ROOTLESS_UID = 12345
+from tests.conftest import ROOTLESS_UID, DaemonFactory, RunningDaemon, run_as_rootless_client
 
 
 def test_pool_layout_follows_v4l2(client: dmabufd_client.Client) -> None:
@@ -75,13 +71,8 @@ def test_a_pool_still_open_somewhere_is_not_recycled(client: dmabufd_client.Clie
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client under another uid")
 def test_recycled_buffers_stay_with_their_uid(daemon_factory: DaemonFactory) -> None:
     daemon = daemon_factory(public=True)
-    script = (
-        "import os, dmabufd_client\n"
-        f"os.setgid({ROOTLESS_UID}); os.setuid({ROOTLESS_UID})\n"
-        f"c = dmabufd_client.connect({str(daemon.runtime_dir)!r})\n"
-        "c.allocate_pool('RGB3', 64, 64, 2, recycle=True).close()\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    result = run_as_rootless_client(daemon, "c.allocate_pool('RGB3', 64, 64, 2, recycle=True).close()\n")
+    assert result.returncode == 0, result.stderr
     with daemon.connect() as client, client.allocate_pool("RGB3", 64, 64, 2, recycle=True) as pool:
         assert not pool.recycled, "another uid's old frames are never handed to us"
 

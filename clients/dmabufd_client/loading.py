@@ -21,8 +21,8 @@ from dmabufd_common import uapi
 
 ProgressCallback = Callable[[int, int], None]
 
-# safetensors dtypes numpy can represent directly; others come back as raw
-# unsigned integers of the same width (e.g. BF16 as uint16).
+# safetensors dtype -> the numpy dtype its arrays come back as. numpy has no
+# bfloat16, float8, float6 or float4: see Model for how those arrive.
 NUMPY_DTYPES = {
     "BOOL": "?",
     "U8": "u1",
@@ -36,10 +36,19 @@ NUMPY_DTYPES = {
     "U64": "<u8",
     "I64": "<i8",
     "F64": "<f8",
+    "C64": "<c8",
     "BF16": "<u2",
     "F8_E4M3": "u1",
     "F8_E5M2": "u1",
+    "F8_E8M0": "u1",
+    "F8_E4M3FNUZ": "u1",
+    "F8_E5M2FNUZ": "u1",
+    "F6_E2M3": "u1",
+    "F6_E3M2": "u1",
+    "F4": "u1",
 }
+# Elements narrower than a byte: no array of the tensor's shape can hold them.
+PACKED_DTYPES = frozenset({"F6_E2M3", "F6_E3M2", "F4"})
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,15 @@ class TensorInfo:
 
 
 class Model(Mapping[str, Any]):
-    """Tensor name -> read-only numpy array backed by the model's buffers."""
+    """Tensor name -> read-only numpy array backed by the model's buffers.
+
+    Dtypes numpy lacks arrive as their raw bits, in an array of the tensor's
+    shape: BF16 as uint16, the F8 types (F8_E4M3, F8_E5M2, F8_E8M0 and the
+    FNUZ ones) as uint8; view them with ml_dtypes or torch. Sub-byte dtypes
+    (F4, F6_E2M3, F6_E3M2) arrive as a flat uint8 array of the packed bytes,
+    as the file stores them. A zero-size tensor whose other dimensions are
+    too large for numpy (safetensors allows up to 2**64-1) arrives flat.
+    """
 
     def __init__(
         self,
@@ -128,15 +145,25 @@ class Model(Mapping[str, Any]):
             if dma_buf:  # CPU reads for the model's lifetime: one sync bracket around it
                 uapi.dma_buf_sync(fd, uapi.SyncFlags.START | uapi.SyncFlags.READ)
         self._arrays: dict[str, Any] = {}
+        self._closed = False
 
     def __getitem__(self, name: str) -> Any:
         array = self._arrays.get(name)
         if array is None:
             tensor = self.tensors[name]
-            region = self._maps[tensor.buffer_id]
-            array = np.frombuffer(
-                region, dtype=NUMPY_DTYPES[tensor.dtype], count=int(np.prod(tensor.shape)), offset=tensor.offset
-            ).reshape(tensor.shape)
+            dtype = np.dtype(NUMPY_DTYPES[tensor.dtype])
+            shape = (tensor.nbytes,) if tensor.dtype in PACKED_DTYPES else tensor.shape
+            if tensor.nbytes == 0:  # holds no bytes, so it may have no buffer either
+                try:
+                    array = np.empty(shape, dtype)
+                except ValueError:  # dimensions past numpy's limits, beside a 0
+                    array = np.empty(0, dtype)
+                array.flags.writeable = False
+            else:
+                region = self._maps[tensor.buffer_id]
+                array = np.frombuffer(
+                    region, dtype=dtype, count=tensor.nbytes // dtype.itemsize, offset=tensor.offset
+                ).reshape(shape)
             self._arrays[name] = array
         return array
 
@@ -149,8 +176,9 @@ class Model(Mapping[str, Any]):
     def close(self) -> None:
         """Release the model in the daemon, then the mappings and fds.
         Arrays still referenced elsewhere keep their mapping alive."""
-        if not self._fds:
+        if self._closed:
             return
+        self._closed = True
         self._arrays.clear()
         try:
             self._release(self.id)

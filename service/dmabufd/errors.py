@@ -36,6 +36,19 @@ class QuotaExceeded(DmabufdError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Overloaded(DmabufdError):
+    """A per-uid limit on the daemon's own resources (calls, streams,
+    sessions, outbox): the client must slow down, not allocate less."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class BufferBusy(DmabufdError):
+    """The buffer is part of something larger (a pool) that must be released whole."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class OutOfMemory(DmabufdError):
     """The kernel could not provide the memory."""
 
@@ -89,3 +102,27 @@ class VerifyFailed(DmabufdError):
     """The loaded bytes differ from the file's."""
 
     status = grpc.StatusCode.DATA_LOSS
+
+
+def bounded(text: str, limit: int = 120) -> str:
+    """`text` quoted like repr() for an error message, at most `limit`
+    characters between the quotes: a client's path can be 4 KiB of
+    anything, and a message echoing it whole buries what went wrong."""
+    out: list[str] = []
+    used = 0
+    cut = False
+    for char in text:
+        if char in "'\\":
+            piece = "\\" + char
+        elif char.isprintable():
+            piece = char
+        else:
+            piece = char.encode("unicode_escape").decode("ascii")
+        if used + len(piece) > limit:
+            cut = True
+            break
+        out.append(piece)
+        used += len(piece)
+    if not cut:
+        return "'" + "".join(out) + "'"
+    return "'" + "".join(out) + f"...' ({len(text)} chars)"

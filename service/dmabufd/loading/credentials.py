@@ -1,27 +1,41 @@
 """Act on the file system as another user, on one thread, briefly.
 
+Rule: every open the daemon makes on a client's behalf runs with exactly
+the client's file-system access, so the kernel's own checks (modes, ACLs,
+LSMs) decide what the client may read, not a re-implementation of them.
+
 Linux keeps credentials per thread; glibc's setuid() family broadcasts a
 change to every thread of the process, but the raw setfsuid, setfsgid and
-setgroups system calls change only the calling thread. The daemon uses
-them on a dedicated thread to open a client's file with exactly the
-client's access: leaving fsuid 0 also drops CAP_DAC_OVERRIDE and
-CAP_DAC_READ_SEARCH for that thread, and restoring it gives them back.
+setgroups system calls change only the calling thread. Leaving fsuid 0
+also drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH for that thread.
 
-One thread does all of this, one open at a time (a lock), and nothing else
-ever runs on it, so no other work can observe the borrowed identity.
+Each open gets a thread of its own that switches its credentials, runs the
+open and exits. Nothing else ever runs on it, and its borrowed identity
+ends with it: there is no restoring step that could fail and leave a
+thread of the daemon running as a client. A thread of its own also means
+an open that hangs (a file on a FUSE mount the client serves and never
+answers) blocks only its own request: the caller waits OPEN_TIMEOUT_S,
+and one uid has at most MAX_OPENS_PER_UID opens in flight (more wait for
+a slot within the same timeout), so a hostile client cannot pile up
+threads or starve other clients.
+
+Lifetime: the action returns an fd, which open_as hands to its caller (who
+then owns and closes it). If the caller has stopped waiting (timeout), the
+thread closes the fd itself when the open finally returns.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
-T = TypeVar("T")
+OPEN_TIMEOUT_S = 30.0
+MAX_OPENS_PER_UID = 8
 
 # (setgroups, setfsuid, setfsgid) by machine: the 32-bit-id-safe variants.
 _SYSCALLS = {
@@ -29,52 +43,131 @@ _SYSCALLS = {
     "aarch64": (159, 151, 152),
     "arm64": (159, 151, 152),
 }
+_NO_ID = 0xFFFFFFFF
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="as-client")
-_lock = threading.Lock()
+# A syscall returns a long; the default int would mangle ids of 2^31 and up.
+_libc.syscall.restype = ctypes.c_long
+
+
+class TooManyOpens(OSError):
+    """The uid has MAX_OPENS_PER_UID opens in flight already."""
+
+
+# Guards _in_flight; notified whenever an open ends and frees a slot.
+_slots = threading.Condition()
+_in_flight: dict[int, int] = {}
 
 
 def _numbers() -> tuple[int, int, int]:
     machine = platform.machine()
     if machine not in _SYSCALLS:
-        raise OSError(f"opening files as a client is not implemented for {machine}")
+        raise OSError(errno.ENOSYS, f"opening files as a client is not implemented for {machine}")
     return _SYSCALLS[machine]
 
 
 def _set_groups(number: int, groups: list[int]) -> None:
     array = (ctypes.c_uint * max(1, len(groups)))(*groups)
-    if _libc.syscall(number, ctypes.c_size_t(len(groups)), array) != 0:
+    if _libc.syscall(ctypes.c_long(number), ctypes.c_size_t(len(groups)), array) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"setgroups: {os.strerror(error)}")
 
 
 def _set_fs_id(number: int, value: int) -> None:
-    # setfsuid/setfsgid report no errors; reading back is how to check.
-    _libc.syscall(number, ctypes.c_uint(value))
-    if _libc.syscall(number, ctypes.c_uint(0xFFFFFFFF)) != value:
-        raise OSError(f"could not switch the file-system id to {value}")
+    # setfsuid/setfsgid report no errors; asking with an invalid id changes
+    # nothing and returns the current one, which is how to check.
+    _libc.syscall(ctypes.c_long(number), ctypes.c_uint(value))
+    current = _libc.syscall(ctypes.c_long(number), ctypes.c_uint(_NO_ID)) & _NO_ID
+    if current != value:
+        raise OSError(errno.EPERM, f"could not switch the file-system id to {value} (it is {current})")
 
 
-def _as(uid: int, gid: int, groups: frozenset[int], action: Callable[[], T]) -> T:
+def _become(uid: int, gid: int, groups: frozenset[int]) -> None:
+    """Switch the calling thread; raises before returning unless all three
+    switches took, so no action ever runs half switched."""
     setgroups, setfsuid, setfsgid = _numbers()
-    saved_groups = os.getgroups()
     _set_groups(setgroups, sorted(groups | {gid}))
+    _set_fs_id(setfsgid, gid)
+    _set_fs_id(setfsuid, uid)
+
+
+class _Attempt:
+    """One open's hand-over between its thread and the caller. `lock`
+    decides who owns the fd when the caller gives up just as it arrives."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.abandoned = False
+        self.fd: int | None = None
+        self.error: BaseException | None = None
+
+
+def _run(attempt: _Attempt, uid: int, gid: int, groups: frozenset[int], action: Callable[[], int]) -> None:
     try:
-        _set_fs_id(setfsgid, gid)
+        fd: int | None = None
+        error: BaseException | None = None
         try:
-            _set_fs_id(setfsuid, uid)
-            try:
-                return action()
-            finally:
-                _set_fs_id(setfsuid, os.geteuid())
-        finally:
-            _set_fs_id(setfsgid, os.getegid())
+            _become(uid, gid, groups)
+            fd = action()
+        except BaseException as caught:
+            error = caught
+        with attempt.lock:
+            if attempt.abandoned:
+                if fd is not None:
+                    os.close(fd)
+                return
+            attempt.fd, attempt.error = fd, error
+            attempt.done.set()
     finally:
-        _set_groups(setgroups, saved_groups)
+        _release(uid)
 
 
-def open_as(uid: int, gid: int, groups: frozenset[int], action: Callable[[], T]) -> T:
-    """Run `action` (an open) with the given file-system identity."""
-    with _lock:
-        return _executor.submit(_as, uid, gid, groups, action).result()
+def _claim(uid: int, deadline: float) -> None:
+    """Take one of the uid's slots, waiting until `deadline` for one: a
+    burst of quick opens queues; only opens that hang fill every slot."""
+    with _slots:
+        while _in_flight.get(uid, 0) >= MAX_OPENS_PER_UID:
+            left = deadline - time.monotonic()
+            if left <= 0 or not _slots.wait(left):
+                raise TooManyOpens(
+                    errno.EAGAIN, f"uid {uid} has {MAX_OPENS_PER_UID} opens in progress that do not finish"
+                )
+        _in_flight[uid] = _in_flight.get(uid, 0) + 1
+
+
+def _release(uid: int) -> None:
+    with _slots:
+        count = _in_flight[uid] - 1
+        if count:
+            _in_flight[uid] = count
+        else:
+            del _in_flight[uid]
+        _slots.notify_all()
+
+
+def open_as(
+    uid: int, gid: int, groups: frozenset[int], action: Callable[[], int], timeout: float = OPEN_TIMEOUT_S
+) -> int:
+    """Run `action` (an open returning an fd) with the given file-system
+    identity and return its fd, or raise what it raised; TooManyOpens
+    when this uid has too many opens in flight, OSError ETIMEDOUT when
+    the open hung."""
+    deadline = time.monotonic() + timeout
+    _claim(uid, deadline)
+    attempt = _Attempt()
+    thread = threading.Thread(target=_run, args=(attempt, uid, gid, groups, action), name=f"as-uid-{uid}", daemon=True)
+    try:
+        thread.start()
+    except BaseException:
+        _release(uid)
+        raise
+    if not attempt.done.wait(max(0.0, deadline - time.monotonic())):
+        with attempt.lock:
+            if not attempt.done.is_set():
+                attempt.abandoned = True
+                raise OSError(errno.ETIMEDOUT, f"opening the file as uid {uid} took over {timeout:g} s")
+    if attempt.error is not None:
+        raise attempt.error
+    assert attempt.fd is not None
+    return attempt.fd

@@ -32,11 +32,13 @@ BATCH = 32
 
 
 def _drop(client: Client, buffers: list[Buffer]) -> None:
-    """Release a group of buffers in one call and close their fds."""
+    """Close a group of buffers' fds, then release them in one call (a
+    buffer released while its fd is open stays charged until it is closed)."""
     if buffers:
-        client.release([b.id for b in buffers])
+        ids = [b.id for b in buffers]
         for buffer in buffers:
             os.close(buffer.detach())
+        client.release(ids)
         buffers.clear()
 
 

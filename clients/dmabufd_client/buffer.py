@@ -153,15 +153,18 @@ class Buffer:
 
     def close(self) -> None:
         """Close the fd and release the buffer in the daemon's books.
-        Copies of the fd given to other processes stay valid."""
+        Copies of the fd given to other processes stay valid (and keep the
+        buffer charged to this uid while they live). The fd is closed first:
+        a buffer released while this process still holds it stays charged
+        until the daemon sees it gone."""
         if self._fd < 0:
             return
         fd, self._fd = self._fd, -1
         try:
+            os.close(fd)
+        finally:
             if self._release is not None:
                 self._release(self)
-        finally:
-            os.close(fd)
 
     def detach(self) -> int:
         """Take the fd out of this object (the caller closes it); the

@@ -34,7 +34,7 @@ class FrameType(IntEnum):
     HELLO = 1  # daemon -> client, once, right after accept
     TICKET = 2  # client -> daemon, before each gRPC call
     FDS = 3  # daemon -> client, buffers created by the call with that ticket
-    ERROR = 4  # either way: the peer's last frame was rejected
+    ERROR = 4  # daemon -> client only: a frame of the client's was rejected, or it was refused
     FILE = 5  # client -> daemon: a ticket with one file fd attached (LoadFile/LoadModel)
 
 

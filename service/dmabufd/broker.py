@@ -3,8 +3,9 @@ allocate, book, deliver the fds. The one place those steps live; the gRPC
 layer and the file loader only call them.
 
 Failure at any step undoes the steps before it: buffers allocated but not
-booked are closed, booked but not delivered are released, and the quota
-reservation returns what was not kept.
+booked are put back (freed), booked but not queued are released, and the
+quota reservation returns what was not kept. fds leave only through the
+session's outbox (transport/outbox.py).
 """
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ from dataclasses import dataclass
 from dmabufd.api.naming import kernel_name
 from dmabufd.config import Config
 from dmabufd.errors import BufferNotFound, DmabufdError, HeapUnavailable, InvalidRequest, OutOfMemory
-from dmabufd.heaps.backend import Allocation, HeapBackend, round_to_page
+from dmabufd.heaps.backend import BackendKind, HeapBackend, round_to_page
+from dmabufd.heaps.buffer import Buffer
 from dmabufd.heaps.registry import Caller, HeapRegistry
 from dmabufd.sessions.ledger import BufferRecord, Ledger, Reservation
 from dmabufd.sessions.session import Session
+from dmabufd.transport.outbox import Outgoing
 from dmabufd_common.units import format_size
 
 log = logging.getLogger(__name__)
+
+# At most this many memfds are made on the event loop in one call (see
+# never_blocks); larger batches go to a thread.
+INLINE_MAX_BUFFERS = 8
 
 
 def physical_memory() -> int:
@@ -39,30 +46,33 @@ def allocation_error(backend: HeapBackend, error: OSError) -> DmabufdError:
     return HeapUnavailable(f"heap {backend.spec.name!r} failed to allocate: {reason}")
 
 
-def allocate_all(backend: HeapBackend, sizes: list[int], name: str) -> list[Allocation]:
-    """Allocate one buffer per size, all or none."""
-    allocations: list[Allocation] = []
+def allocate_all(backend: HeapBackend, sizes: list[int], name: str) -> list[Buffer]:
+    """Allocate one buffer per size, all or none. The caller owns one
+    reference on each buffer returned."""
+    buffers: list[Buffer] = []
     try:
         for size in sizes:
-            allocations.append(backend.allocate(size, name))
+            buffers.append(Buffer(backend.allocate(size, name)))
     except BaseException as error:
-        for allocation in allocations:
-            allocation.close()
+        for buffer in buffers:
+            buffer.put()
         if isinstance(error, OSError):
             raise allocation_error(backend, error) from None
         raise
-    return allocations
+    return buffers
 
 
 @dataclass
 class Provision:
-    """Buffers allocated and covered by quota, not yet booked or delivered."""
+    """Buffers allocated and covered by quota, not yet booked or delivered.
+    Until deliver() books them, the provision owns one reference on each."""
 
     backend: HeapBackend
     usage: str
     name: str
     reservation: Reservation
-    allocations: list[Allocation]
+    buffers: list[Buffer]
+    pool_id: int = 0
 
 
 class BufferBroker:
@@ -81,6 +91,18 @@ class BufferBroker:
 
     def eligible(self, session: Session, heap: str, usage: str) -> list[HeapBackend]:
         return self._registry.eligible(heap, usage, self.caller(session))
+
+    def never_blocks(self, session: Session, heap: str, usage: str, count: int) -> bool:
+        """Whether an allocation can run on the event loop: a few memfds
+        cost a few microseconds of syscalls each; device heaps zero pages
+        in the ioctl (milliseconds for large buffers) and go to a thread.
+        A request that fails to resolve fails as fast either way."""
+        if count > INLINE_MAX_BUFFERS:
+            return False
+        try:
+            return self.pick(session, heap, usage).spec.kind is BackendKind.MEMFD
+        except DmabufdError:
+            return True
 
     def largest_buffer(self, backend: HeapBackend) -> int:
         """The largest buffer `backend` may make here (daemon and heap limits)."""
@@ -114,36 +136,46 @@ class BufferBroker:
         *,
         usage: str,
         label: str,
-        reused: list[Allocation] | None = None,
+        reused: list[Buffer] | None = None,
+        pool_id: int = 0,
     ) -> Iterator[Provision]:
         """Reserve quota for one buffer per (page-rounded) size, taking the
-        `reused` allocations (recycled, renamed here) for the first sizes
-        and allocating the rest. Unless deliver() took them, the new ones
-        are freed when the block ends; the reused ones stay the caller's."""
+        `reused` buffers (recycled, renamed here; their references move into
+        the provision) for the first sizes and allocating the rest. Unless
+        deliver() booked them, every buffer's reference is given back when
+        the block ends."""
         name = kernel_name(session.peer.pid, label, usage or backend.spec.name)
         reused = reused or []
-        with self._ledger.reserve(session, sizes) as reservation:
-            fresh = allocate_all(backend, sizes[len(reused) :], name)
-            for allocation in reused:
-                allocation.rename(name)
-            provision = Provision(backend, usage, name, reservation, reused + fresh)
-            try:
-                yield provision
-            finally:
-                if not reservation.records:
-                    for allocation in fresh:
-                        allocation.close()
+        for buffer in reused:
+            buffer.allocation.rename(name)
+            buffer.reinstate()
+        try:
+            with self._ledger.reserve(session, sizes) as reservation:
+                fresh = allocate_all(backend, sizes[len(reused) :], name)
+                provision = Provision(backend, usage, name, reservation, reused + fresh, pool_id)
+                reused = []
+                try:
+                    yield provision
+                finally:
+                    if not reservation.records:
+                        for buffer in provision.buffers:
+                            buffer.put()
+        finally:
+            for buffer in reused:  # the reservation itself failed
+                buffer.put()
 
     def deliver(self, session: Session, ticket: bytes, provision: Provision) -> list[BufferRecord]:
-        """Book the buffers to the session and send their fds."""
-        allocations = [(allocation, provision.name) for allocation in provision.allocations]
-        records = self._ledger.commit(provision.reservation, provision.backend.spec.name, provision.usage, allocations)
+        """Book the buffers to the session and queue their fds."""
+        buffers = [(buffer, provision.name) for buffer in provision.buffers]
+        records = self._ledger.commit(
+            provision.reservation, provision.backend.spec.name, provision.usage, buffers, provision.pool_id
+        )
         try:
-            session.sender.send_fds(ticket, [r.id for r in records], [r.allocation.fd for r in records])
+            session.outbox.deliver(ticket, [Outgoing(record.id, record.buffer) for record in records])
         except BaseException:
             # BufferNotFound: the session closed meanwhile and released them itself.
             with contextlib.suppress(BufferNotFound):
-                self._ledger.release(session, [record.id for record in records])
+                self._ledger.release(session, [record.id for record in records], pool_id=provision.pool_id)
             raise
         return records
 

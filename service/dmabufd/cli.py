@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
@@ -43,23 +44,31 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         log.error("%s", error)
         return 2
-    # Block the stop signals before any thread exists: every thread inherits
-    # the mask, so SIGTERM/SIGINT stay pending until sigwait() below takes
-    # them. (A Python handler runs only on the main thread, and only once
-    # it runs bytecode again: a signal delivered to a gRPC thread while the
-    # main thread sleeps in a lock would be noticed late or never.)
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    daemon = Daemon(config, args.runtime_dir or default_runtime_dir())
+    return asyncio.run(_serve(Daemon(config, args.runtime_dir or default_runtime_dir()), log))
+
+
+async def _serve(daemon: Daemon, log: logging.Logger) -> int:
+    """Run until SIGTERM or SIGINT. The loop's signal handlers are woken
+    through its wake-up fd, whichever thread the signal lands on."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[signal.Signals] = []
+
+    def on_signal(number: signal.Signals) -> None:
+        received.append(number)
+        stop.set()
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, on_signal, number)
     try:
-        daemon.start()
+        await daemon.start()
     except AlreadyRunning as error:
         log.error("%s", error)
         return 1
     except OSError as error:
         log.error("cannot start: %s", error)
         return 1
-    received = signal.sigwait(stop_signals)
-    log.info("received %s", signal.Signals(received).name)
-    daemon.stop()
+    await stop.wait()
+    log.info("received %s", received[0].name)
+    await daemon.stop()
     return 0

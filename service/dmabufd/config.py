@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dmabufd.errors import ConfigError
+from dmabufd_common.fdwire import MAX_FDS_PER_FRAME
 from dmabufd_common.units import parse_size
 
 DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
@@ -97,6 +98,27 @@ class LoadingConfig:
     model_budget_bytes: int = 2 << 30
     # Released image pools kept warm for reuse may hold this much in all.
     pool_recycle_budget_bytes: int = 256 << 20
+    # A safetensors header is untrusted: its size and tensor count are capped.
+    max_header_bytes: int = 16 << 20
+    max_tensors: int = 65536
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """What one uid may hold of the daemon itself (quotas bound memory;
+    these bound sessions, calls, streams and the daemon's own fds)."""
+
+    sessions_per_uid: int = 64
+    # RPCs in flight, ticket waits included; WatchHeaps streams count apart.
+    calls_per_uid: int = 32
+    watches_per_uid: int = 1024
+    # Loads of one uid that run at once; more wait their turn.
+    loads_per_uid: int = 2
+    # A client that lets this many frames queue, or one frame wait this
+    # long, unread on its fd socket loses its session.
+    outbox_frames: int = 64
+    outbox_stall_s: float = 5.0
+    grant_buffers: int = 256
 
 
 @dataclass(frozen=True)
@@ -106,6 +128,7 @@ class Config:
     discovery: DiscoveryConfig = DiscoveryConfig()
     heaps: HeapConfig = HeapConfig()
     loading: LoadingConfig = LoadingConfig()
+    limits: LimitsConfig = LimitsConfig()
     default_quota: Quota = Quota(max_bytes=4 << 30, max_buffers=4096)
     uid_quotas: dict[int, Quota] = field(default_factory=dict)
 
@@ -286,13 +309,40 @@ def _loading(table: _Table) -> LoadingConfig:
         chunk_bytes=table.size("chunk_bytes", defaults.chunk_bytes),
         model_budget_bytes=table.size("model_budget_bytes", defaults.model_budget_bytes),
         pool_recycle_budget_bytes=table.size("pool_recycle_budget_bytes", defaults.pool_recycle_budget_bytes),
+        max_header_bytes=table.size("max_header_bytes", defaults.max_header_bytes),
+        max_tensors=int(table.number("max_tensors", defaults.max_tensors)),
     )
     table.check_unknown()
+    if config.max_header_bytes < 8 or config.max_tensors < 1:
+        raise ConfigError("loading.max_header_bytes and loading.max_tensors must be positive")
     if not 1 <= config.parallelism <= 64:
         raise ConfigError("loading.parallelism must be between 1 and 64")
     if config.chunk_bytes < 4096 or config.chunk_bytes % 4096:
         raise ConfigError("loading.chunk_bytes must be a positive multiple of 4 KiB")
     return config
+
+
+def _limits(table: _Table) -> LimitsConfig:
+    defaults = LimitsConfig()
+    counts = {
+        name: int(table.number(name, getattr(defaults, name)))
+        for name in (
+            "sessions_per_uid",
+            "calls_per_uid",
+            "watches_per_uid",
+            "loads_per_uid",
+            "outbox_frames",
+            "grant_buffers",
+        )
+    }
+    stall = table.number("outbox_stall_s", defaults.outbox_stall_s)
+    table.check_unknown()
+    for name, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"limits.{name} must be at least 1")
+    if stall <= 0:
+        raise ConfigError("limits.outbox_stall_s must be positive")
+    return LimitsConfig(outbox_stall_s=stall, **counts)
 
 
 def parse_config(data: dict[str, Any]) -> Config:
@@ -313,10 +363,19 @@ def parse_config(data: dict[str, Any]) -> Config:
         discovery=_discovery(top.table("discovery")),
         heaps=_heaps(top.table("heaps"), top.table("usage")),
         loading=_loading(top.table("loading")),
+        limits=_limits(top.table("limits")),
         default_quota=default_quota,
         uid_quotas=uid_quotas,
     )
     top.check_unknown()
+    # The largest delivery (one call's batch, in frames of 253 fds) must fit
+    # an outbox with room to spare, or a legal call would end its session.
+    frames = -(-config.heaps.max_batch // MAX_FDS_PER_FRAME)
+    if config.limits.outbox_frames < frames + 1:
+        raise ConfigError(
+            f"limits.outbox_frames ({config.limits.outbox_frames}) must be at least {frames + 1} "
+            f"for heaps.max_batch = {config.heaps.max_batch} ({frames} frames of {MAX_FDS_PER_FRAME} fds, plus one)"
+        )
     return config
 
 

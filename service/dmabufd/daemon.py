@@ -4,11 +4,13 @@ shut-down runs in reverse so no call sees a half-dismantled daemon."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import resource
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dmabufd.api.base import Executors
 from dmabufd.api.servicer import BufferService
 from dmabufd.broker import BufferBroker
 from dmabufd.config import Config
@@ -21,6 +23,7 @@ from dmabufd.loading.probe import supported_methods
 from dmabufd.pools.pool import PoolTable
 from dmabufd.sessions.grants import GrantTable
 from dmabufd.sessions.ledger import Ledger
+from dmabufd.sessions.limits import UidLimits
 from dmabufd.sessions.session import Peer, Session, SessionTable
 from dmabufd.transport.fdserver import FdServer
 from dmabufd.transport.grpc_server import ControlServer
@@ -39,20 +42,32 @@ def raise_fd_limit() -> int:
     return hard
 
 
+# Threads for the handlers' blocking work; loads get their own, bounded
+# apart, so a long load never delays an allocation (CONCURRENCY.md).
+CALL_WORKERS = 8
+LOAD_WORKERS = 4
+REAP_INTERVAL_S = 1.0
+
+
 class Daemon:
     def __init__(self, config: Config, runtime_dir: Path) -> None:
         self.config = config
         self.runtime = RuntimeDir(runtime_dir)
         self.registry = HeapRegistry(config.heaps, probe=supported_methods)
-        self.ledger = Ledger(config)
+        self.grants = GrantTable(config.limits.grant_buffers)
+        self.ledger = Ledger(config, on_release=self.grants.buffers_released)
         self.sessions = SessionTable(on_close=self._on_session_closed)
+        self.limits = UidLimits(config.limits)
         self.broker = BufferBroker(config, self.registry, self.ledger)
         self.loader = FileLoader(config.loading, self.broker)
-        self.models = ModelCache(self.loader, config.loading.model_budget_bytes, self.ledger.new_ids)
+        self.models = ModelCache(self.loader, self.ledger, config.loading)
         self.pools = PoolTable(self.broker, self.ledger, layout, config.loading.pool_recycle_budget_bytes)
-        self.grants = GrantTable()
         self.discovery = HeapDiscovery(config.discovery, self._on_heaps_found)
-        self.fd_server = FdServer(self.runtime.fd_socket, self.sessions, self._admit)
+        self.fd_server = FdServer(self.runtime.fd_socket, self.sessions, self._admit, config.limits)
+        self.executors = Executors(
+            calls=ThreadPoolExecutor(max_workers=CALL_WORKERS, thread_name_prefix="call"),
+            loads=ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="load"),
+        )
         servicer = BufferService(
             sessions=self.sessions,
             registry=self.registry,
@@ -64,17 +79,44 @@ class Daemon:
             loading=config.loading,
             pools=self.pools,
             grants=self.grants,
+            limits=self.limits,
+            executors=self.executors,
         )
         self.control = ControlServer(self.runtime.control_socket, servicer)
-        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def _on_session_closed(self, session: Session) -> None:
-        self.grants.owner_closed(session)
-        self.pools.release_session(session)
-        self.models.release_session(session.id)
-        released = self.ledger.release_session(session)
+        """On the loop, as a session ends: its clean-up may block (closing
+        fds frees memory, /proc reads), so it runs on the calls executor."""
+        assert self._loop is not None
+        self._loop.run_in_executor(self.executors.calls, self._clean_up, session)
+
+    def _clean_up(self, session: Session) -> None:
+        try:
+            self.grants.owner_closed(session)
+            self.pools.release_session(session)
+            self.models.release_session(session.id, session.peer.uid)
+            released = self.ledger.release_session(session)
+        except Exception:
+            log.exception("session %d: clean-up failed", session.id)
+            return
         if released:
             log.info("session %d: released %d bytes it still held", session.id, released)
+
+    async def _reap(self) -> None:
+        """Free the charges of released buffers that clients no longer hold."""
+        assert self._loop is not None
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            try:
+                freed = await self._loop.run_in_executor(self.executors.calls, self.ledger.reap)
+            except Exception:
+                log.exception("reaping released buffers failed")
+                continue
+            if freed:
+                log.debug("%d released buffer(s) no longer held: charges freed", freed)
 
     def _on_heaps_found(self, found: dict[str, HeapSpec]) -> None:
         self.registry.update(found)
@@ -85,18 +127,20 @@ class Daemon:
             return None
         return f"uid {peer.uid} is not allowed to use dmabufd (see clients.allowed_uids/allowed_gids)"
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.runtime.acquire()
         try:
             limit = raise_fd_limit()
             self.discovery.start()
-            self.fd_server.start()
-            self.control.start()
+            self.fd_server.start(self._loop)
+            await self.control.start()
             for socket_path in (self.runtime.fd_socket, self.runtime.control_socket):
                 apply_socket_policy(socket_path, self.config.sockets.mode, self.config.sockets.group)
         except BaseException:
             self.runtime.release()
             raise
+        self._reaper = self._loop.create_task(self._reap())
         heaps = ", ".join(spec.name for spec in self.registry.specs())
         log.info(
             "dmabufd ready: control %s, fds %s, heaps: %s, fd limit %d",
@@ -106,16 +150,23 @@ class Daemon:
             limit,
         )
 
-    def stop(self) -> None:
-        if self._stopping.is_set():
+    async def stop(self) -> None:
+        if self._stopping:
             return
-        self._stopping.set()
+        self._stopping = True
         log.info("dmabufd stopping")
+        if self._reaper is not None:
+            self._reaper.cancel()
         self.registry.close()  # ends WatchHeaps streams
-        self.control.stop(grace_s=2.0)
+        await self.control.stop(grace_s=2.0)
         self.fd_server.stop()
         self.discovery.stop()
+        # Waits for the session clean-ups fd_server.stop() queued.
+        self.executors.calls.shutdown(wait=True)
+        self.executors.loads.shutdown(wait=True)
+        self.grants.close()
         self.models.close()
         self.pools.close()
+        self.ledger.close()
         self.runtime.release()
         log.info("dmabufd stopped")

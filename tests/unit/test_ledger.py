@@ -1,30 +1,30 @@
 from __future__ import annotations
 
 import threading
+from typing import cast
 
 import pytest
 
 from dmabufd.config import Config, Quota
-from dmabufd.errors import BufferNotFound, QuotaExceeded, SessionInvalid
-from dmabufd.heaps.backend import Allocation
+from dmabufd.errors import BufferBusy, BufferNotFound, QuotaExceeded, SessionInvalid
+from dmabufd.heaps.buffer import Buffer
 from dmabufd.heaps.memfd import MEMFD_SPEC, MemfdBackend
 from dmabufd.sessions.ledger import Ledger
 from dmabufd.sessions.session import Peer, Session
+from dmabufd.transport.outbox import Outbox
 
 BACKEND = MemfdBackend(MEMFD_SPEC)
-
-
-class NullSender:
-    def send_fds(self, ticket: bytes, buffer_ids: list[int], fds: list[int]) -> None:
-        del ticket, buffer_ids, fds
+# No process has these pids: nothing of theirs is ever "still held".
+GONE_PID = 1 << 22
 
 
 def session(session_id: int, uid: int = 1000) -> Session:
-    return Session(session_id, Peer(100 + session_id, uid, uid, frozenset(), "test"), NullSender())
+    # The ledger never touches a session's outbox.
+    return Session(session_id, Peer(GONE_PID + session_id, uid, uid, frozenset(), "test"), cast(Outbox, None))
 
 
-def allocations(count: int, size: int = 4096) -> list[tuple[Allocation, str]]:
-    return [(BACKEND.allocate(size, "ledger-test"), "ledger-test") for _ in range(count)]
+def allocations(count: int, size: int = 4096) -> list[tuple[Buffer, str]]:
+    return [(Buffer(BACKEND.allocate(size, "ledger-test")), "ledger-test") for _ in range(count)]
 
 
 def ledger(max_bytes: int = 1 << 20, max_buffers: int = 8) -> Ledger:
@@ -62,7 +62,7 @@ def test_commit_to_a_closed_session_frees_the_buffers() -> None:
         owner.closed = True
         with pytest.raises(SessionInvalid):
             books.commit(reservation, "memfd", "", fresh)
-    assert all(allocation.fd == -1 for allocation, _ in fresh), "their fds were closed"
+    assert all(buffer.allocation.fd == -1 for buffer, _ in fresh), "their fds were closed"
     assert books.usage_of(1000).buffers == 0
 
 
@@ -74,7 +74,7 @@ def test_release_is_all_or_nothing_and_per_session() -> None:
     with pytest.raises(BufferNotFound):
         books.release(mine, [ids[0], other[0]])
     assert len(books.session_buffers(mine.id)) == 2
-    assert books.release(mine, ids) == 8192
+    assert books.release(mine, ids)[0] == 8192
     assert books.release_session(theirs) == 4096
     assert books.all_buffers() == []
     assert books.totals().releases == 3
@@ -101,3 +101,33 @@ def test_concurrent_reservations_never_exceed_the_quota() -> None:
         thread.join()
     assert len(granted) == 64
     assert books.usage_of(1000).bytes == 64 * 4096
+
+
+def test_release_revokes_and_frees_exactly_once() -> None:
+    books = ledger()
+    owner = session(1)
+    with books.reserve(owner, [4096]) as reservation:
+        (record,) = books.commit(reservation, "memfd", "", allocations(1))
+    buffer = record.buffer
+    assert buffer.entitles(owner.id)
+    buffer.get()  # another holder (a grant, an outbox frame)
+    books.release(owner, [record.id])
+    assert not buffer.entitles(owner.id), "a released buffer is sent to nobody"
+    assert buffer.allocation.fd >= 0, "the other holder keeps it open"
+    buffer.put()
+    assert buffer.allocation.fd == -1
+    assert books.usage_of(1000).bytes == 0
+
+
+def test_pool_buffers_are_released_only_with_their_pool() -> None:
+    books = ledger()
+    owner = session(1)
+    with books.reserve(owner, [4096, 4096]) as reservation:
+        records = books.commit(reservation, "memfd", "", allocations(2), pool_id=7)
+    with pytest.raises(BufferBusy, match="belongs to pool 7"):
+        books.release(owner, [records[0].id])
+    released, kept = books.release(owner, [r.id for r in records], pool_id=7, keep=True)
+    assert released == 8192
+    assert [r.id for r in kept] == [r.id for r in records], "nobody holds them: handed back for recycling"
+    for record in kept:
+        record.buffer.put()

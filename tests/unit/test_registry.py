@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import queue
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ from dmabufd.config import AccessRule, HeapConfig
 from dmabufd.errors import AccessDenied, HeapNotFound, InvalidRequest
 from dmabufd.heaps.backend import BackendKind, HeapSpec
 from dmabufd.heaps.memfd import MEMFD_SPEC
-from dmabufd.heaps.registry import Caller, HeapEventKind, HeapRegistry
+from dmabufd.heaps.registry import Caller, HeapEvent, HeapEventKind, HeapRegistry
 
 ANYONE = Caller(1000, frozenset({1000}))
 
@@ -67,7 +68,8 @@ def test_access_rules() -> None:
 
 def test_update_reports_changes_to_watchers() -> None:
     registry = registry_with("system")
-    with registry.watch() as (present, events):
+    events: queue.SimpleQueue[HeapEvent | None] = queue.SimpleQueue()
+    with registry.watch(events.put) as present:
         assert {spec.name for spec in present} == {"system", "memfd"}
         registry.update({"memfd": MEMFD_SPEC, "linux,cma": heap("linux,cma")})
         got = [events.get_nowait() for _ in range(2)]
@@ -88,6 +90,7 @@ def test_same_name_new_device_is_replaced() -> None:
 
 def test_close_ends_watchers() -> None:
     registry = registry_with()
-    with registry.watch() as (_, events):
+    events: queue.SimpleQueue[HeapEvent | None] = queue.SimpleQueue()
+    with registry.watch(events.put):
         registry.close()
         assert events.get_nowait() is None

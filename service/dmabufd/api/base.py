@@ -1,16 +1,29 @@
 """What every part of the BufferService shares: its collaborators, and
 how a call claims its session and turns a DmabufdError into its status.
 
-Each method claims the caller's session (token + ticket, see
-sessions/session.py), calls into the daemon, and reports a DmabufdError as
-the call's status. Anything else is a bug: it is logged with its traceback
-and reported as INTERNAL, and the daemon serves on.
+A call runs in three steps (service/dmabufd/CONCURRENCY.md has the whole
+picture):
+1. On the event loop: find the session by its token, take one of the
+   uid's call slots (limits), and wait for the call's ticket. Waiting holds
+   no thread.
+2. On the `calls` executor: the handler, a plain function that may block
+   (allocation ioctls, /proc reads, closing fds). It queues fds on the
+   session's outbox; it never writes to a socket.
+3. On the event loop again: wait until the outbox has written this call's
+   fds, then answer. A client that does not read its socket makes only its
+   own call wait, and loses its session after limits.outbox_stall_s.
+
+A DmabufdError becomes the call's status; anything else is a bug: logged
+with its traceback and reported as INTERNAL, and the daemon serves on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -19,13 +32,12 @@ from dmabufd.broker import BufferBroker
 from dmabufd.config import AccessRule, LoadingConfig
 from dmabufd.errors import DmabufdError
 from dmabufd.heaps.registry import HeapRegistry
-from dmabufd.loading.loader import (
-    FileLoader,
-)
+from dmabufd.loading.loader import FileLoader
 from dmabufd.loading.models import ModelCache
 from dmabufd.pools.pool import PoolTable
 from dmabufd.sessions.grants import GrantTable
 from dmabufd.sessions.ledger import BufferRecord, Ledger
+from dmabufd.sessions.limits import UidLimits
 from dmabufd.sessions.session import Session, SessionTable
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 from dmabufd_common.api.v1 import dmabufd_pb2_grpc as pb_grpc
@@ -33,6 +45,7 @@ from dmabufd_common.fdwire import SESSION_METADATA_KEY, TICKET_METADATA_KEY
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+INTERNAL_MESSAGE = "internal error in dmabufd; see the daemon's log"
 
 
 def buffer_info(record: BufferRecord) -> pb.BufferInfo:
@@ -44,8 +57,31 @@ def buffer_info(record: BufferRecord) -> pb.BufferInfo:
         kernel_name=record.kernel_name,
         usage=record.usage,
         created_at=record.created_at,
-        inode=record.allocation.identity[1],
+        inode=record.identity[1],
     )
+
+
+@dataclass(frozen=True)
+class Executors:
+    """Where blocking work runs: short calls, and loads (long, bounded apart
+    so a slow load never delays an allocation)."""
+
+    calls: Executor
+    loads: Executor
+
+
+class Claimed:
+    """A call's session and ticket, once claimed."""
+
+    __slots__ = ("session", "ticket")
+
+    def __init__(self, session: Session, ticket: bytes) -> None:
+        self.session = session
+        self.ticket = ticket
+
+
+def never_blocks(_session: Session) -> bool:
+    return False
 
 
 class ServiceBase(pb_grpc.BufferServiceServicer):
@@ -62,6 +98,8 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
         loading: LoadingConfig,
         pools: PoolTable,
         grants: GrantTable,
+        limits: UidLimits,
+        executors: Executors,
     ) -> None:
         self._pools = pools
         self._grants = grants
@@ -73,26 +111,66 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
         self._registry = registry
         self._ledger = ledger
         self._broker = broker
+        self._limits = limits
+        self._executors = executors
 
     # -- plumbing -------------------------------------------------------
 
-    def _abort(self, context: grpc.ServicerContext, error: DmabufdError) -> NoReturn:
+    async def _abort(self, context: grpc.aio.ServicerContext[object, object], error: DmabufdError) -> NoReturn:
         if error.status in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED):
             self._ledger.count_denial()
-        context.abort(error.status, str(error))
+        await context.abort(error.status, str(error))
+        raise AssertionError("abort returned")  # pragma: no cover - abort always raises
 
-    def _claim(self, context: grpc.ServicerContext) -> tuple[Session, bytes]:
-        metadata = {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
-        ticket = metadata.get(TICKET_METADATA_KEY)
-        session = self._sessions.claim(metadata.get(SESSION_METADATA_KEY), ticket)
-        return session, bytes.fromhex(ticket or "")
+    async def _internal(self, context: grpc.aio.ServicerContext[object, object]) -> NoReturn:
+        log.exception("internal error")
+        await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        raise AssertionError("abort returned")  # pragma: no cover
 
-    def _serve(self, context: grpc.ServicerContext, handler: Callable[[Session, bytes], T]) -> T:
+    def _session_of(self, context: grpc.aio.ServicerContext[object, object]) -> tuple[Session, str | None]:
+        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        session = self._sessions.session_for(metadata.get(SESSION_METADATA_KEY))
+        return session, metadata.get(TICKET_METADATA_KEY)
+
+    async def _run(self, executor: Executor | None, handler: Callable[[Session, bytes], T], claimed: Claimed) -> T:
+        """Run `handler` on `executor`, or right here on the loop (None)."""
+        loop = asyncio.get_running_loop()
+        session, ticket = claimed.session, claimed.ticket
         try:
-            session, ticket = self._claim(context)
-            return handler(session, ticket)
+            if executor is None:
+                result = handler(session, ticket)
+            else:
+                result = await loop.run_in_executor(executor, handler, session, ticket)
+        except BaseException:
+            session.outbox.forget(ticket)
+            raise
+        finally:
+            # A file sent with the ticket of a call that did not load it.
+            self._sessions.drop_file(session, ticket)
+        await session.outbox.flushed(ticket)
+        return result
+
+    async def _serve(
+        self,
+        context: grpc.aio.ServicerContext[object, object],
+        handler: Callable[[Session, bytes], T],
+        *,
+        blocks: Callable[[Session], bool] = lambda _session: True,
+    ) -> T:
+        """Claim the call's session (within the uid's call limit), run
+        `handler`, answer once its fds are sent. The handler runs on the
+        calls executor unless `blocks(session)` says it cannot block: then
+        on the loop, saving two thread hand-offs (only bookkeeping and a
+        few microsecond syscalls, such as memfd_create, qualify)."""
+        try:
+            session, ticket_hex = self._session_of(context)
+            with self._limits.call(session.peer.uid):
+                ticket = await self._sessions.take_ticket(session, ticket_hex)
+                executor = self._executors.calls if blocks(session) else None
+                return await self._run(executor, handler, Claimed(session, ticket))
         except DmabufdError as error:
-            self._abort(context, error)
+            await self._abort(context, error)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
         except Exception:
-            log.exception("internal error")
-            context.abort(grpc.StatusCode.INTERNAL, "internal error in dmabufd; see the daemon's log")
+            await self._internal(context)

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-import grpc
-
-from dmabufd.api.base import ServiceBase, buffer_info
+from dmabufd.api.base import ServiceBase, buffer_info, never_blocks
+from dmabufd.errors import DmabufdError, Overloaded
 from dmabufd.heaps.backend import PAGE_SIZE, HeapSpec
-from dmabufd.heaps.registry import HeapEventKind
+from dmabufd.heaps.registry import HeapEvent, HeapEventKind
 from dmabufd.sessions import procfs
 from dmabufd.sessions.session import Session
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# How often a WatchHeaps stream checks that its client is still there.
-WATCH_POLL_S = 0.5
+if TYPE_CHECKING:
+    from dmabufd_common.api.v1.dmabufd_pb2_grpc import _ServicerContext as Context
+
+# How often a WatchHeaps stream checks that its session is still there.
+WATCH_POLL_S = 1.0
+WATCH_BACKLOG = 256
 _EVENT_KINDS = {HeapEventKind.ADDED: pb.HeapEvent.KIND_ADDED, HeapEventKind.REMOVED: pb.HeapEvent.KIND_REMOVED}
 
 
@@ -44,7 +48,7 @@ class BuffersApi(ServiceBase):
 
     # -- methods --------------------------------------------------------
 
-    def ListHeaps(self, request: pb.ListHeapsRequest, context: grpc.ServicerContext) -> pb.ListHeapsResponse:
+    async def ListHeaps(self, request: pb.ListHeapsRequest, context: Context) -> pb.ListHeapsResponse:
         def handle(session: Session, _ticket: bytes) -> pb.ListHeapsResponse:
             routes = [
                 pb.UsageRoute(usage=usage, heap_order=order)
@@ -53,25 +57,51 @@ class BuffersApi(ServiceBase):
             heaps = [self._heap(spec, session) for spec in self._registry.specs()]
             return pb.ListHeapsResponse(heaps=heaps, usage_routes=routes)
 
-        return self._serve(context, handle)
+        return await self._serve(context, handle, blocks=never_blocks)
 
-    def WatchHeaps(self, request: pb.WatchHeapsRequest, context: grpc.ServicerContext) -> Iterator[pb.HeapEvent]:
-        session, _ = self._serve(context, lambda session, ticket: (session, ticket))
-        with self._registry.watch() as (present, events):
-            if request.include_existing:
-                for spec in present:
-                    yield pb.HeapEvent(kind=pb.HeapEvent.KIND_ADDED, heap=self._heap(spec, session))
-                yield pb.HeapEvent(kind=pb.HeapEvent.KIND_SYNCED)
-            while context.is_active() and not session.closed:
-                try:
-                    event = events.get(timeout=WATCH_POLL_S)
-                except queue.Empty:
-                    continue
-                if event is None:
-                    return
-                yield pb.HeapEvent(kind=_EVENT_KINDS[event.kind], heap=self._heap(event.spec, session))
+    async def WatchHeaps(self, request: pb.WatchHeapsRequest, context: Context) -> AsyncIterator[pb.HeapEvent]:
+        """A stream holds no thread: it waits on the loop for events the
+        registry queues (WATCH_BACKLOG at most; a client that reads slower
+        than heaps change loses its stream, not the daemon's memory)."""
+        try:
+            session, ticket_hex = self._session_of(context)
+            with self._limits.call(session.peer.uid):
+                await self._sessions.take_ticket(session, ticket_hex)
+        except DmabufdError as error:
+            await self._abort(context, error)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[HeapEvent | None] = asyncio.Queue(maxsize=WATCH_BACKLOG)
+        overflowed = asyncio.Event()
 
-    def Allocate(self, request: pb.AllocateRequest, context: grpc.ServicerContext) -> pb.AllocateResponse:
+        def put(event: HeapEvent | None) -> None:
+            try:
+                events.put_nowait(event)
+            except asyncio.QueueFull:
+                overflowed.set()
+
+        def sink(event: HeapEvent | None) -> None:  # the registry's thread, its lock held
+            loop.call_soon_threadsafe(put, event)
+
+        try:
+            with self._limits.watch(session.peer.uid), self._registry.watch(sink) as present:
+                if request.include_existing:
+                    for spec in present:
+                        yield pb.HeapEvent(kind=pb.HeapEvent.KIND_ADDED, heap=self._heap(spec, session))
+                    yield pb.HeapEvent(kind=pb.HeapEvent.KIND_SYNCED)
+                while not session.closed:
+                    if overflowed.is_set():
+                        raise Overloaded(f"more than {WATCH_BACKLOG} heap events unread; watch again")
+                    try:
+                        event = await asyncio.wait_for(events.get(), WATCH_POLL_S)
+                    except TimeoutError:
+                        continue
+                    if event is None:
+                        return
+                    yield pb.HeapEvent(kind=_EVENT_KINDS[event.kind], heap=self._heap(event.spec, session))
+        except DmabufdError as error:
+            await self._abort(context, error)
+
+    async def Allocate(self, request: pb.AllocateRequest, context: Context) -> pb.AllocateResponse:
         def handle(session: Session, ticket: bytes) -> pb.AllocateResponse:
             records = self._broker.allocate(
                 session,
@@ -84,26 +114,32 @@ class BuffersApi(ServiceBase):
             )
             return pb.AllocateResponse(buffers=[buffer_info(record) for record in records])
 
-        return self._serve(context, handle)
+        def blocks(session: Session) -> bool:
+            return not self._broker.never_blocks(session, request.heap, request.usage, request.count or 1)
 
-    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
+        return await self._serve(context, handle, blocks=blocks)
+
+    async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
         def handle(session: Session, _ticket: bytes) -> pb.ReleaseResponse:
-            return pb.ReleaseResponse(released_bytes=self._ledger.release(session, list(request.buffer_ids)))
+            released, _ = self._ledger.release(session, list(request.buffer_ids))
+            return pb.ReleaseResponse(released_bytes=released)
 
-        return self._serve(context, handle)
+        return await self._serve(context, handle)
 
-    def ListBuffers(self, request: pb.ListBuffersRequest, context: grpc.ServicerContext) -> pb.ListBuffersResponse:
+    async def ListBuffers(self, request: pb.ListBuffersRequest, context: Context) -> pb.ListBuffersResponse:
         def handle(session: Session, _ticket: bytes) -> pb.ListBuffersResponse:
             records = self._ledger.session_buffers(session.id)
             return pb.ListBuffersResponse(buffers=[buffer_info(record) for record in records])
 
-        return self._serve(context, handle)
+        return await self._serve(context, handle, blocks=never_blocks)
 
-    def DescribeBuffer(self, request: pb.DescribeBufferRequest, context: grpc.ServicerContext) -> pb.BufferInfo:
-        return self._serve(context, lambda session, _: buffer_info(self._ledger.find(session, request.buffer_id)))
+    async def DescribeBuffer(self, request: pb.DescribeBufferRequest, context: Context) -> pb.BufferInfo:
+        return await self._serve(
+            context, lambda session, _: buffer_info(self._ledger.find(session, request.buffer_id)), blocks=never_blocks
+        )
 
-    def GetStats(self, request: pb.GetStatsRequest, context: grpc.ServicerContext) -> pb.Stats:
-        return self._serve(context, lambda session, _: self._stats(session, request.check_proc))
+    async def GetStats(self, request: pb.GetStatsRequest, context: Context) -> pb.Stats:
+        return await self._serve(context, lambda session, _: self._stats(session, request.check_proc))
 
     def _stats(self, caller: Session, check_proc: bool) -> pb.Stats:
         admins = self._admins.allows(caller.peer.uid, caller.peer.gids)
@@ -126,9 +162,11 @@ class BuffersApi(ServiceBase):
                 quota_buffers=quota.max_buffers,
                 connected_at=session.connected_at,
             )
+            charged = self._ledger.usage_of(session.peer.uid)
+            client.charged_bytes, client.charged_buffers = charged.bytes, charged.buffers
             if check_proc:
-                holdings = procfs.open_files(session.peer.pid, (r.allocation.identity for r in held))
-                seen = [record for record in held if record.allocation.identity in holdings.files]
+                holdings = procfs.open_files(session.peer.pid, (r.identity for r in held))
+                seen = [record for record in held if record.identity in holdings.files]
                 client.proc_checked = holdings.readable
                 client.proc_buffer_count = len(seen)
                 client.proc_bytes = sum(record.size for record in seen)
@@ -144,6 +182,7 @@ class BuffersApi(ServiceBase):
         stats.total_bytes = sum(record.size for record in buffers)
         totals = self._ledger.totals()
         stats.allocations, stats.releases, stats.denials = totals.allocations, totals.releases, totals.denials
+        stats.lingering_buffers = totals.lingering
         stats.sessions_opened, stats.sessions_closed = self._sessions.opened, self._sessions.closed
         stats.models, stats.model_bytes = self._models.resident()
         return stats

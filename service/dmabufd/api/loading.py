@@ -1,36 +1,66 @@
-"""BufferService, loading: LoadFile, LoadModel, ReleaseModel."""
+"""BufferService, loading: LoadFile, LoadModel, ReleaseModel.
+
+A load is a stream that holds no thread while it waits: the work (open the
+file, allocate, copy, book, queue the fds) runs on the load executor, and
+the stream's coroutine only reports its progress and, at the end, waits for
+the outbox to write the fds.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
 from dmabufd.api.base import ServiceBase, buffer_info
-from dmabufd.errors import BufferNotFound, DmabufdError, InvalidRequest
-from dmabufd.loading.loader import (
-    CancelledFn,
-    LoadOutcome,
-    LoadRequest,
-    ProgressFn,
-    choose_heap,
-    choose_method,
-)
+from dmabufd.errors import BufferNotFound, DmabufdError, InvalidRequest, LoadCancelled
+from dmabufd.loading.loader import LoadOutcome, LoadRequest, choose_heap, choose_method
 from dmabufd.loading.method import Method
 from dmabufd.loading.models import ModelLoad, ResidentModel
 from dmabufd.loading.source import SourceFile, close_quietly, from_client_fd, open_as_client
 from dmabufd.sessions.session import Session
+from dmabufd.transport.outbox import Outgoing
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
+
+if TYPE_CHECKING:
+    from dmabufd_common.api.v1.dmabufd_pb2_grpc import _ServicerContext as Context
 
 log = logging.getLogger(__name__)
 
-# How often a load reports progress (and notices a cancelled call).
+# How often a load reports progress.
 PROGRESS_INTERVAL_S = 0.25
-T = TypeVar("T")
+
+
+class Progress:
+    """Bytes done so far, written by load threads, read by the stream; and
+    whether the stream still wants the load (read by the load threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = 0
+        self.total = 0
+        self._abandoned = threading.Event()
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self._done += nbytes
+
+    @property
+    def done(self) -> int:
+        with self._lock:
+            return self._done
+
+    def cancelled(self) -> bool:
+        return self._abandoned.is_set()
+
+    def abandon(self) -> None:
+        self._abandoned.set()
 
 
 def _method(value: int) -> Method:
@@ -43,7 +73,7 @@ def _method(value: int) -> Method:
 class LoadingApi(ServiceBase):
     def _open_source(self, session: Session, ticket: bytes, source: pb.FileSource) -> SourceFile:
         """The file a load names: the fd sent with the call's ticket, or a
-        path opened with the client's credentials."""
+        path opened with the client's credentials. Runs on a load worker."""
         kind = source.WhichOneof("source")
         deposited = self._sessions.take_file(session, ticket)
         if kind == "path":
@@ -51,102 +81,86 @@ class LoadingApi(ServiceBase):
             return open_as_client(source.path, session.peer, self._loading.roots)
         if deposited is None:
             raise InvalidRequest("no file: send its fd in a FILE frame with the call's ticket, or name a path")
-        return from_client_fd(deposited)
+        return from_client_fd(deposited, session.peer)
 
-    def _prepare(self, context: grpc.ServicerContext, step: Callable[[], T], source: SourceFile | None = None) -> T:
-        """Run one step before a load starts; on error, close the source
-        (if it is open already) and fail the call with the error's status."""
-        try:
-            return step()
-        except DmabufdError as error:
-            if source is not None:
-                source.close()
-            self._abort(context, error)
-        except Exception:
-            if source is not None:
-                source.close()
-            log.exception("internal error preparing a load")
-            context.abort(grpc.StatusCode.INTERNAL, "internal error in dmabufd; see the daemon's log")
-
-    def _stream(
+    async def _stream(
         self,
-        context: grpc.ServicerContext,
-        total: int,
-        work: Callable[[ProgressFn, CancelledFn], pb.LoadProgress],
-    ) -> Iterator[pb.LoadProgress]:
-        """Run `work` on its own thread; stream progress until it ends.
-        A client that cancels (or whose deadline passes) stops the load.
-        The stream never ends before the work does: the caller closes the
-        file afterwards, and it must not close it under a running load."""
-        done = [0]
-        lock = threading.Lock()
-        outcome: list[pb.LoadProgress | BaseException] = []
-        finished = threading.Event()
-        abandoned = threading.Event()
-
-        def progress(nbytes: int) -> None:
-            with lock:
-                done[0] += nbytes
-
-        def cancelled() -> bool:
-            return abandoned.is_set() or not context.is_active()
-
-        def run() -> None:
-            try:
-                outcome.append(work(progress, cancelled))
-            except BaseException as error:
-                outcome.append(error)
-                if isinstance(error, DmabufdError):
-                    log.info("load failed: %s (%s)", error, error.status.name)
-            finally:
-                finished.set()
-
-        threading.Thread(target=run, name="load", daemon=True).start()
-        reported = -1
+        context: Context,
+        work: Callable[[Session, bytes, Progress], pb.LoadProgress],
+    ) -> AsyncIterator[pb.LoadProgress]:
+        """Claim the call (a call slot, then one of the uid's load slots),
+        run `work` on the load executor and stream its progress until it
+        ends. A client that cancels (or whose deadline passes) stops the
+        load; the stream never ends before the work does (the work owns the
+        file and its buffers until it returns)."""
         try:
-            while not finished.wait(PROGRESS_INTERVAL_S):
-                with lock:
-                    current = done[0]
-                if current != reported:
-                    reported = current
-                    yield pb.LoadProgress(bytes_done=current, bytes_total=total)
-        finally:
-            abandoned.set()  # the client went away mid-stream (GeneratorExit)
-            finished.wait()
-        result = outcome[0]
-        if isinstance(result, DmabufdError):
-            self._abort(context, result)
-        if isinstance(result, BaseException):
-            log.error("load failed", exc_info=result)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error in dmabufd; see the daemon's log")
-        yield result
+            session, ticket_hex = self._session_of(context)
+            with self._limits.call(session.peer.uid):
+                ticket = await self._sessions.take_ticket(session, ticket_hex)
+                try:
+                    async with self._limits.load(session.peer.uid):
+                        progress = Progress()
+                        loop = asyncio.get_running_loop()
+                        future = loop.run_in_executor(self._executors.loads, work, session, ticket, progress)
+                        try:
+                            reported = -1
+                            while True:
+                                done, _ = await asyncio.wait({future}, timeout=PROGRESS_INTERVAL_S)
+                                if done:
+                                    break
+                                if progress.done != reported:
+                                    reported = progress.done
+                                    yield pb.LoadProgress(bytes_done=reported, bytes_total=progress.total)
+                        finally:
+                            progress.abandon()  # cancelled, or the client went away mid-stream
+                            with contextlib.suppress(BaseException):
+                                await asyncio.shield(future)
+                finally:
+                    # The file sent with the ticket, if the work never took
+                    # it (it failed first, or never ran: cancelled in the queue).
+                    self._sessions.drop_file(session, ticket)
+                try:
+                    result = future.result()
+                except BaseException:
+                    session.outbox.forget(ticket)
+                    raise
+                await session.outbox.flushed(ticket)
+            yield result
+        except DmabufdError as error:
+            if not isinstance(error, LoadCancelled):
+                log.info("load failed: %s (%s)", error, error.status.name)
+            await self._abort(context, error)
+        except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+            raise
+        except Exception:
+            await self._internal(context)
 
-    def LoadFile(self, request: pb.LoadFileRequest, context: grpc.ServicerContext) -> Iterator[pb.LoadProgress]:
-        session, ticket = self._serve(context, lambda session, ticket: (session, ticket))
-        source = self._prepare(context, lambda: self._open_source(session, ticket, request.source))
-        offset, length = self._prepare(
-            context, lambda: source.check_range(request.source.offset, request.source.length), source
-        )
-        method = self._prepare(context, lambda: _method(request.method), source)
-        load = LoadRequest(
-            offset=offset,
-            length=length,
-            heap=request.heap,
-            usage=request.usage,
-            label=request.name,
-            method=method,
-            verify=request.verify,
-            max_buffer_bytes=request.max_buffer_bytes,
-        )
-
-        def work(progress: ProgressFn, cancelled: CancelledFn) -> pb.LoadProgress:
-            outcome = self._loader.load(session, ticket, source, load, progress=progress, cancelled=cancelled)
+    async def LoadFile(self, request: pb.LoadFileRequest, context: Context) -> AsyncIterator[pb.LoadProgress]:
+        def work(session: Session, ticket: bytes, progress: Progress) -> pb.LoadProgress:
+            method = _method(request.method)
+            source = self._open_source(session, ticket, request.source)
+            try:
+                offset, length = source.check_range(request.source.offset, request.source.length)
+                progress.total = length
+                load = LoadRequest(
+                    offset=offset,
+                    length=length,
+                    heap=request.heap,
+                    usage=request.usage,
+                    label=request.name,
+                    method=method,
+                    verify=request.verify,
+                    max_buffer_bytes=request.max_buffer_bytes,
+                )
+                outcome = self._loader.load(
+                    session, ticket, source, load, progress=progress.add, cancelled=progress.cancelled
+                )
+            finally:
+                source.close()
             return pb.LoadProgress(bytes_done=length, bytes_total=length, result=self._result(outcome))
 
-        try:
-            yield from self._stream(context, length, work)
-        finally:
-            source.close()
+        async for message in self._stream(context, work):
+            yield message
 
     def _result(self, outcome: LoadOutcome) -> pb.LoadResult:
         report = outcome.report
@@ -169,39 +183,42 @@ class LoadingApi(ServiceBase):
             parallelism=report.parallelism,
         )
 
-    def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> Iterator[pb.LoadProgress]:
-        session, ticket = self._serve(context, lambda session, ticket: (session, ticket))
-        source = self._prepare(context, lambda: self._open_source(session, ticket, request.source))
-
-        def plan() -> ModelLoad:
-            requested = _method(request.method)
-            candidates = self._broker.eligible(session, request.heap, request.usage or "model-weights")
-            backend = choose_heap(candidates, requested, source)
-            return ModelLoad(
-                backend=backend,
-                method=choose_method(backend, requested, source),
-                verify=request.verify,
-                largest=self._broker.largest_buffer(backend),
-            )
-
-        how = self._prepare(context, plan, source)
-
-        def work(progress: ProgressFn, cancelled: CancelledFn) -> pb.LoadProgress:
+    async def LoadModel(self, request: pb.LoadModelRequest, context: Context) -> AsyncIterator[pb.LoadProgress]:
+        def work(session: Session, ticket: bytes, progress: Progress) -> pb.LoadProgress:
             started = time.monotonic()
-            model, shared = self._models.acquire(
-                session.id, session.peer.uid, source, how, progress=progress, cancelled=cancelled
-            )
+            requested = _method(request.method)
+            source = self._open_source(session, ticket, request.source)
             try:
-                session.sender.send_fds(ticket, model.buffer_ids, model.share_fds)
+                progress.total = source.size
+                candidates = self._broker.eligible(session, request.heap, request.usage or "model-weights")
+                backend = choose_heap(candidates, requested, source)
+                how = ModelLoad(
+                    backend=backend,
+                    method=choose_method(backend, requested, source),
+                    verify=request.verify,
+                    largest=self._broker.largest_buffer(backend),
+                    max_buffers=self._broker.max_batch,
+                )
+                model, shared = self._models.acquire(
+                    session.id, session.peer.uid, source, how, progress=progress.add, cancelled=progress.cancelled
+                )
+            finally:
+                source.close()
+            try:
+                session.outbox.deliver(
+                    ticket,
+                    [
+                        Outgoing(buffer_id, buffer, model.read_only_enforced)
+                        for buffer_id, buffer in zip(model.buffer_ids, model.buffers, strict=True)
+                    ],
+                )
             except BaseException:
-                self._models.release(session.id, model.id)
+                self._models.release(session.id, session.peer.uid, model.id)
                 raise
             return self._model_reply(model, shared=shared, verified=how.verify, wall_seconds=time.monotonic() - started)
 
-        try:
-            yield from self._stream(context, source.size, work)
-        finally:
-            source.close()
+        async for message in self._stream(context, work):
+            yield message
 
     def _model_reply(
         self, model: ResidentModel, *, shared: bool, verified: bool, wall_seconds: float
@@ -209,25 +226,26 @@ class LoadingApi(ServiceBase):
         infos = [
             pb.BufferInfo(
                 id=buffer_id,
-                size=allocation.size,
+                size=buffer.size,
                 heap=model.key[1],
-                backend=pb.Backend.ValueType(allocation.kind.value),
+                backend=pb.Backend.ValueType(buffer.kind.value),
                 kernel_name="dmabufd:model",
                 usage="model-weights",
-                inode=allocation.identity[1],
+                inode=buffer.identity[1],
             )
-            for buffer_id, allocation in zip(model.buffer_ids, model.allocations, strict=True)
+            for buffer_id, buffer in zip(model.buffer_ids, model.buffers, strict=True)
         ]
         tensors = []
         for tensor in model.header.tensors:
-            index, offset = model.placement[tensor.name]
+            # A zero-size tensor of a model with no bytes at all has no buffer.
+            placed = model.placement.get(tensor.name)
             tensors.append(
                 pb.TensorInfo(
                     name=tensor.name,
                     dtype=tensor.dtype,
                     shape=tensor.shape,
-                    buffer_id=model.buffer_ids[index],
-                    offset=offset,
+                    buffer_id=model.buffer_ids[placed[0]] if placed else 0,
+                    offset=placed[1] if placed else 0,
                     nbytes=tensor.nbytes,
                 )
             )
@@ -253,10 +271,10 @@ class LoadingApi(ServiceBase):
         )
         return pb.LoadProgress(bytes_done=loaded, bytes_total=loaded, result=result, model=info)
 
-    def ReleaseModel(self, request: pb.ReleaseModelRequest, context: grpc.ServicerContext) -> pb.ReleaseModelResponse:
+    async def ReleaseModel(self, request: pb.ReleaseModelRequest, context: Context) -> pb.ReleaseModelResponse:
         def handle(session: Session, _ticket: bytes) -> pb.ReleaseModelResponse:
-            if not self._models.release(session.id, request.model_id):
+            if not self._models.release(session.id, session.peer.uid, request.model_id):
                 raise BufferNotFound(f"this session holds no model with id {request.model_id}")
             return pb.ReleaseModelResponse()
 
-        return self._serve(context, handle)
+        return await self._serve(context, handle)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
-import os
+from typing import TYPE_CHECKING
 
-import grpc
-
-from dmabufd.api.base import ServiceBase, buffer_info
+from dmabufd.api.base import ServiceBase, buffer_info, never_blocks
 from dmabufd.errors import BufferNotFound, InvalidRequest
 from dmabufd.pools.pool import FormatKey, Pool
-from dmabufd.sessions.grants import GrantEntry, read_only_fds
+from dmabufd.sessions.grants import GrantEntry
 from dmabufd.sessions.session import Session
+from dmabufd.transport.outbox import Outgoing
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
+
+if TYPE_CHECKING:
+    from dmabufd_common.api.v1.dmabufd_pb2_grpc import _ServicerContext as Context
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class SharingApi(ServiceBase):
             allocation_seconds=pool.allocation_seconds,
         )
 
-    def AllocatePool(self, request: pb.AllocatePoolRequest, context: grpc.ServicerContext) -> pb.PoolInfo:
+    async def AllocatePool(self, request: pb.AllocatePoolRequest, context: Context) -> pb.PoolInfo:
         def handle(session: Session, ticket: bytes) -> pb.PoolInfo:
             image = request.format
             pool = self._pools.allocate(
@@ -53,21 +55,23 @@ class SharingApi(ServiceBase):
             )
             return self._pool_info(pool)
 
-        return self._serve(context, handle)
+        return await self._serve(context, handle)
 
-    def ReleasePool(self, request: pb.ReleasePoolRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
+    async def ReleasePool(self, request: pb.ReleasePoolRequest, context: Context) -> pb.ReleaseResponse:
         def handle(session: Session, _ticket: bytes) -> pb.ReleaseResponse:
             released = self._pools.release(session, request.pool_id, owner_pid=session.peer.pid)
             return pb.ReleaseResponse(released_bytes=released)
 
-        return self._serve(context, handle)
+        return await self._serve(context, handle)
 
-    def Grant(self, request: pb.GrantRequest, context: grpc.ServicerContext) -> pb.GrantResponse:
+    async def Grant(self, request: pb.GrantRequest, context: Context) -> pb.GrantResponse:
         def handle(session: Session, _ticket: bytes) -> pb.GrantResponse:
             if request.pool_id:
                 records = self._pools.find(session, request.pool_id).records
             else:
-                records = [self._ledger.find(session, buffer_id) for buffer_id in request.buffer_ids]
+                buffer_ids = list(request.buffer_ids)
+                self._grants.check_ids(buffer_ids)
+                records = [self._ledger.find(session, buffer_id) for buffer_id in buffer_ids]
             kind = request.WhichOneof("to")
             if kind is None:
                 raise InvalidRequest("say who receives the grant: a uid, or token = true")
@@ -82,18 +86,19 @@ class SharingApi(ServiceBase):
             )
             return pb.GrantResponse(grant_id=entry.id, token=entry.token.hex() if entry.token else "")
 
-        return self._serve(context, handle)
+        return await self._serve(context, handle, blocks=never_blocks)
 
-    def Redeem(self, request: pb.RedeemRequest, context: grpc.ServicerContext) -> pb.RedeemResponse:
+    async def Redeem(self, request: pb.RedeemRequest, context: Context) -> pb.RedeemResponse:
         def handle(session: Session, ticket: bytes) -> pb.RedeemResponse:
             entry = self._grants.take(session, token_hex=request.token, grant_id=request.grant_id)
-            fds = read_only_fds(entry.records) if entry.read_only else [r.allocation.fd for r in entry.records]
             try:
-                session.sender.send_fds(ticket, [r.id for r in entry.records], fds)
+                for record in entry.records:
+                    record.buffer.entitle(session.id)
+                session.outbox.deliver(
+                    ticket, [Outgoing(record.id, record.buffer, entry.read_only) for record in entry.records]
+                )
             finally:
-                if entry.read_only:
-                    for fd in fds:
-                        os.close(fd)
+                entry.put()  # the outbox holds its own references until it has sent them
             pool = self._pools.note_holder(entry.pool_id, session.peer.pid) if entry.pool_id else None
             return pb.RedeemResponse(
                 buffers=[buffer_info(record) for record in entry.records],
@@ -102,14 +107,14 @@ class SharingApi(ServiceBase):
                 grant_id=entry.id,
             )
 
-        return self._serve(context, handle)
+        return await self._serve(context, handle, blocks=never_blocks)
 
-    def Revoke(self, request: pb.RevokeRequest, context: grpc.ServicerContext) -> pb.RevokeResponse:
+    async def Revoke(self, request: pb.RevokeRequest, context: Context) -> pb.RevokeResponse:
         def handle(session: Session, _ticket: bytes) -> pb.RevokeResponse:
             self._grants.revoke(session, request.grant_id)
             return pb.RevokeResponse()
 
-        return self._serve(context, handle)
+        return await self._serve(context, handle)
 
     @staticmethod
     def _grant_info(entry: GrantEntry) -> pb.GrantInfo:
@@ -123,11 +128,11 @@ class SharingApi(ServiceBase):
             pool_id=entry.pool_id,
         )
 
-    def ListGrants(self, request: pb.ListGrantsRequest, context: grpc.ServicerContext) -> pb.ListGrantsResponse:
+    async def ListGrants(self, request: pb.ListGrantsRequest, context: Context) -> pb.ListGrantsResponse:
         def handle(session: Session, _ticket: bytes) -> pb.ListGrantsResponse:
             return pb.ListGrantsResponse(
                 offered=[self._grant_info(g) for g in self._grants.offered_to(session.peer.uid)],
                 made=[self._grant_info(g) for g in self._grants.made_by(session)],
             )
 
-        return self._serve(context, handle)
+        return await self._serve(context, handle, blocks=never_blocks)

@@ -14,7 +14,6 @@ uses it fails that call with HeapUnavailable, not a crash.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,6 +58,7 @@ class Caller:
 
 
 Probe = Callable[[HeapBackend], tuple[Method, ...]]
+EventSink = Callable[["HeapEvent | None"], None]
 
 
 class HeapRegistry:
@@ -68,7 +68,7 @@ class HeapRegistry:
         self._probe = probe
         self._lock = threading.Lock()
         self._backends: dict[str, HeapBackend] = {}
-        self._watchers: set[queue.SimpleQueue[HeapEvent | None]] = set()
+        self._watchers: set[EventSink] = set()
 
     # -- discovery side -------------------------------------------------
 
@@ -92,8 +92,8 @@ class HeapRegistry:
                 self._backends[name] = backend
                 events.append(HeapEvent(HeapEventKind.ADDED, spec))
             for event in events:
-                for watcher in self._watchers:
-                    watcher.put(event)
+                for sink in self._watchers:
+                    sink(event)
         for event in events:
             log.info("heap %s: %s (%s)", event.kind.name.lower(), event.spec.name, event.spec.device_path or "memfd")
         return events
@@ -103,8 +103,8 @@ class HeapRegistry:
             for backend in self._backends.values():
                 backend.close()
             self._backends.clear()
-            for watcher in self._watchers:
-                watcher.put(None)
+            for sink in self._watchers:
+                sink(None)
 
     # -- client side ----------------------------------------------------
 
@@ -183,16 +183,16 @@ class HeapRegistry:
         raise HeapNotFound(f"usage {usage!r}: none of its heaps is present ({', '.join(routes[usage])})")
 
     @contextmanager
-    def watch(self) -> Iterator[tuple[list[HeapSpec], queue.SimpleQueue[HeapEvent | None]]]:
-        """The heaps present now, and every event after that moment (taken
-        together under the lock, so none falls between); None in the queue
-        means the registry closed."""
-        events: queue.SimpleQueue[HeapEvent | None] = queue.SimpleQueue()
+    def watch(self, sink: EventSink) -> Iterator[list[HeapSpec]]:
+        """The heaps present now; every event after that moment goes to
+        `sink` (both taken under the lock, so none falls between). A sink
+        runs with the registry's lock held and must only hand the event on
+        (queue it); None means the registry closed."""
         with self._lock:
-            self._watchers.add(events)
+            self._watchers.add(sink)
             present = [backend.spec for backend in self._backends.values()]
         try:
-            yield present, events
+            yield present
         finally:
             with self._lock:
-                self._watchers.discard(events)
+                self._watchers.discard(sink)

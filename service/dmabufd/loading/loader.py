@@ -141,12 +141,23 @@ def choose_method(backend: HeapBackend, requested: Method, source: SourceFile) -
 
 
 def _digest_of_file(fd: int, piece: Piece) -> bytes:
-    start = piece.file_offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
-    with mmap.mmap(fd, piece.file_offset + piece.length - start, prot=mmap.PROT_READ, offset=start) as region:
-        view = memoryview(region)[piece.file_offset - start :]
-        digest = hashlib.sha256(view).digest()
-        view.release()
-    return digest
+    """SHA-256 of the file bytes `piece` covers, read with preadv. Never a
+    mapping: the file is the client's, and a client that truncates it under
+    a mapping would kill the daemon with SIGBUS; a read just comes up short."""
+    chunk_bytes = 1 << 20
+    digest = hashlib.sha256()
+    # One buffer for the whole piece, so verifying does not allocate per chunk.
+    chunk = bytearray(min(chunk_bytes, piece.length))
+    with memoryview(chunk) as view:
+        position, end = piece.file_offset, piece.file_offset + piece.length
+        while position < end:
+            count = os.preadv(fd, [view[: min(len(view), end - position)]], position)
+            if count == 0:
+                # A short read just loops for the rest; only end of file gives 0.
+                raise FileChanged("the file shrank while it was being verified")
+            digest.update(view[:count])
+            position += count
+    return digest.digest()
 
 
 def _digest_of_buffer(allocation: Allocation, piece: Piece) -> bytes:
@@ -216,7 +227,8 @@ class FileLoader:
         if stop.is_set() or cancelled():
             raise LoadCancelled("the load was cancelled")
         wall = time.monotonic() - started
-        if os.fstat(source.buffered_fd).st_size < max(p.piece.file_offset + p.piece.length for _, p in targets):
+        needed = max((p.piece.file_offset + p.piece.length for _, p in targets), default=0)
+        if os.fstat(source.buffered_fd).st_size < needed:
             raise FileChanged("the file was truncated while loading")
         if verify:
             began = time.thread_time()
@@ -263,7 +275,7 @@ class FileLoader:
             allocation_seconds = time.monotonic() - started
             report = self.transfer(
                 source,
-                list(zip(provision.allocations, plans, strict=True)),
+                [(buffer.allocation, plan) for buffer, plan in zip(provision.buffers, plans, strict=True)],
                 method,
                 progress=progress,
                 cancelled=cancelled,

@@ -17,12 +17,17 @@ scrubbed), only once no process known to hold them (the owner, grant
 redeemers) still has any of them open, and only within
 pools.recycle_budget_bytes; anything else is freed.
 
-Locking: _lock guards the tables; allocation and I/O run outside it.
+Lifetime: a pool's buffers are ordinary ledger records (pool_id set), so
+they can be released only with the pool. The warm cache owns one reference
+on each buffer it keeps; allocate() hands those to the new pool's
+provision.
+
+Locking: _lock guards the tables; it is a leaf lock (allocation, /proc
+reads and put() run outside it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -30,9 +35,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dmabufd.broker import BufferBroker, Provision
+from dmabufd.broker import BufferBroker
 from dmabufd.errors import BufferNotFound, InvalidRequest
-from dmabufd.heaps.backend import Allocation, round_to_page
+from dmabufd.heaps.backend import round_to_page
+from dmabufd.heaps.buffer import Buffer
 from dmabufd.sessions import procfs
 from dmabufd.sessions.ledger import BufferRecord, Ledger
 from dmabufd.sessions.session import Session
@@ -120,11 +126,11 @@ class PoolTable:
         self._budget = recycle_budget_bytes
         self._lock = threading.Lock()
         self._pools: dict[int, Pool] = {}
-        self._warm: dict[WarmKey, list[list[Allocation]]] = {}
+        self._warm: dict[WarmKey, list[list[Buffer]]] = {}
         self._next_id = 1
 
     def _warm_bytes(self) -> int:
-        return sum(a.size for frames in self._warm.values() for frame in frames for a in frame)
+        return sum(b.size for frames in self._warm.values() for frame in frames for b in frame)
 
     def allocate(
         self,
@@ -156,34 +162,30 @@ class PoolTable:
         key: WarmKey = (session.peer.uid, backend.spec.name, image, tuple(sizes))
         started = time.monotonic()
         with self._lock:
+            pool_id = self._next_id
+            self._next_id += 1
             warm = self._warm.get(key, [])
             reused, self._warm[key] = warm[:count], warm[count:]
             if not self._warm[key]:
                 del self._warm[key]
-        entered: list[Provision] = []
-        try:
-            with self._broker.provision(
-                session,
-                backend,
-                sizes * count,
-                usage=usage,
-                label=label,
-                reused=[a for frame in reused for a in frame],
-            ) as provision:
-                entered.append(provision)
-                records = self._broker.deliver(session, ticket, provision)
-        except BaseException:
-            # Booked then undelivered buffers were closed with their release;
-            # buffers never booked are still good: back to the warm cache.
-            if not (entered and entered[0].reservation.records):
-                self._return_warm(key, reused)
-            raise
+        # The provision takes over the warm cache's references; on failure
+        # it frees them (a failed pool is not worth keeping warm).
+        with self._broker.provision(
+            session,
+            backend,
+            sizes * count,
+            usage=usage,
+            label=label,
+            reused=[buffer for frame in reused for buffer in frame],
+            pool_id=pool_id,
+        ) as provision:
+            records = self._broker.deliver(session, ticket, provision)
         seconds = time.monotonic() - started
         per_frame = len(sizes)
         frames = [records[i : i + per_frame] for i in range(0, len(records), per_frame)]
         with self._lock:
             pool = Pool(
-                id=self._next_id,
+                id=pool_id,
                 session_id=session.id,
                 uid=session.peer.uid,
                 heap=backend.spec.name,
@@ -195,8 +197,11 @@ class PoolTable:
                 recycled=bool(reused) and len(reused) == count,
                 allocation_seconds=seconds,
             )
-            self._next_id += 1
             self._pools[pool.id] = pool
+            if session.closed:
+                # The session ended as the pool was made: its clean-up has
+                # released the buffers and may have looked for pools already.
+                del self._pools[pool.id]
         log.info(
             "session %d: pool %d, %d x %s %dx%d on %s in %.2f ms%s",
             session.id,
@@ -210,11 +215,6 @@ class PoolTable:
             f" ({len(reused)} frames recycled)" if reused else "",
         )
         return pool
-
-    def _return_warm(self, key: WarmKey, frames: list[list[Allocation]]) -> None:
-        if frames:
-            with self._lock:
-                self._warm.setdefault(key, []).extend(frames)
 
     def find(self, session: Session, pool_id: int) -> Pool:
         with self._lock:
@@ -238,9 +238,10 @@ class PoolTable:
         pool = self.find(session, pool_id)
         with self._lock:
             del self._pools[pool.id]
-        records = pool.records
-        released = self._ledger.release(session, [r.id for r in records], close=False)
-        self._retire(pool, owner_pid)
+        released, returned = self._ledger.release(
+            session, [r.id for r in pool.records], pool_id=pool.id, keep=pool.recycle
+        )
+        self._retire(pool, returned, owner_pid)
         return released
 
     def release_session(self, session: Session) -> None:
@@ -250,26 +251,37 @@ class PoolTable:
             for pool in pools:
                 del self._pools[pool.id]
         for pool in pools:
-            with contextlib.suppress(BufferNotFound):
-                self._ledger.release(session, [r.id for r in pool.records], close=False)
-            self._retire(pool, None)
+            try:
+                _, returned = self._ledger.release(
+                    session, [r.id for r in pool.records], pool_id=pool.id, keep=pool.recycle
+                )
+            except BufferNotFound:
+                continue
+            self._retire(pool, returned, None)
 
-    def _retire(self, pool: Pool, owner_pid: int | None) -> None:
-        """Recycle or close a released pool's allocations."""
-        frames = [[record.allocation for record in frame] for frame in pool.frames]
-        identities = [a.identity for frame in frames for a in frame]
+    def _retire(self, pool: Pool, returned: list[BufferRecord], owner_pid: int | None) -> None:
+        """Recycle or free a released pool's buffers. `returned` are the
+        records whose references the ledger handed back (the buffers no
+        process of the owner's uid still holds); only whole frames whose
+        buffers all came back, and that no grant receiver still holds, are
+        kept warm."""
+        if not returned:
+            return
+        back = {record.id for record in returned}
+        frames = [[record.buffer for record in frame] for frame in pool.frames if all(r.id in back for r in frame)]
+        identities = [buffer.identity for frame in frames for buffer in frame]
         pids = set(pool.holders) | ({owner_pid} if owner_pid is not None else set())
         in_use = any(procfs.open_files(pid, identities).files for pid in pids)
-        size = sum(a.size for frame in frames for a in frame)
-        key: WarmKey = (pool.uid, pool.heap, pool.format, tuple(a.size for a in frames[0]))
+        size = sum(buffer.size for frame in frames for buffer in frame)
+        key: WarmKey = (pool.uid, pool.heap, pool.format, tuple(record.size for record in pool.frames[0]))
         with self._lock:
-            keep = pool.recycle and not in_use and self._warm_bytes() + size <= self._budget
+            keep = bool(frames) and not in_use and self._warm_bytes() + size <= self._budget
             if keep:
                 self._warm.setdefault(key, []).extend(frames)
-        if not keep:
-            for frame in frames:
-                for allocation in frame:
-                    allocation.close()
+        kept = {id(buffer) for frame in frames for buffer in frame} if keep else set()
+        for record in returned:
+            if id(record.buffer) not in kept:
+                record.buffer.put()
         log.debug("pool %d %s", pool.id, "kept warm" if keep else "freed")
 
     def warm(self) -> tuple[int, int]:
@@ -282,5 +294,5 @@ class PoolTable:
             warm, self._warm = self._warm, {}
         for frames in warm.values():
             for frame in frames:
-                for allocation in frame:
-                    allocation.close()
+                for buffer in frame:
+                    buffer.put()

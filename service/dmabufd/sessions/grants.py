@@ -11,6 +11,12 @@ What each party can rely on (docs/camera.md has the full table):
 - fds already delivered stay valid after revocation or the owner's death:
   the kernel keeps the memory while any fd or mapping exists, and the
   daemon cannot take an fd back.
+- A grant is a set of distinct buffers (at most limits.grant_buffers).
+  Releasing any of them (or the pool) drops the grant: a redeemed grant
+  never delivers a buffer that was released, nor one recycled into a new
+  pool since, and the outbox checks each buffer's entitlement as it sends.
+- Redeeming opens no fd: read-write grants send the buffer's own fd,
+  read-only ones the O_RDONLY fd the buffer keeps once it is sealed.
 - Redeemed buffers are not booked to the receiver (they are the owner's,
   and count against the owner's quota while the owner holds them).
 - read_only is offered only where the kernel enforces it: memfd buffers
@@ -20,17 +26,21 @@ What each party can rely on (docs/camera.md has the full table):
   made read-only for one holder, so read-only grants of heap or udmabuf
   buffers are refused (FAILED_PRECONDITION).
 
-Locking: _lock guards the table; sending fds happens outside it.
+Lifetime: a grant owns one reference on each of its buffers from make()
+until it is redeemed, revoked, dropped (a buffer released) or its owner's
+session ends; take() hands those references to the caller.
+
+Locking: _lock guards the table; it is a leaf lock (buffers are put and
+fds sent with it dropped).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hmac
 import itertools
-import os
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -63,6 +73,10 @@ class GrantEntry:
     def bytes(self) -> int:
         return sum(record.size for record in self.records)
 
+    def put(self) -> None:
+        for record in self.records:
+            record.buffer.put()
+
 
 def seal_read_only(records: list[BufferRecord]) -> None:
     for record in records:
@@ -72,19 +86,26 @@ def seal_read_only(records: list[BufferRecord]) -> None:
                 "make it read-only for one holder; grant it read-write, or use memfd buffers"
             )
     for record in records:
-        fcntl.fcntl(record.allocation.fd, fcntl.F_ADD_SEALS, uapi.F_SEAL_FUTURE_WRITE)
-
-
-def read_only_fds(records: list[BufferRecord]) -> list[int]:
-    """New O_RDONLY descriptors of sealed memfds (the caller closes them)."""
-    return [os.open(f"/proc/self/fd/{r.allocation.fd}", os.O_RDONLY | os.O_CLOEXEC) for r in records]
+        record.buffer.seal_read_only(uapi.F_SEAL_FUTURE_WRITE)
 
 
 class GrantTable:
-    def __init__(self) -> None:
+    def __init__(self, max_buffers: int = 256) -> None:
+        self._max_buffers = max_buffers
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._grants: dict[int, GrantEntry] = {}
+
+    def check_ids(self, buffer_ids: list[int]) -> None:
+        """A grant names distinct buffers, and not too many: refuse before
+        looking any of them up."""
+        if len(buffer_ids) > self._max_buffers:
+            raise InvalidRequest(
+                f"a grant names at most {self._max_buffers} buffers (limits.grant_buffers), not {len(buffer_ids)}"
+            )
+        if len(set(buffer_ids)) != len(buffer_ids):
+            repeated = next(i for i in buffer_ids if buffer_ids.count(i) > 1)
+            raise InvalidRequest(f"buffer {repeated} is named more than once; a grant is a set of buffers")
 
     def make(
         self,
@@ -97,26 +118,47 @@ class GrantTable:
     ) -> GrantEntry:
         if not records:
             raise InvalidRequest("nothing to grant: name buffers or a pool")
+        self.check_ids([record.id for record in records])
         if read_only:
             seal_read_only(records)
         token = None if to_uid is not None else secrets.token_bytes(32)
+        taken: list[BufferRecord] = []
+        try:
+            for record in records:
+                record.buffer.get()
+                taken.append(record)
+        except BaseException:
+            for record in taken:
+                record.buffer.put()
+            raise BufferNotFound("a buffer of the grant was released meanwhile") from None
         with self._lock:
-            if sum(1 for g in self._grants.values() if g.owner is owner) >= MAX_GRANTS_PER_SESSION:
-                raise InvalidRequest(f"more than {MAX_GRANTS_PER_SESSION} open grants; revoke some")
+            full = sum(1 for g in self._grants.values() if g.owner is owner) >= MAX_GRANTS_PER_SESSION
+            released = owner.closed or any(record.released for record in records)
             entry = GrantEntry(next(self._ids), owner, records, pool_id, to_uid, token, read_only)
-            self._grants[entry.id] = entry
+            if not (full or released):
+                self._grants[entry.id] = entry
+        if full or released:
+            entry.put()
+            if full:
+                raise InvalidRequest(f"more than {MAX_GRANTS_PER_SESSION} open grants; revoke some")
+            raise BufferNotFound("a buffer of the grant was released meanwhile")
         return entry
 
     def take(self, receiver: Session, *, token_hex: str = "", grant_id: int = 0) -> GrantEntry:
-        """Claim a grant for `receiver` (once). NOT_FOUND for anything that
-        is not an open grant the receiver may redeem: no oracle for tokens."""
+        """Claim a grant for `receiver` (once); the caller then owns its
+        references (GrantEntry.put). NOT_FOUND for anything that is not an
+        open grant the receiver may redeem: no oracle for tokens."""
         unknown = BufferNotFound("no such grant (never made, already redeemed, revoked, or its owner is gone)")
+        token = b""
+        if token_hex:
+            try:
+                token = bytes.fromhex(token_hex)
+            except ValueError:
+                raise InvalidRequest("a grant token is 64 hex digits") from None
+            if len(token) != 32:
+                raise unknown
         with self._lock:
-            if token_hex:
-                try:
-                    token = bytes.fromhex(token_hex)
-                except ValueError:
-                    raise InvalidRequest("a grant token is hex") from None
+            if token:
                 entry = next(
                     (g for g in self._grants.values() if g.token is not None and hmac.compare_digest(g.token, token)),
                     None,
@@ -127,11 +169,19 @@ class GrantTable:
                     if entry.to_uid is None:
                         raise AccessDenied("this grant is redeemed with its token, not its id")
                     entry = None
-            if entry is None or entry.owner.closed:
+            if entry is None or entry.owner.closed or any(record.released for record in entry.records):
                 raise unknown
             del self._grants[entry.id]
             entry.redeemed_by.add(receiver.peer.pid)
             return entry
+
+    def _drop(self, predicate: Callable[[GrantEntry], bool]) -> None:
+        with self._lock:
+            dropped = [g for g in self._grants.values() if predicate(g)]
+            for entry in dropped:
+                del self._grants[entry.id]
+        for entry in dropped:
+            entry.put()
 
     def revoke(self, owner: Session, grant_id: int) -> None:
         with self._lock:
@@ -139,11 +189,15 @@ class GrantTable:
             if entry is None or entry.owner is not owner:
                 raise BufferNotFound(f"this session has no open grant {grant_id}")
             del self._grants[grant_id]
+        entry.put()
 
     def owner_closed(self, owner: Session) -> None:
-        with self._lock:
-            for grant_id in [g.id for g in self._grants.values() if g.owner is owner]:
-                del self._grants[grant_id]
+        self._drop(lambda grant: grant.owner is owner)
+
+    def buffers_released(self, buffer_ids: list[int]) -> None:
+        """Released buffers take every grant that names them with them."""
+        released = set(buffer_ids)
+        self._drop(lambda grant: any(record.id in released for record in grant.records))
 
     def offered_to(self, uid: int) -> list[GrantEntry]:
         with self._lock:
@@ -152,3 +206,6 @@ class GrantTable:
     def made_by(self, owner: Session) -> list[GrantEntry]:
         with self._lock:
             return [g for g in self._grants.values() if g.owner is owner]
+
+    def close(self) -> None:
+        self._drop(lambda grant: True)

@@ -6,25 +6,39 @@ reserves its bytes and buffer count against the uid's quota, allocates with
 no lock held, then commits; a failed call cancels its reservation. So
 concurrent calls can never together exceed a quota.
 
-Lifetime: a record owns the daemon's Allocation (its fds). release() and
-release_session() close those fds; the client's own fds stay valid, since
-the kernel frees the memory only when the last fd and mapping are gone.
+A quota charges what the client can still reach. Releasing a buffer takes
+it out of the session's books (it can no longer be granted, listed or
+sent), but while a process of the client's uid still holds it (an fd or a
+mapping, as /proc shows) it stays charged, "lingering"; reap() frees the
+charge once it is really gone. Root is checked in the session's own
+process only (scanning every root process on each release would cost more
+than root's quota protects).
 
-Locking: _lock guards every table and counter here; no syscall that can
-block runs under it except close() of fds being released.
+Lifetime: a record owns one reference on its Buffer (see heaps/buffer.py),
+taken over from the caller of commit(). Release revokes the buffer (nobody
+may receive it any more) and gives the reference back, or hands it to the
+caller (keep=True: a pool being recycled); a lingering buffer's reference is
+kept until reap() finds it gone, so its identity cannot be reused meanwhile.
+
+Locking: _lock guards every table and counter here. It is a leaf lock: no
+syscall and no call into another component runs under it (the /proc checks
+and the buffers' put() run after it is dropped).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from dmabufd.config import Config, Quota
-from dmabufd.errors import BufferNotFound, QuotaExceeded, SessionInvalid
-from dmabufd.heaps.backend import Allocation, BackendKind
+from dmabufd.errors import BufferBusy, BufferNotFound, QuotaExceeded, SessionInvalid
+from dmabufd.heaps.backend import BackendKind
+from dmabufd.heaps.buffer import Buffer
+from dmabufd.sessions import procfs
 from dmabufd.sessions.session import Session
 from dmabufd_common.units import format_size
 
@@ -39,13 +53,20 @@ class BufferRecord:
     size: int
     kernel_name: str
     usage: str
-    allocation: Allocation
+    buffer: Buffer
     created_at: float = field(default_factory=time.time)
+    # The pool this buffer belongs to (0: none); it is released with its pool.
+    pool_id: int = 0
+    released: bool = False
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        return self.buffer.identity
 
 
 @dataclass
 class Usage:
-    """Bytes and buffers held (or reserved) by one uid."""
+    """Bytes and buffers held (or reserved, or lingering) by one uid."""
 
     bytes: int = 0
     buffers: int = 0
@@ -56,6 +77,17 @@ class Totals:
     allocations: int
     releases: int
     denials: int
+    lingering: int
+
+
+@dataclass
+class _Lingering:
+    """A released buffer that a process of its uid still holds."""
+
+    uid: int
+    pid: int
+    size: int
+    buffer: Buffer
 
 
 class Reservation:
@@ -68,13 +100,17 @@ class Reservation:
 
 
 class Ledger:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, on_release: Callable[[list[int]], None] | None = None) -> None:
+        """`on_release(buffer_ids)` is told of every released buffer (grants
+        naming them are dropped); it runs with no lock of ours held."""
         self._config = config
+        self._on_release = on_release
         self._lock = threading.Lock()
         self._next_id = 1
         self._buffers: dict[int, BufferRecord] = {}
         self._by_session: dict[int, dict[int, BufferRecord]] = {}
         self._usage: dict[int, Usage] = {}
+        self._lingering: list[_Lingering] = []
         self._allocations = 0
         self._releases = 0
         self._denials = 0
@@ -94,105 +130,197 @@ class Ledger:
         with self._lock:
             self._denials += 1
 
+    def _charge(self, uid: int, count: int, wanted: int) -> Usage:
+        """Take `wanted` bytes and `count` buffers of uid's quota (caller holds _lock)."""
+        quota = self.quota(uid)
+        usage = self._usage.setdefault(uid, Usage())
+        if usage.buffers + count > quota.max_buffers:
+            raise QuotaExceeded(
+                f"uid {uid} holds {usage.buffers} buffers; {count} more would pass its quota of "
+                f"{quota.max_buffers} buffers (release some first, and close their fds)"
+            )
+        if usage.bytes + wanted > quota.max_bytes:
+            raise QuotaExceeded(
+                f"uid {uid} holds {format_size(usage.bytes)}; {format_size(wanted)} more would pass its "
+                f"quota of {format_size(quota.max_bytes)} (release some first, and close their fds and mappings)"
+            )
+        usage.bytes += wanted
+        usage.buffers += count
+        return usage
+
+    def _uncharge(self, uid: int, count: int, nbytes: int) -> None:
+        usage = self._usage[uid]
+        usage.bytes -= nbytes
+        usage.buffers -= count
+        if not usage.bytes and not usage.buffers:
+            del self._usage[uid]
+
     @contextmanager
     def reserve(self, session: Session, sizes: list[int]) -> Iterator[Reservation]:
         """Hold quota for buffers of these sizes for the duration of the
         block; commit() inside it keeps them, anything else returns them."""
         uid = session.peer.uid
-        quota = self.quota(uid)
         count, wanted = len(sizes), sum(sizes)
         with self._lock:
-            usage = self._usage.setdefault(uid, Usage())
-            if usage.buffers + count > quota.max_buffers:
-                raise QuotaExceeded(
-                    f"uid {uid} holds {usage.buffers} buffers; {count} more would pass its quota of "
-                    f"{quota.max_buffers} buffers (release some first)"
-                )
-            if usage.bytes + wanted > quota.max_bytes:
-                raise QuotaExceeded(
-                    f"uid {uid} holds {format_size(usage.bytes)}; {format_size(wanted)} more would pass its "
-                    f"quota of {format_size(quota.max_bytes)} (release some first)"
-                )
-            usage.bytes += wanted
-            usage.buffers += count
+            self._charge(uid, count, wanted)
         reservation = Reservation(session, sizes)
         try:
             yield reservation
         finally:
             with self._lock:
-                usage.bytes -= wanted - sum(record.size for record in reservation.records)
-                usage.buffers -= count - len(reservation.records)
+                kept = sum(record.size for record in reservation.records)
+                self._uncharge(uid, count - len(reservation.records), wanted - kept)
+
+    @contextmanager
+    def charge(self, uid: int, nbytes: int, count: int) -> Iterator[None]:
+        """Charge memory the uid can reach outside these books (a resident
+        model it holds) for as long as the block runs; see hold()."""
+        with self._lock:
+            self._charge(uid, count, nbytes)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._uncharge(uid, count, nbytes)
+
+    def hold(self, uid: int, nbytes: int, count: int) -> None:
+        """Charge memory the uid can reach outside these books until unhold()."""
+        with self._lock:
+            self._charge(uid, count, nbytes)
+
+    def unhold(self, uid: int, nbytes: int, count: int) -> None:
+        with self._lock:
+            self._uncharge(uid, count, nbytes)
 
     def commit(
-        self, reservation: Reservation, heap: str, usage: str, allocations: list[tuple[Allocation, str]]
+        self,
+        reservation: Reservation,
+        heap: str,
+        usage: str,
+        buffers: list[tuple[Buffer, str]],
+        pool_id: int = 0,
     ) -> list[BufferRecord]:
-        """Enter allocated buffers into the books. If the session closed
-        meanwhile, the buffers are closed and SessionInvalid raised."""
+        """Enter allocated buffers into the books; their references move
+        into the records. If the session closed meanwhile, the references
+        are given back and SessionInvalid raised."""
         session = reservation.session
         with self._lock:
-            if session.closed:
-                committed = False
-            else:
-                committed = True
+            committed = not session.closed
+            if committed:
                 books = self._by_session.setdefault(session.id, {})
-                for allocation, kernel_name in allocations:
+                for buffer, kernel_name in buffers:
                     record = BufferRecord(
                         id=self._next_id,
                         session_id=session.id,
                         uid=session.peer.uid,
                         heap=heap,
-                        kind=allocation.kind,
-                        size=allocation.size,
+                        kind=buffer.kind,
+                        size=buffer.size,
                         kernel_name=kernel_name,
                         usage=usage,
-                        allocation=allocation,
+                        buffer=buffer,
+                        pool_id=pool_id,
                     )
                     self._next_id += 1
                     self._buffers[record.id] = record
                     books[record.id] = record
                     reservation.records.append(record)
-                self._allocations += len(allocations)
+                self._allocations += len(buffers)
         if not committed:
-            for allocation, _ in allocations:
-                allocation.close()
+            for buffer, _ in buffers:
+                buffer.put()
             raise SessionInvalid("the session closed during the call; its buffers were freed")
+        for buffer, _ in buffers:
+            buffer.entitle(session.id)
         return reservation.records
 
-    def _forget(self, records: list[BufferRecord]) -> int:
-        """Drop records from the books (caller holds _lock); returns bytes."""
-        released = 0
+    def _forget(self, records: list[BufferRecord]) -> None:
+        """Drop records from the books, not from the uid's usage (caller holds _lock)."""
         for record in records:
             del self._buffers[record.id]
             self._by_session.get(record.session_id, {}).pop(record.id, None)
-            usage = self._usage[record.uid]
-            usage.bytes -= record.size
-            usage.buffers -= 1
-            released += record.size
+            record.released = True
         self._releases += len(records)
-        return released
 
-    def release(self, session: Session, buffer_ids: list[int], close: bool = True) -> int:
-        """Release the session's buffers; all or nothing. With close=False
-        the caller takes over their allocations (a pool being recycled)."""
+    def release(
+        self, session: Session, buffer_ids: list[int], *, pool_id: int = 0, keep: bool = False
+    ) -> tuple[int, list[BufferRecord]]:
+        """Release the session's buffers; all or nothing. Buffers of a pool
+        are released only with it (pool_id). Returns (bytes released, the
+        records whose reference the caller now owns: with keep=True, every
+        record no process still holds)."""
         with self._lock:
             books = self._by_session.get(session.id, {})
             missing = [buffer_id for buffer_id in buffer_ids if buffer_id not in books]
             if missing:
-                raise BufferNotFound(f"this session holds no buffer with id(s) {', '.join(map(str, missing))}")
+                shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+                raise BufferNotFound(f"this session holds no buffer with id(s) {shown}")
             records = [books[buffer_id] for buffer_id in dict.fromkeys(buffer_ids)]
-            released = self._forget(records)
-        if close:
-            for record in records:
-                record.allocation.close()
-        return released
+            pooled = next((r for r in records if r.pool_id != pool_id), None)
+            if pooled is not None:
+                raise BufferBusy(
+                    f"buffer {pooled.id} belongs to pool {pooled.pool_id}: release the whole pool (ReleasePool)"
+                )
+            self._forget(records)
+        return self._settle(session.peer.pid, records, keep)
 
     def release_session(self, session: Session) -> int:
         with self._lock:
             records = list(self._by_session.pop(session.id, {}).values())
-            released = self._forget(records)
-        for record in records:
-            record.allocation.close()
+            self._forget(records)
+        released, _ = self._settle(session.peer.pid, records, keep=False)
         return released
+
+    def _settle(self, pid: int, records: list[BufferRecord], keep: bool) -> tuple[int, list[BufferRecord]]:
+        """After records left the books: revoke them, keep the ones a client
+        process still holds charged (lingering), free the rest."""
+        if not records:
+            return 0, []
+        for record in records:
+            record.buffer.revoke()
+        uid = records[0].uid
+        held = procfs.still_held(self._holders(uid, pid), (r.identity for r in records))
+        gone = [r for r in records if r.identity not in held]
+        with self._lock:
+            for record in records:
+                if record.identity in held:
+                    self._lingering.append(_Lingering(uid, pid, record.size, record.buffer))
+            self._uncharge(uid, len(gone), sum(r.size for r in gone))
+        if self._on_release is not None:
+            self._on_release([record.id for record in records])
+        if not keep:
+            for record in gone:
+                record.buffer.put()
+            return sum(r.size for r in records), []
+        return sum(r.size for r in records), gone
+
+    @staticmethod
+    def _holders(uid: int, pid: int) -> list[int]:
+        """The processes that may hold a buffer of `uid`'s."""
+        if uid == 0 or uid == os.geteuid():
+            return [pid]
+        return procfs.processes_of(uid)
+
+    def reap(self) -> int:
+        """Free the charge of lingering buffers no process holds any more;
+        returns how many were freed. Called periodically, off the loop."""
+        with self._lock:
+            lingering = list(self._lingering)
+        if not lingering:
+            return 0
+        gone: list[_Lingering] = []
+        for uid in {entry.uid for entry in lingering}:
+            mine = [entry for entry in lingering if entry.uid == uid]
+            pids = sorted({entry.pid for entry in mine}) if uid in (0, os.geteuid()) else procfs.processes_of(uid)
+            held = procfs.still_held(pids, (entry.buffer.identity for entry in mine))
+            gone += [entry for entry in mine if entry.buffer.identity not in held]
+        with self._lock:
+            for entry in gone:
+                self._lingering.remove(entry)
+                self._uncharge(entry.uid, 1, entry.size)
+        for entry in gone:
+            entry.buffer.put()
+        return len(gone)
 
     def session_buffers(self, session_id: int) -> list[BufferRecord]:
         with self._lock:
@@ -216,4 +344,11 @@ class Ledger:
 
     def totals(self) -> Totals:
         with self._lock:
-            return Totals(self._allocations, self._releases, self._denials)
+            return Totals(self._allocations, self._releases, self._denials, len(self._lingering))
+
+    def close(self) -> None:
+        """Daemon stop: give back the lingering references."""
+        with self._lock:
+            lingering, self._lingering = self._lingering, []
+        for entry in lingering:
+            entry.buffer.put()

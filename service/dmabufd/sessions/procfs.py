@@ -94,3 +94,57 @@ def open_files(pid: int, wanted: Iterable[FileIdentity]) -> ProcHoldings:
         if (info.st_dev, info.st_ino) in wanted_set:
             seen.add((info.st_dev, info.st_ino))
     return ProcHoldings(True, frozenset(seen))
+
+
+def _mapped(pid: int, wanted: frozenset[FileIdentity]) -> set[FileIdentity]:
+    """Which `wanted` files /proc/<pid>/maps shows mapped (a mapping keeps
+    a buffer alive after its last fd is closed)."""
+    by_dev_ino = {(os.major(dev), os.minor(dev), ino): (dev, ino) for dev, ino in wanted}
+    found: set[FileIdentity] = set()
+    try:
+        with open(f"/proc/{pid}/maps", encoding="ascii", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(None, 5)
+                if len(fields) < 5 or fields[4] == "0":
+                    continue
+                major, _, minor = fields[3].partition(":")
+                try:
+                    key = (int(major, 16), int(minor, 16), int(fields[4]))
+                except ValueError:
+                    continue
+                if key in by_dev_ino:
+                    found.add(by_dev_ino[key])
+    except OSError:
+        pass
+    return found
+
+
+def processes_of(uid: int) -> list[int]:
+    """Every process whose /proc entry belongs to `uid` (its real owner for
+    this purpose: /proc/<pid> is owned by the process's effective uid)."""
+    pids: list[int] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid == uid:
+                pids.append(int(name))
+        except OSError:
+            continue
+    return pids
+
+
+def still_held(pids: Iterable[int], wanted: Iterable[FileIdentity]) -> frozenset[FileIdentity]:
+    """Which `wanted` files any of `pids` holds, by an fd or a mapping."""
+    remaining = frozenset(wanted)
+    held: set[FileIdentity] = set()
+    own = os.getpid()
+    for pid in pids:
+        if not remaining:
+            break
+        if pid == own:
+            continue
+        found = set(open_files(pid, remaining).files) | _mapped(pid, remaining)
+        held |= found
+        remaining = remaining - found
+    return frozenset(held)

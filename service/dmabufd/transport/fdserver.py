@@ -1,78 +1,57 @@
-"""The fd socket: where sessions begin and buffer fds leave the daemon.
+"""The fd socket: where sessions begin and end.
 
-One thread (the hub) owns the listening socket and reads every session
-socket and pidfd through one selector. Handler threads (gRPC calls) only
-send, through SessionChannel.send_fds, which serialises sends per session.
+Everything here runs on the event loop: accepting, reading every session's
+frames, watching every session's pidfd, and ending sessions. Sockets are
+non-blocking, so no client can make the loop wait; what a client may cost
+is bounded (frames read per wake-up, protocol errors, sessions per uid,
+the outbox's backlog).
 
-Lifetime: a session's socket and pidfd belong to the hub; the hub closes
-them when the session ends (EOF, process exit, too many protocol errors, or
-daemon stop). SessionChannel.close() takes the send lock first, so a sender
-never writes to a file descriptor number that was closed and reused.
+Lifetime: a session's socket belongs to its Outbox (closed in Outbox.close);
+its pidfd belongs to this server and is closed in _end(). A file fd that
+arrives in a FILE frame goes to the session table (a deposit) or is closed
+here before _accept_frame returns.
+
+Accept: when the daemon runs out of fds (EMFILE, ENFILE) or memory, it stops
+accepting for a while (backing off up to ACCEPT_BACKOFF_MAX_S) instead of
+spinning on a listening socket that stays readable.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
 import os
-import selectors
 import socket
 import struct
-import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
-from dmabufd.errors import DeliveryFailed
+from dmabufd.config import LimitsConfig
 from dmabufd.sessions import procfs
 from dmabufd.sessions.session import Peer, Session, SessionTable
+from dmabufd.transport.outbox import Outbox
 from dmabufd_common import fdwire
 
 log = logging.getLogger(__name__)
 
 # A client that keeps breaking the protocol loses its session.
 MAX_PROTOCOL_ERRORS = 64
-# A client that does not drain its fd socket for this long fails the call
-# instead of stalling a daemon thread.
-SEND_TIMEOUT_S = 5.0
+# Frames read from one session per wake-up: a flooding client gets its
+# turn like everyone else, no more.
+FRAMES_PER_WAKE = 16
+ACCEPTS_PER_WAKE = 32
+ACCEPT_BACKOFF_MIN_S = 0.01
+ACCEPT_BACKOFF_MAX_S = 1.0
+STALL_CHECK_S = 0.5
 _PEERCRED = struct.Struct("3i")
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 Admission = Callable[[Peer], str | None]
-
-
-class SessionChannel:
-    """The daemon's end of one client's fd socket."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._send_lock = threading.Lock()
-        self.protocol_errors = 0
-
-    def send_frame(self, frame: fdwire.Frame, fds: list[int] | None = None) -> None:
-        with self._send_lock:
-            if self.sock.fileno() < 0:
-                raise DeliveryFailed("the client's fd socket is closed")
-            try:
-                socket.send_fds(self.sock, [fdwire.encode(frame)], fds or [])
-            except TimeoutError:
-                raise DeliveryFailed(
-                    f"the client did not read its fd socket for {SEND_TIMEOUT_S:.0f} s; call failed"
-                ) from None
-            except OSError as error:
-                raise DeliveryFailed(f"sending on the client's fd socket failed: {error.strerror}") from None
-
-    def send_fds(self, ticket: bytes, buffer_ids: list[int], fds: list[int]) -> None:
-        for batch in fdwire.batches(ticket, buffer_ids):
-            start = batch.first_index
-            self.send_frame(batch, fds[start : start + len(batch.buffer_ids)])
-
-    def close(self) -> None:
-        with self._send_lock:
-            with contextlib.suppress(OSError):  # already disconnected
-                self.sock.shutdown(socket.SHUT_RDWR)
-            self.sock.close()
 
 
 def _peer_of(sock: socket.socket) -> Peer:
@@ -80,104 +59,151 @@ def _peer_of(sock: socket.socket) -> Peer:
     return Peer(pid, uid, gid, procfs.supplementary_groups(pid), procfs.command_name(pid))
 
 
+class _Live:
+    """What the server keeps per session (loop only)."""
+
+    __slots__ = ("pidfd", "protocol_errors", "session")
+
+    def __init__(self, session: Session, pidfd: int) -> None:
+        self.session = session
+        self.pidfd = pidfd
+        self.protocol_errors = 0
+
+
 class FdServer:
-    def __init__(self, path: Path, sessions: SessionTable, admit: Admission) -> None:
+    def __init__(self, path: Path, sessions: SessionTable, admit: Admission, limits: LimitsConfig) -> None:
         self._path = path
         self._sessions = sessions
         self._admit = admit
-        self._selector = selectors.DefaultSelector()
+        self._limits = limits
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        # Per session: its channel and pidfd; touched by the hub thread only.
-        self._live: dict[int, tuple[Session, SessionChannel, int]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._live: dict[int, _Live] = {}
+        self._backoff_s = 0.0
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._resume_timer: asyncio.TimerHandle | None = None
 
-    def start(self) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self._listener.bind(str(self._path))
         self._listener.listen(128)
         self._listener.setblocking(False)
-        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
-        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._thread = threading.Thread(target=self._run, name="fd-hub", daemon=True)
-        self._thread.start()
+        loop.add_reader(self._listener.fileno(), self._accept)
+        self._stall_timer = loop.call_later(STALL_CHECK_S, self._check_stalls)
 
     def stop(self) -> None:
-        self._stopping = True
-        os.write(self._wake_w, b"x")
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        for session, _, _ in list(self._live.values()):
-            self._end(session, "daemon stopping")
-        self._selector.close()
+        loop = self._require_loop()
+        for timer in (self._stall_timer, self._resume_timer):
+            if timer is not None:
+                timer.cancel()
+        loop.remove_reader(self._listener.fileno())
+        for live in list(self._live.values()):
+            self._end(live.session, "daemon stopping")
         self._listener.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
-    def _run(self) -> None:
-        while not self._stopping:
-            for key, _ in self._selector.select():
-                try:
-                    self._dispatch(key)
-                except Exception:  # the hub must outlive any one client
-                    log.exception("fd socket: unexpected error")
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "FdServer.start() first"
+        return self._loop
 
-    def _dispatch(self, key: selectors.SelectorKey) -> None:
-        if key.data == "accept":
-            self._accept()
-        elif key.data == "wake":
-            os.read(self._wake_r, 64)
-        else:
-            kind, session = key.data
-            if kind == "pidfd":
-                self._end(session, f"process {session.peer.pid} exited")
-            else:
-                self._receive(session)
+    # -- accepting -------------------------------------------------------
 
     def _accept(self) -> None:
-        try:
-            conn, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        conn.settimeout(SEND_TIMEOUT_S)
+        for _ in range(ACCEPTS_PER_WAKE):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                self._backoff_s = 0.0
+                return
+            except OSError as error:
+                if error.errno in _OUT_OF_RESOURCES:
+                    self._pause_accepting(error)
+                else:
+                    log.warning("fd socket: accept failed: %s", os.strerror(error.errno or errno.EIO))
+                return
+            self._open_session(conn)
+
+    def _pause_accepting(self, error: OSError) -> None:
+        loop = self._require_loop()
+        self._backoff_s = min(ACCEPT_BACKOFF_MAX_S, max(ACCEPT_BACKOFF_MIN_S, self._backoff_s * 2))
+        if self._backoff_s >= ACCEPT_BACKOFF_MAX_S or self._backoff_s == ACCEPT_BACKOFF_MIN_S:
+            log.warning("fd socket: cannot accept (%s); pausing %.2f s", os.strerror(error.errno or 0), self._backoff_s)
+        loop.remove_reader(self._listener.fileno())
+        self._resume_timer = loop.call_later(self._backoff_s, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._resume_timer = None
+        self._require_loop().add_reader(self._listener.fileno(), self._accept)
+
+    def _refuse(self, conn: socket.socket, code: grpc.StatusCode, reason: str) -> None:
+        with contextlib.suppress(OSError):  # a full or dead socket: the close says enough
+            conn.send(fdwire.encode(fdwire.ErrorFrame(code.value[0], reason)), socket.MSG_DONTWAIT)
+        conn.close()
+
+    def _open_session(self, conn: socket.socket) -> None:
+        loop = self._require_loop()
+        conn.setblocking(False)
         try:
             peer = _peer_of(conn)
             refusal = self._admit(peer)
             if refusal is not None:
                 log.warning("refused pid %d uid %d: %s", peer.pid, peer.uid, refusal)
-                conn.send(fdwire.encode(fdwire.ErrorFrame(grpc.StatusCode.PERMISSION_DENIED.value[0], refusal)))
-                conn.close()
+                self._refuse(conn, grpc.StatusCode.PERMISSION_DENIED, refusal)
+                return
+            if self._sessions.count_for(peer.uid) >= self._limits.sessions_per_uid:
+                self._refuse(
+                    conn,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"uid {peer.uid} already has {self._limits.sessions_per_uid} sessions (limits.sessions_per_uid); "
+                    "close some, or share one session between threads",
+                )
                 return
             pidfd = os.pidfd_open(peer.pid)
         except OSError as error:
-            log.warning("fd socket: dropping a connection: %s", error)
+            log.warning("fd socket: dropping a connection: %s", os.strerror(error.errno or errno.EIO))
             conn.close()
+            if error.errno in _OUT_OF_RESOURCES:
+                self._pause_accepting(error)
             return
-        channel = SessionChannel(conn)
-        session = self._sessions.open(peer, channel)
-        self._live[session.id] = (session, channel, pidfd)
-        self._selector.register(conn, selectors.EVENT_READ, ("socket", session))
-        self._selector.register(pidfd, selectors.EVENT_READ, ("pidfd", session))
-        try:
-            channel.send_frame(fdwire.Hello(session.id, session.token, peer.pid, peer.uid, peer.gid))
-        except Exception as error:
-            self._end(session, f"could not greet the client: {error}")
+        session_id = self._sessions.next_id()
+
+        def overflow(reason: str) -> None:  # any thread
+            loop.call_soon_threadsafe(self._end_by_id, session_id, reason)
+
+        outbox = Outbox(
+            conn,
+            session_id,
+            loop,
+            max_frames=self._limits.outbox_frames,
+            stall_s=self._limits.outbox_stall_s,
+            on_overflow=overflow,
+        )
+        session = Session(session_id, peer, outbox)
+        self._sessions.open(session)
+        self._live[session.id] = _Live(session, pidfd)
+        loop.add_reader(conn.fileno(), self._receive, session)
+        loop.add_reader(pidfd, self._end, session, f"process {peer.pid} exited")
+        outbox.control(fdwire.Hello(session.id, session.token, peer.pid, peer.uid, peer.gid))
+
+    # -- reading ---------------------------------------------------------
 
     def _receive(self, session: Session) -> None:
-        _, channel, _ = self._live[session.id]
-        try:
-            data, fds, flags = fdwire.receive(channel.sock)
-        except (BlockingIOError, InterruptedError, TimeoutError):
+        live = self._live.get(session.id)
+        if live is None:
             return
-        except OSError as error:
-            self._end(session, f"fd socket error: {os.strerror(error.errno or errno.EIO)}")
-            return
-        if not data and not fds:
-            self._end(session, "client closed its fd socket")
-            return
-        problem = self._accept_frame(session, data, fds, flags)
-        if problem is not None:
-            self._reject(session, channel, problem)
+        for _ in range(FRAMES_PER_WAKE):
+            try:
+                data, fds, flags = fdwire.receive(session.outbox.socket)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                self._end(session, f"fd socket error: {os.strerror(error.errno or errno.EIO)}")
+                return
+            if not data and not fds:
+                self._end(session, "client closed its fd socket")
+                return
+            problem = self._accept_frame(session, data, fds, flags)
+            if problem is not None and not self._reject(live, problem):
+                return
 
     def _accept_frame(self, session: Session, data: bytes, fds: list[int], flags: int) -> str | None:
         """Take one client frame; returns why it was refused, if it was.
@@ -209,25 +235,49 @@ class FdServer:
                 if fd != kept:
                     os.close(fd)
 
-    def _reject(self, session: Session, channel: SessionChannel, problem: str) -> None:
-        channel.protocol_errors += 1
+    def _reject(self, live: _Live, problem: str) -> bool:
+        """Answer a bad frame with an ERROR frame; False once the session ended."""
+        live.protocol_errors += 1
+        session = live.session
         log.warning("session %d: protocol error: %s", session.id, problem)
-        if channel.protocol_errors >= MAX_PROTOCOL_ERRORS:
+        if live.protocol_errors >= MAX_PROTOCOL_ERRORS:
             self._end(session, f"{MAX_PROTOCOL_ERRORS} protocol errors")
-            return
+            return False
         try:
-            channel.send_frame(fdwire.ErrorFrame(grpc.StatusCode.INVALID_ARGUMENT.value[0], problem))
+            session.outbox.control(fdwire.ErrorFrame(grpc.StatusCode.INVALID_ARGUMENT.value[0], problem))
         except Exception as error:
             self._end(session, f"cannot report a protocol error: {error}")
+            return False
+        return True
+
+    # -- ending ----------------------------------------------------------
+
+    def _check_stalls(self) -> None:
+        loop = self._require_loop()
+        now = time.monotonic()
+        for live in list(self._live.values()):
+            outbox = live.session.outbox
+            waited = outbox.stalled_for(now)
+            if waited > outbox.stall_limit_s:
+                self._end(live.session, f"did not read its fd socket for {waited:.1f} s (limits.outbox_stall_s)")
+        self._stall_timer = loop.call_later(STALL_CHECK_S, self._check_stalls)
+
+    def _end_by_id(self, session_id: int, reason: str) -> None:
+        live = self._live.get(session_id)
+        if live is not None:
+            self._end(live.session, reason)
 
     def _end(self, session: Session, reason: str) -> None:
         live = self._live.pop(session.id, None)
         if live is None:
             return
-        _, channel, pidfd = live
-        for registered in (channel.sock, pidfd):
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.unregister(registered)
-        channel.close()
-        os.close(pidfd)
+        loop = self._require_loop()
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(session.outbox.fileno())
+        loop.remove_reader(live.pidfd)
+        os.close(live.pidfd)
+        session.outbox.close(reason)
         self._sessions.close(session, reason)
+
+    def live_sessions(self) -> int:
+        return len(self._live)

@@ -1,38 +1,53 @@
-"""The control socket: a gRPC server on an AF_UNIX socket."""
+"""The control socket: a gRPC server (grpc.aio) on an AF_UNIX socket.
+
+The server runs on the daemon's event loop. No call holds a thread while
+it waits (for its ticket, its fds to be read, heap events, a load's
+progress); blocking work runs on the daemon's bounded executors.
+"""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 
 from dmabufd_common.api.v1 import dmabufd_pb2, dmabufd_pb2_grpc
 
-# Each call holds a worker for its duration, WatchHeaps streams included.
-MAX_WORKERS = 64
 SERVICE_NAME = dmabufd_pb2.DESCRIPTOR.services_by_name["BufferService"].full_name
+# Bounds what one request may make the daemon read before a handler runs.
+MAX_MESSAGE_BYTES = 4 << 20
 
 
 class ControlServer:
     def __init__(self, path: Path, servicer: dmabufd_pb2_grpc.BufferServiceServicer) -> None:
         self._path = path
-        self._server = grpc.server(
-            ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="grpc"),
-            options=[("grpc.so_reuseport", 0)],
+        self._servicer = servicer
+        self._server: grpc.aio.Server | None = None
+        self._health: HealthServicer | None = None
+
+    async def start(self) -> None:
+        """Create and start the server (an aio server belongs to the loop
+        that is running when it is made)."""
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
         )
-        dmabufd_pb2_grpc.add_BufferServiceServicer_to_server(servicer, self._server)
-        self._health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-
-    def start(self) -> None:
-        if self._server.add_insecure_port(f"unix:{self._path}") == 0:
+        dmabufd_pb2_grpc.add_BufferServiceServicer_to_server(self._servicer, server)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        if server.add_insecure_port(f"unix:{self._path}") == 0:
             raise OSError(f"cannot listen on {self._path}")
-        self._server.start()
+        await server.start()
         for service in ("", SERVICE_NAME):
-            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._server, self._health = server, health
 
-    def stop(self, grace_s: float) -> None:
-        self._health.enter_graceful_shutdown()
-        self._server.stop(grace_s).wait()
+    async def stop(self, grace_s: float) -> None:
+        if self._server is None or self._health is None:
+            return
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)

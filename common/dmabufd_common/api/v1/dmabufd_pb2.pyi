@@ -556,6 +556,8 @@ class ClientStats(_message.Message):
     CONNECTED_AT_FIELD_NUMBER: _builtins.int
     PROC_DMABUF_COUNT_FIELD_NUMBER: _builtins.int
     PROC_DMABUF_BYTES_FIELD_NUMBER: _builtins.int
+    CHARGED_BYTES_FIELD_NUMBER: _builtins.int
+    CHARGED_BUFFERS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.int
     pid: _builtins.int
     uid: _builtins.int
@@ -577,6 +579,12 @@ class ClientStats(_message.Message):
     buffer, as Android's dmabuf_dump counts them.
     """
     proc_dmabuf_bytes: _builtins.int
+    charged_bytes: _builtins.int
+    """What this client's uid is charged against its quota now, over all its
+    sessions: booked buffers, released buffers a process of the uid still
+    holds (an fd or a mapping), and resident models it holds.
+    """
+    charged_buffers: _builtins.int
     def __init__(
         self,
         *,
@@ -595,10 +603,12 @@ class ClientStats(_message.Message):
         connected_at: _builtins.float = ...,
         proc_dmabuf_count: _builtins.int = ...,
         proc_dmabuf_bytes: _builtins.int = ...,
+        charged_bytes: _builtins.int = ...,
+        charged_buffers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_count", b"buffer_count", "bytes", b"bytes", "command", b"command", "connected_at", b"connected_at", "gid", b"gid", "pid", b"pid", "proc_buffer_count", b"proc_buffer_count", "proc_bytes", b"proc_bytes", "proc_checked", b"proc_checked", "proc_dmabuf_bytes", b"proc_dmabuf_bytes", "proc_dmabuf_count", b"proc_dmabuf_count", "quota_buffers", b"quota_buffers", "quota_bytes", b"quota_bytes", "session_id", b"session_id", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_count", b"buffer_count", "bytes", b"bytes", "charged_buffers", b"charged_buffers", "charged_bytes", b"charged_bytes", "command", b"command", "connected_at", b"connected_at", "gid", b"gid", "pid", b"pid", "proc_buffer_count", b"proc_buffer_count", "proc_bytes", b"proc_bytes", "proc_checked", b"proc_checked", "proc_dmabuf_bytes", b"proc_dmabuf_bytes", "proc_dmabuf_count", b"proc_dmabuf_count", "quota_buffers", b"quota_buffers", "quota_bytes", b"quota_bytes", "session_id", b"session_id", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -644,6 +654,7 @@ class Stats(_message.Message):
     SESSIONS_CLOSED_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     MODEL_BYTES_FIELD_NUMBER: _builtins.int
+    LINGERING_BUFFERS_FIELD_NUMBER: _builtins.int
     ALL_CLIENTS_FIELD_NUMBER: _builtins.int
     total_buffers: _builtins.int
     total_bytes: _builtins.int
@@ -656,6 +667,8 @@ class Stats(_message.Message):
     models: _builtins.int
     """Resident shared models and their bytes."""
     model_bytes: _builtins.int
+    lingering_buffers: _builtins.int
+    """Released buffers still charged because a client process holds them."""
     all_clients: _builtins.bool
     """Whether the caller may see every client (privileged) or only itself."""
     @_builtins.property
@@ -676,11 +689,12 @@ class Stats(_message.Message):
         sessions_closed: _builtins.int = ...,
         models: _builtins.int = ...,
         model_bytes: _builtins.int = ...,
+        lingering_buffers: _builtins.int = ...,
         all_clients: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_clients", b"all_clients", "allocations", b"allocations", "clients", b"clients", "denials", b"denials", "heaps", b"heaps", "model_bytes", b"model_bytes", "models", b"models", "releases", b"releases", "sessions_closed", b"sessions_closed", "sessions_opened", b"sessions_opened", "total_buffers", b"total_buffers", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_clients", b"all_clients", "allocations", b"allocations", "clients", b"clients", "denials", b"denials", "heaps", b"heaps", "lingering_buffers", b"lingering_buffers", "model_bytes", b"model_bytes", "models", b"models", "releases", b"releases", "sessions_closed", b"sessions_closed", "sessions_opened", b"sessions_opened", "total_buffers", b"total_buffers", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

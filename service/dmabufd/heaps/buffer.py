@@ -1,0 +1,153 @@
+"""The buffer: one kernel buffer and the daemon's fds of it, refcounted.
+
+Lifetime: a Buffer is made by the broker (or the model cache) from a
+backend's Allocation and starts with one reference, owned by its maker.
+Every holder takes a reference of its own with get() and gives it back with
+put(): a ledger record, a pool's warm cache, a resident model, a grant, and
+a frame in an outbox that has not been written yet. The last put() closes
+the fds in _release(), exactly once. Code that reads `fd` holds a
+reference for as long as it uses the number, so no thread can ever close
+an fd under another one (or hand out a number the kernel reused).
+
+Entitlement: which sessions may receive this buffer's fd right now. The
+ledger entitles the owner when it books the buffer, a grant entitles its
+receiver as it is redeemed, a resident model each session that holds it.
+revoke() (the owner released the buffer) withdraws every entitlement: the
+outbox checks entitles() at the moment it writes, so a grant, pool or model
+can never deliver a buffer that was released, or that now belongs to
+someone else.
+
+Locking: _lock guards _refs, the entitlement set and the read-only fd. It
+is a leaf lock: nothing is called with it held except close() of this
+buffer's own fds in _release and the one reopen in seal_read_only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+
+from dmabufd.heaps.backend import Allocation, BackendKind
+
+
+class BufferReleased(RuntimeError):
+    """get() or fd on a buffer whose last reference is gone: a bug."""
+
+
+class Buffer:
+    __slots__ = ("_entitled", "_lock", "_read_only_fd", "_refs", "_revoked", "allocation")
+
+    def __init__(self, allocation: Allocation) -> None:
+        self.allocation = allocation
+        self._lock = threading.Lock()
+        self._refs = 1
+        self._entitled: set[int] = set()
+        self._revoked = False
+        self._read_only_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<Buffer ino={self.identity[1]} {self.kind.name} {self.size} refs={self._refs}>"
+
+    # -- facts that never change ----------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.allocation.size
+
+    @property
+    def kind(self) -> BackendKind:
+        return self.allocation.kind
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino): how the buffer is recognised in /proc."""
+        return self.allocation.identity
+
+    # -- references -------------------------------------------------------
+
+    def get(self) -> Buffer:
+        with self._lock:
+            if self._refs <= 0:
+                raise BufferReleased(f"get() on released {self!r}")
+            self._refs += 1
+        return self
+
+    def put(self) -> None:
+        with self._lock:
+            if self._refs <= 0:
+                raise BufferReleased(f"put() on released {self!r}")
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            self._release()
+
+    def _release(self) -> None:
+        if self._read_only_fd is not None:
+            os.close(self._read_only_fd)
+            self._read_only_fd = None
+        self.allocation.close()
+
+    @property
+    def fd(self) -> int:
+        """The daemon's read-write fd. Valid while the caller holds a reference."""
+        if self._refs <= 0:
+            raise BufferReleased(f"fd of released {self!r}")
+        return self.allocation.fd
+
+    def fd_for(self, read_only: bool) -> int:
+        """The fd to send: the read-only one for read-only sharing (see
+        seal_read_only), else the read-write one."""
+        if not read_only:
+            return self.fd
+        with self._lock:
+            if self._read_only_fd is None:
+                raise BufferReleased(f"{self!r} was never sealed read-only")
+            return self._read_only_fd
+
+    # -- entitlement ----------------------------------------------------
+
+    def entitle(self, session_id: int) -> None:
+        with self._lock:
+            if not self._revoked:
+                self._entitled.add(session_id)
+
+    def disentitle(self, session_id: int) -> None:
+        with self._lock:
+            self._entitled.discard(session_id)
+
+    def entitles(self, session_id: int) -> bool:
+        with self._lock:
+            return not self._revoked and session_id in self._entitled
+
+    def revoke(self) -> None:
+        """Nobody may receive this buffer any more (released by its owner)."""
+        with self._lock:
+            self._revoked = True
+            self._entitled.clear()
+
+    def reinstate(self) -> None:
+        """A recycled buffer starts a new life with a new owner."""
+        with self._lock:
+            self._revoked = False
+            self._entitled.clear()
+
+    # -- read-only sharing ----------------------------------------------
+
+    def seal_read_only(self, seals: int) -> None:
+        """Seal a memfd buffer with `seals` and keep one O_RDONLY fd of it,
+        which every read-only delivery sends: sharing read-only never opens
+        an fd per receiver. Idempotent. Only memfds can be sealed."""
+        if self.kind is not BackendKind.MEMFD:
+            raise ValueError("only memfd buffers can be sealed read-only")
+        with self._lock:
+            if self._refs <= 0:
+                raise BufferReleased(f"seal of released {self!r}")
+            fcntl.fcntl(self.allocation.fd, fcntl.F_ADD_SEALS, seals)
+            if self._read_only_fd is None:
+                self._read_only_fd = os.open(f"/proc/self/fd/{self.allocation.fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+    @property
+    def read_only(self) -> bool:
+        with self._lock:
+            return self._read_only_fd is not None

@@ -1,0 +1,283 @@
+"""The outbox: the one way fds leave the daemon.
+
+Every fd a client receives (allocations, loads, models, pools, redeemed
+grants) goes through Outbox.deliver() and is written by Outbox._flush(),
+and nowhere else. At the moment of writing, _flush checks that the session
+is still open and that each buffer still entitles this session (see
+heaps/buffer.py): a buffer released, revoked or handed to someone else in
+the meantime is never sent.
+
+Lifetime: an Outbox owns the daemon's end of one session's fd socket from
+accept to close(); only the event loop touches the socket, so no thread can
+write to a socket number that was closed and reused. A queued frame owns a
+reference on each buffer it carries (taken by deliver(), given back when
+the frame is written or dropped), so the fds it names stay open until the
+kernel has them.
+
+Bounds: a client that lets `max_frames` frames queue up, or leaves one
+unread for `stall_s` seconds, loses its session (the fd server ends it);
+nothing it does makes another client wait, and no daemon thread ever
+blocks on its socket (it is non-blocking; a full socket arms a writer
+callback instead).
+
+Threads: deliver(), control() and forget() may be called from any thread;
+_flush(), flushed(), stalled_for() and close() run on the event loop.
+_lock guards the queue, the per-ticket counts and the closed state; it is
+a leaf lock, never held across a syscall.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dmabufd.errors import BufferNotFound, DeliveryFailed, DmabufdError
+from dmabufd.heaps.buffer import Buffer
+from dmabufd_common import fdwire
+
+log = logging.getLogger(__name__)
+
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One buffer to send: its id for the client, and which fd of it."""
+
+    buffer_id: int
+    buffer: Buffer
+    read_only: bool = False
+
+
+@dataclass
+class _Frame:
+    data: bytes
+    items: list[Outgoing]  # each holds a reference of this frame's
+    ticket: bytes | None
+    queued_at: float
+
+
+class Outbox:
+    def __init__(
+        self,
+        sock: socket.socket,
+        session_id: int,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_frames: int,
+        stall_s: float,
+        on_overflow: Callable[[str], None],
+    ) -> None:
+        self.session_id = session_id
+        self._sock = sock
+        self._loop = loop
+        self._max_frames = max_frames
+        self._stall_s = stall_s
+        self._on_overflow = on_overflow
+        self._lock = threading.Lock()
+        self._queue: collections.deque[_Frame] = collections.deque()
+        self._pending: dict[bytes, int] = {}  # ticket -> frames not written yet
+        self._failed: dict[bytes, DmabufdError] = {}  # ticket -> why its frames were dropped
+        self._closed: str | None = None
+        # Loop only: calls waiting for their ticket's frames to be written.
+        self._waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._writing = False
+        self._loop_thread = threading.get_ident()  # an Outbox is made on the loop
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def socket(self) -> socket.socket:
+        """For the fd server to read from (loop only)."""
+        return self._sock
+
+    # -- any thread ------------------------------------------------------
+
+    def deliver(self, ticket: bytes, items: Sequence[Outgoing]) -> None:
+        """Queue `items` for the client, tagged with the call's ticket. The
+        outbox takes its own reference on each buffer; the caller keeps
+        its own. Raises DeliveryFailed if the session is closed or would
+        pass its backlog (the session is then ended)."""
+        ids = [item.buffer_id for item in items]
+        frames = [
+            (fdwire.encode(batch), list(items[batch.first_index : batch.first_index + len(batch.buffer_ids)]))
+            for batch in fdwire.batches(ticket, ids)
+        ]
+        self._queue_frames(ticket, frames)
+
+    def control(self, frame: fdwire.Hello | fdwire.ErrorFrame) -> None:
+        """Queue a frame without fds (HELLO, ERROR)."""
+        self._queue_frames(None, [(fdwire.encode(frame), [])])
+
+    def _queue_frames(self, ticket: bytes | None, frames: list[tuple[bytes, list[Outgoing]]]) -> None:
+        if not frames:  # a delivery of no buffers (a model of zero-size tensors)
+            return
+        overflow = None
+        with self._lock:
+            if self._closed is not None:
+                raise DeliveryFailed(f"the client's fd socket is closed ({self._closed})")
+            if len(self._queue) + len(frames) > self._max_frames:
+                overflow = f"more than {self._max_frames} frames left unread on its fd socket (limits.outbox_frames)"
+            else:
+                now = time.monotonic()
+                for data, items in frames:
+                    for item in items:
+                        item.buffer.get()
+                    self._queue.append(_Frame(data, items, ticket, now))
+                if ticket is not None:
+                    self._pending[ticket] = self._pending.get(ticket, 0) + len(frames)
+        if overflow is not None:
+            self._on_overflow(overflow)
+            raise DeliveryFailed(f"session ended: {overflow}")
+        if threading.get_ident() == self._loop_thread:
+            self._flush()
+        else:
+            self._loop.call_soon_threadsafe(self._flush)
+
+    def forget(self, ticket: bytes) -> None:
+        """The call that used `ticket` is over: drop what it left behind."""
+        with self._lock:
+            self._failed.pop(ticket, None)
+
+    # -- event loop ------------------------------------------------------
+
+    def _flush(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed is not None or not self._queue:
+                    break
+                frame = self._queue[0]
+            problem = self._undeliverable(frame)
+            if problem is None:
+                try:
+                    self._send(frame)
+                except BlockingIOError:
+                    self._arm_writer(True)
+                    return
+                except OSError as error:
+                    self._on_overflow(f"sending on its fd socket failed: {error.strerror or error}")
+                    return
+            with self._lock:
+                self._queue.popleft()
+                if problem is not None and frame.ticket is not None:
+                    self._failed.setdefault(frame.ticket, problem)
+                done = self._done_one(frame.ticket)
+            for item in frame.items:
+                item.buffer.put()
+            if done is not None:
+                self._wake(done)
+        self._arm_writer(False)
+
+    def _undeliverable(self, frame: _Frame) -> DmabufdError | None:
+        with self._lock:
+            failed = frame.ticket is not None and frame.ticket in self._failed
+        if failed:
+            return BufferNotFound("an earlier part of this delivery was refused")
+        for item in frame.items:
+            if not item.buffer.entitles(self.session_id):
+                return BufferNotFound(f"buffer {item.buffer_id} was released before its fd could be sent")
+        return None
+
+    def _send(self, frame: _Frame) -> None:
+        fds = array.array("i", (item.buffer.fd_for(item.read_only) for item in frame.items))
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fds else []
+        self._sock.sendmsg([frame.data], ancillary, _SEND_FLAGS)
+
+    def _done_one(self, ticket: bytes | None) -> bytes | None:
+        """Count one frame of `ticket` written or dropped (caller holds
+        _lock); returns the ticket when it has no frame left."""
+        if ticket is None:
+            return None
+        left = self._pending[ticket] - 1
+        if left:
+            self._pending[ticket] = left
+            return None
+        del self._pending[ticket]
+        return ticket
+
+    def _wake(self, ticket: bytes) -> None:
+        waiter = self._waiters.pop(ticket, None)
+        if waiter is None or waiter.done():
+            return
+        with self._lock:
+            problem = self._failed.pop(ticket, None)
+        if problem is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(problem)
+
+    def _arm_writer(self, on: bool) -> None:
+        if on == self._writing or self._closed is not None:
+            return
+        self._writing = on
+        if on:
+            self._loop.add_writer(self._sock.fileno(), self._flush)
+        else:
+            self._loop.remove_writer(self._sock.fileno())
+
+    async def flushed(self, ticket: bytes) -> None:
+        """Wait until every frame of `ticket` is written: a call answers
+        only once its fds are on the client's socket. Raises the reason
+        they were not (session ended, buffer released meanwhile)."""
+        with self._lock:
+            pending = ticket in self._pending
+            problem = None if pending else self._failed.pop(ticket, None)
+        if problem is not None:
+            raise problem
+        if not pending:
+            return
+        waiter = self._loop.create_future()
+        self._waiters[ticket] = waiter
+        try:
+            # The stall check ends the session well before this runs out.
+            await asyncio.wait_for(waiter, timeout=2 * self._stall_s + 1)
+        finally:
+            self._waiters.pop(ticket, None)
+
+    def stalled_for(self, now: float) -> float:
+        """How long the oldest unwritten frame has waited (0 if none)."""
+        with self._lock:
+            return now - self._queue[0].queued_at if self._queue else 0.0
+
+    @property
+    def stall_limit_s(self) -> float:
+        return self._stall_s
+
+    def close(self, reason: str) -> None:
+        """End of the session: write what the socket still takes (the ERROR
+        frames that explain the end, say), close it, drop the rest."""
+        self._flush()
+        with self._lock:
+            if self._closed is not None:
+                return
+            self._closed = reason
+            dropped = list(self._queue)
+            self._queue.clear()
+            failure = DeliveryFailed(f"the session ended before its fds were sent ({reason})")
+            for ticket in self._pending:
+                self._failed[ticket] = failure
+            self._pending.clear()
+        if self._writing:
+            self._loop.remove_writer(self._sock.fileno())
+            self._writing = False
+        with contextlib.suppress(OSError):  # already disconnected
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        for frame in dropped:
+            for item in frame.items:
+                item.buffer.put()
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(failure)
+        self._waiters.clear()
+        if dropped:
+            log.debug("session %d: %d unsent frame(s) dropped", self.session_id, len(dropped))

@@ -1,0 +1,186 @@
+"""The outbox (the one way fds leave the daemon) and the buffer's references."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import socket
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+
+from dmabufd.errors import BufferNotFound, DeliveryFailed
+from dmabufd.heaps.buffer import Buffer, BufferReleased
+from dmabufd.heaps.memfd import MEMFD_SPEC, MemfdBackend
+from dmabufd.transport.outbox import Outbox, Outgoing
+from dmabufd_common import fdwire
+
+BACKEND = MemfdBackend(MEMFD_SPEC)
+SESSION_ID = 7
+TICKET = b"t" * fdwire.TICKET_BYTES
+
+
+def on_a_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test on a fresh event loop (the outbox lives on one)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+def new_buffer(entitled: bool = True) -> Buffer:
+    buffer = Buffer(BACKEND.allocate(4096, "outbox-test"))
+    if entitled:
+        buffer.entitle(SESSION_ID)
+    return buffer
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    daemon_end, client_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    daemon_end.setblocking(False)
+    yield daemon_end, client_end
+    client_end.close()
+
+
+def make_outbox(sock: socket.socket, overflows: list[str], max_frames: int = 4) -> Outbox:
+    return Outbox(
+        sock,
+        SESSION_ID,
+        asyncio.get_running_loop(),
+        max_frames=max_frames,
+        stall_s=1.0,
+        on_overflow=overflows.append,
+    )
+
+
+def deliver_from_a_thread(outbox: Outbox, ticket: bytes, items: list[Outgoing]) -> None:
+    """Queue as a handler on an executor does: the write is left to the
+    loop, which does not run until the test awaits."""
+    thread = threading.Thread(target=outbox.deliver, args=(ticket, items))
+    thread.start()
+    thread.join()
+
+
+def read_frame(sock: socket.socket) -> tuple[fdwire.Frame, list[int]]:
+    data, fds, _ = fdwire.receive(sock)
+    return fdwire.decode(data), fds
+
+
+def test_a_buffer_is_freed_by_its_last_reference_only() -> None:
+    buffer = new_buffer()
+    buffer.get()
+    buffer.put()
+    assert buffer.allocation.fd >= 0
+    buffer.put()
+    assert buffer.allocation.fd == -1
+    with pytest.raises(BufferReleased):
+        buffer.get()
+    with pytest.raises(BufferReleased):
+        _ = buffer.fd
+
+
+def test_revoked_buffer_entitles_nobody() -> None:
+    buffer = new_buffer()
+    assert buffer.entitles(SESSION_ID)
+    buffer.revoke()
+    buffer.entitle(SESSION_ID)
+    assert not buffer.entitles(SESSION_ID), "entitling a revoked buffer does nothing"
+    buffer.reinstate()
+    buffer.entitle(SESSION_ID + 1)
+    assert buffer.entitles(SESSION_ID + 1)
+    assert not buffer.entitles(SESSION_ID)
+    buffer.put()
+
+
+@on_a_loop
+async def test_delivery_reaches_the_client_and_holds_references_until_sent(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    daemon_end, client_end = pair
+    outbox = make_outbox(daemon_end, [])
+    buffer = new_buffer()
+    deliver_from_a_thread(outbox, TICKET, [Outgoing(42, buffer)])
+    buffer.put()  # the caller's reference; the outbox has its own
+    assert buffer.allocation.fd >= 0
+    await outbox.flushed(TICKET)
+    assert buffer.allocation.fd == -1, "written: the outbox gave its reference back"
+    frame, fds = read_frame(client_end)
+    assert isinstance(frame, fdwire.FdBatch)
+    assert frame.buffer_ids == (42,)
+    assert len(fds) == 1
+    assert os.fstat(fds[0]).st_size == 4096
+    os.close(fds[0])
+    outbox.close("test over")
+
+
+@on_a_loop
+async def test_a_buffer_released_before_it_is_written_is_never_sent(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    daemon_end, client_end = pair
+    outbox = make_outbox(daemon_end, [])
+    buffer = new_buffer()
+    deliver_from_a_thread(outbox, TICKET, [Outgoing(1, buffer)])
+    buffer.revoke()  # released by its owner while the frame was queued
+    with pytest.raises(BufferNotFound, match="released before its fd could be sent"):
+        await outbox.flushed(TICKET)
+    client_end.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        client_end.recv(64)
+    buffer.put()
+    assert buffer.allocation.fd == -1
+    outbox.close("test over")
+
+
+@on_a_loop
+async def test_a_client_that_does_not_read_overflows_its_own_outbox(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    daemon_end, _client_end = pair
+    daemon_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    overflows: list[str] = []
+    outbox = make_outbox(daemon_end, overflows, max_frames=4)
+    buffers = [new_buffer() for _ in range(64)]
+    refused: list[DeliveryFailed] = []
+    for index, buffer in enumerate(buffers):
+        try:
+            outbox.deliver(index.to_bytes(fdwire.TICKET_BYTES, "little"), [Outgoing(index, buffer)])
+        except DeliveryFailed as error:
+            refused.append(error)
+            break
+        await asyncio.sleep(0)  # let the loop write what the socket takes
+    assert refused, "the backlog must run out before 64 unread frames"
+    assert "frames left unread" in str(refused[0])
+    assert overflows
+    assert "limits.outbox_frames" in overflows[0]
+    assert outbox.stalled_for(asyncio.get_running_loop().time() + 10) > 0, "frames are waiting"
+    outbox.close("overflow")
+    for buffer in buffers:
+        buffer.put()
+    assert all(buffer.allocation.fd == -1 for buffer in buffers), "close() dropped the queue's references"
+
+
+@on_a_loop
+async def test_close_fails_the_calls_still_waiting(pair: tuple[socket.socket, socket.socket]) -> None:
+    daemon_end, _client_end = pair
+    daemon_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    outbox = make_outbox(daemon_end, [], max_frames=1000)
+    buffers = [new_buffer() for _ in range(200)]
+    for index, buffer in enumerate(buffers):
+        outbox.deliver(TICKET if index == 199 else os.urandom(16), [Outgoing(index, buffer)])
+    waiting = asyncio.ensure_future(outbox.flushed(TICKET))
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "the socket is full: the last frame waits"
+    outbox.close("client stalled")
+    with pytest.raises(DeliveryFailed, match="client stalled"):
+        await waiting
+    with pytest.raises(DeliveryFailed, match="closed"):
+        outbox.deliver(TICKET, [Outgoing(0, buffers[0])])
+    for buffer in buffers:
+        buffer.put()

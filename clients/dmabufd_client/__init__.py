@@ -3,9 +3,12 @@
 from dmabufd_client.buffer import Access, Backend, Buffer, BufferInfo, Mapping
 from dmabufd_client.client import Client, HeapEvent, HeapInfo, connect
 from dmabufd_client.errors import (
+    DataLoss,
     DmabufdError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     PermissionDenied,
     ProtocolError,
     ResourceExhausted,
@@ -21,7 +24,9 @@ __all__ = [
     "Buffer",
     "BufferInfo",
     "Client",
+    "DataLoss",
     "DmabufdError",
+    "FailedPrecondition",
     "Grant",
     "GrantOffer",
     "HeapEvent",
@@ -31,6 +36,7 @@ __all__ = [
     "Mapping",
     "Model",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "PlanePlacement",
     "Pool",

@@ -38,6 +38,23 @@ class ResourceExhausted(DmabufdError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class FailedPrecondition(DmabufdError):
+    """The request is valid but not in this state (a pool buffer released
+    alone, a read-only grant of a dma-buf, a file that changed)."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class OutOfRange(DmabufdError, ValueError):
+    status = grpc.StatusCode.OUT_OF_RANGE
+
+
+class DataLoss(DmabufdError):
+    """Loaded bytes differ from the file's (verify)."""
+
+    status = grpc.StatusCode.DATA_LOSS
+
+
 class Unauthenticated(DmabufdError):
     status = grpc.StatusCode.UNAUTHENTICATED
 
@@ -52,7 +69,17 @@ class ProtocolError(DmabufdError):
 
 _BY_STATUS: dict[grpc.StatusCode, type[DmabufdError]] = {
     cls.status: cls
-    for cls in (InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        PermissionDenied,
+        ResourceExhausted,
+        FailedPrecondition,
+        OutOfRange,
+        DataLoss,
+        Unauthenticated,
+        Unavailable,
+    )
     if cls.status is not None
 }
 

@@ -114,6 +114,8 @@ class LimitsConfig:
     watches_per_uid: int = 1024
     # Loads of one uid that run at once; more wait their turn.
     loads_per_uid: int = 2
+    # Threads of the calls executor one uid's blocking calls may use at once.
+    threads_per_uid: int = 2
     # A client that lets this many frames queue, or one frame wait this
     # long, unread on its fd socket loses its session.
     outbox_frames: int = 64
@@ -331,6 +333,7 @@ def _limits(table: _Table) -> LimitsConfig:
             "calls_per_uid",
             "watches_per_uid",
             "loads_per_uid",
+            "threads_per_uid",
             "outbox_frames",
             "grant_buffers",
         )

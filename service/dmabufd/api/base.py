@@ -140,7 +140,8 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
             if executor is None:
                 result = handler(session, ticket)
             else:
-                result = await loop.run_in_executor(executor, handler, session, ticket)
+                async with self._limits.thread(session.peer.uid):
+                    result = await loop.run_in_executor(executor, handler, session, ticket)
         except BaseException:
             session.outbox.forget(ticket)
             raise

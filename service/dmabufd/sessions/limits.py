@@ -2,8 +2,9 @@
 flight, open WatchHeaps streams, and loads running at once. (Sessions per
 uid are counted by the session table; memory by the ledger's quotas.)
 
-Past a limit a call fails at once with RESOURCE_EXHAUSTED, except loads,
-which wait for their uid's turn without holding a thread. One uid can
+Past a limit a call fails at once with RESOURCE_EXHAUSTED, except loads and
+blocking handlers, which wait for their uid's turn (its share of the load
+or calls executor) without holding a thread. One uid can
 therefore use up only its own share: the other clients' calls never queue
 behind it.
 
@@ -16,10 +17,20 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 
 from dmabufd.config import LimitsConfig
 from dmabufd.errors import Overloaded
+
+
+class _Turns:
+    """A uid's semaphore, and how many calls use or wait for it."""
+
+    __slots__ = ("semaphore", "users")
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self.semaphore = semaphore
+        self.users = 0
 
 
 class UidLimits:
@@ -27,8 +38,8 @@ class UidLimits:
         self._config = config
         self._calls: collections.Counter[int] = collections.Counter()
         self._watches: collections.Counter[int] = collections.Counter()
-        self._loads: dict[int, asyncio.Semaphore] = {}
-        self._load_users: collections.Counter[int] = collections.Counter()
+        self._loads: dict[int, _Turns] = {}
+        self._threads: dict[int, _Turns] = {}
 
     @contextmanager
     def call(self, uid: int) -> Iterator[None]:
@@ -56,28 +67,34 @@ class UidLimits:
         finally:
             self._release(self._watches, uid)
 
-    @asynccontextmanager
-    async def load(self, uid: int) -> AsyncIterator[None]:
+    def load(self, uid: int) -> AbstractAsyncContextManager[None]:
         """Wait for one of the uid's load slots (a call slot is already held)."""
-        semaphore = self._loads.get(uid)
-        if semaphore is None:
-            semaphore = self._loads[uid] = asyncio.Semaphore(self._config.loads_per_uid)
-        self._load_users[uid] += 1
+        return self._turn(self._loads, uid, self._config.loads_per_uid)
+
+    def thread(self, uid: int) -> AbstractAsyncContextManager[None]:
+        """Wait for one of the uid's shares of the calls executor: one uid's
+        blocking calls never occupy every thread."""
+        return self._turn(self._threads, uid, self._config.threads_per_uid)
+
+    @asynccontextmanager
+    async def _turn(self, turns: dict[int, _Turns], uid: int, size: int) -> AsyncIterator[None]:
+        entry = turns.get(uid)
+        if entry is None:
+            entry = turns[uid] = _Turns(asyncio.Semaphore(size))
+        entry.users += 1
         try:
-            async with semaphore:
+            async with entry.semaphore:
                 yield
         finally:
-            if self._release(self._load_users, uid):
-                del self._loads[uid]
+            entry.users -= 1
+            if not entry.users:
+                del turns[uid]
 
     @staticmethod
-    def _release(counter: collections.Counter[int], uid: int) -> bool:
-        """Count one use of `uid` finished; True when it has none left."""
+    def _release(counter: collections.Counter[int], uid: int) -> None:
         counter[uid] -= 1
         if counter[uid] <= 0:
             del counter[uid]
-            return True
-        return False
 
     def calls_in_flight(self) -> int:
         return sum(self._calls.values())

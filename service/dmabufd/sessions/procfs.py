@@ -96,26 +96,36 @@ def open_files(pid: int, wanted: Iterable[FileIdentity]) -> ProcHoldings:
     return ProcHoldings(True, frozenset(seen))
 
 
+# A process's maps are read up to this much; one with more (a client that
+# maps thousands of regions to make its releases slow) is taken to hold
+# everything it was asked about, so the cost of a check stays bounded.
+MAX_MAPS_BYTES = 1 << 20
+
+
 def _mapped(pid: int, wanted: frozenset[FileIdentity]) -> set[FileIdentity]:
     """Which `wanted` files /proc/<pid>/maps shows mapped (a mapping keeps
     a buffer alive after its last fd is closed)."""
-    by_dev_ino = {(os.major(dev), os.minor(dev), ino): (dev, ino) for dev, ino in wanted}
-    found: set[FileIdentity] = set()
     try:
         with open(f"/proc/{pid}/maps", encoding="ascii", errors="replace") as maps:
-            for line in maps:
-                fields = line.split(None, 5)
-                if len(fields) < 5 or fields[4] == "0":
-                    continue
-                major, _, minor = fields[3].partition(":")
-                try:
-                    key = (int(major, 16), int(minor, 16), int(fields[4]))
-                except ValueError:
-                    continue
-                if key in by_dev_ino:
-                    found.add(by_dev_ino[key])
+            text = maps.read(MAX_MAPS_BYTES + 1)
     except OSError:
-        pass
+        return set()
+    if len(text) > MAX_MAPS_BYTES:
+        return set(wanted)
+    by_dev_ino = {(os.major(dev), os.minor(dev), ino): (dev, ino) for dev, ino in wanted}
+    found: set[FileIdentity] = set()
+    for line in text.splitlines():
+        # address perms offset dev inode [path]; dev is "major:minor" in hex.
+        fields = line.split(None, 5)
+        if len(fields) < 5 or fields[4] == "0":
+            continue
+        major, _, minor = fields[3].partition(":")
+        try:
+            key = (int(major, 16), int(minor, 16), int(fields[4]))
+        except ValueError:
+            continue
+        if key in by_dev_ino:
+            found.add(by_dev_ino[key])
     return found
 
 

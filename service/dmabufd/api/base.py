@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
@@ -30,7 +31,7 @@ import grpc
 
 from dmabufd.broker import BufferBroker
 from dmabufd.config import AccessRule, LoadingConfig
-from dmabufd.errors import DmabufdError
+from dmabufd.errors import DmabufdError, Overloaded
 from dmabufd.heaps.registry import HeapRegistry
 from dmabufd.loading.loader import FileLoader
 from dmabufd.loading.models import ModelCache
@@ -151,6 +152,21 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
         await session.outbox.flushed(ticket)
         return result
 
+    @contextmanager
+    def _call_slot(self, session: Session, ticket_hex: str | None) -> Iterator[None]:
+        """One of the uid's call slots for the call; a call refused for want
+        of one still consumes its ticket, so refusals cannot pile tickets up."""
+        slot = self._limits.call(session.peer.uid)
+        try:
+            slot.__enter__()
+        except Overloaded:
+            self._sessions.discard_ticket(session, ticket_hex)
+            raise
+        try:
+            yield
+        finally:
+            slot.__exit__(None, None, None)
+
     async def _serve(
         self,
         context: grpc.aio.ServicerContext[object, object],
@@ -165,7 +181,7 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
         few microsecond syscalls, such as memfd_create, qualify)."""
         try:
             session, ticket_hex = self._session_of(context)
-            with self._limits.call(session.peer.uid):
+            with self._call_slot(session, ticket_hex):
                 ticket = await self._sessions.take_ticket(session, ticket_hex)
                 executor = self._executors.calls if blocks(session) else None
                 return await self._run(executor, handler, Claimed(session, ticket))

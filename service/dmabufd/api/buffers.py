@@ -65,7 +65,7 @@ class BuffersApi(ServiceBase):
         than heaps change loses its stream, not the daemon's memory)."""
         try:
             session, ticket_hex = self._session_of(context)
-            with self._limits.call(session.peer.uid):
+            with self._call_slot(session, ticket_hex):
                 await self._sessions.take_ticket(session, ticket_hex)
         except DmabufdError as error:
             await self._abort(context, error)

@@ -95,7 +95,7 @@ class LoadingApi(ServiceBase):
         file and its buffers until it returns)."""
         try:
             session, ticket_hex = self._session_of(context)
-            with self._limits.call(session.peer.uid):
+            with self._call_slot(session, ticket_hex):
                 ticket = await self._sessions.take_ticket(session, ticket_hex)
                 try:
                     async with self._limits.load(session.peer.uid):

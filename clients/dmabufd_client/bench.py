@@ -10,19 +10,13 @@ Buffers are released in groups outside the timed sections.
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from rich.console import Console
-from rich.table import Table
 
 from dmabufd_client.buffer import Buffer
 from dmabufd_client.client import Client, connect
@@ -42,12 +36,12 @@ def _drop(client: Client, buffers: list[Buffer]) -> None:
         buffers.clear()
 
 
-def _percentile(samples: list[float], fraction: float) -> float:
+def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def _latencies(client: Client, size: int, heap: str, iterations: int) -> tuple[list[float], list[float]]:
+def latencies(client: Client, size: int, heap: str, iterations: int) -> tuple[list[float], list[float]]:
     alloc_s: list[float] = []
     health_s: list[float] = []
     held: list[Buffer] = []
@@ -64,7 +58,7 @@ def _latencies(client: Client, size: int, heap: str, iterations: int) -> tuple[l
     return alloc_s, health_s
 
 
-def _batch_vs_singles(client: Client, size: int, heap: str, rounds: int) -> tuple[float, float]:
+def batch_vs_singles(client: Client, size: int, heap: str, rounds: int) -> tuple[float, float]:
     batch_s: list[float] = []
     singles_s: list[float] = []
     for _ in range(rounds):
@@ -87,7 +81,7 @@ class _Job:
     count: int
 
 
-def _pool_times(client: Client, heap: str, rounds: int = 5) -> tuple[float, float]:
+def pool_times(client: Client, heap: str, rounds: int = 5) -> tuple[float, float]:
     """Median seconds to allocate an 8-frame NV12 1080p pool, fresh and recycled."""
     fresh: list[float] = []
     warm: list[float] = []
@@ -115,7 +109,7 @@ def _worker(job: _Job, start: Any, results: Any) -> None:
         results.put((began, time.perf_counter(), job.count))
 
 
-def _throughput(runtime_dir: Path | None, size: int, heap: str, clients: int, per_client: int) -> float:
+def throughput(runtime_dir: Path | None, size: int, heap: str, clients: int, per_client: int) -> float:
     """Allocations per second (release included) from `clients` processes."""
     context = multiprocessing.get_context("spawn")  # a forked gRPC runtime is not safe
     start = context.Event()
@@ -132,56 +126,3 @@ def _throughput(runtime_dir: Path | None, size: int, heap: str, clients: int, pe
     total = sum(int(count) for _, _, count in spans)
     wall = max(float(end) for _, end, _ in spans) - min(float(began) for began, _, _ in spans)
     return total / wall
-
-
-def run_benchmark(args: argparse.Namespace) -> int:
-    size, heap, iterations = args.size, args.heap, args.iterations
-    with connect(args.runtime_dir, timeout_s=args.timeout) as client:
-        heap_name = heap or "(by usage)"
-        _latencies(client, size, heap, min(100, iterations))  # warm-up
-        alloc_s, health_s = _latencies(client, size, heap, iterations)
-        batch_s, singles_s = _batch_vs_singles(client, size, heap, rounds=20)
-        pool_fresh_s, pool_recycled_s = _pool_times(client, heap)
-    per_client = max(100, iterations // 4)
-    single_rate = _throughput(args.runtime_dir, size, heap, 1, per_client)
-    multi_rate = _throughput(args.runtime_dir, size, heap, args.clients, per_client)
-    alloc_p50, health_p50 = _percentile(alloc_s, 0.5), _percentile(health_s, 0.5)
-    result = {
-        "size": size,
-        "heap": heap_name,
-        "iterations": iterations,
-        "alloc_fd_p50_us": alloc_p50 * 1e6,
-        "alloc_fd_p99_us": _percentile(alloc_s, 0.99) * 1e6,
-        "grpc_health_p50_us": health_p50 * 1e6,
-        "grpc_health_p99_us": _percentile(health_s, 0.99) * 1e6,
-        "alloc_to_grpc_p50_ratio": alloc_p50 / health_p50,
-        "batch32_ms": batch_s * 1e3,
-        "single_x32_ms": singles_s * 1e3,
-        "batch_speedup": singles_s / batch_s,
-        "pool_8x_nv12_1080p_fresh_ms": pool_fresh_s * 1e3,
-        "pool_8x_nv12_1080p_recycled_ms": pool_recycled_s * 1e3,
-        "allocs_per_s_1_client": single_rate,
-        f"allocs_per_s_{args.clients}_clients": multi_rate,
-        "clients": args.clients,
-    }
-    if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
-    table = Table(title=f"dmabufd bench: {size} B buffers, heap {heap_name}, {iterations} iterations")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("allocate+fd p50 / p99", f"{result['alloc_fd_p50_us']:.0f} / {result['alloc_fd_p99_us']:.0f} us")
-    table.add_row(
-        "gRPC health p50 / p99", f"{result['grpc_health_p50_us']:.0f} / {result['grpc_health_p99_us']:.0f} us"
-    )
-    table.add_row("ratio (p50)", f"{result['alloc_to_grpc_p50_ratio']:.2f}x")
-    table.add_row(f"batch of {BATCH} (one call)", f"{result['batch32_ms']:.2f} ms")
-    table.add_row(f"{BATCH} single calls", f"{result['single_x32_ms']:.2f} ms")
-    table.add_row("batch speed-up", f"{result['batch_speedup']:.1f}x")
-    table.add_row("pool 8 x NV12 1080p, fresh", f"{pool_fresh_s * 1e3:.2f} ms")
-    table.add_row("pool 8 x NV12 1080p, recycled", f"{pool_recycled_s * 1e3:.2f} ms")
-    table.add_row("allocations/s, 1 client", f"{single_rate:.0f}")
-    table.add_row(f"allocations/s, {args.clients} clients", f"{multi_rate:.0f}")
-    Console().print(table)
-    return 0

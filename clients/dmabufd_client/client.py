@@ -34,6 +34,19 @@ from dmabufd_common.paths import default_runtime_dir
 from dmabufd_common.units import parse_size
 
 R = TypeVar("R")
+
+# The control socket is local: reconnecting costs microseconds, so there is
+# no reason to back off for seconds as gRPC does for remote servers. A
+# channel of its own (not gRPC's process-wide subchannel pool) means a new
+# Client never inherits the backoff of an earlier one whose daemon went
+# away: connect() works as soon as a restarted daemon listens.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 500),
+)
+
 FileLike = str | os.PathLike[str] | int | IO[bytes]
 LOAD_METHODS = {
     pb.LOAD_METHOD_AUTO: "auto",
@@ -105,7 +118,7 @@ class Client:
         self.runtime_dir = directory
         self.timeout_s = timeout_s
         self._fds = FdChannel(directory / FD_SOCKET_NAME, timeout_s)
-        self._channel = grpc.insecure_channel(f"unix:{directory / CONTROL_SOCKET_NAME}")
+        self._channel = grpc.insecure_channel(f"unix:{directory / CONTROL_SOCKET_NAME}", options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.BufferServiceStub(self._channel)
         self._closed = threading.Event()
 

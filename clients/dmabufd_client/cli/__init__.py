@@ -1,0 +1,2 @@
+"""dmabufctl, one module per command group; app.py holds the parser, the
+global options and the error handling."""

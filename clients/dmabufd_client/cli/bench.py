@@ -1,0 +1,121 @@
+"""`bench`: what the fd path costs next to gRPC itself (the measurements
+are dmabufd_client.bench's; this runs them with a progress bar)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.table import Table
+
+from dmabufd_client import bench
+from dmabufd_client.cli import output
+from dmabufd_client.cli.output import VERSION_KEY, Schema
+from dmabufd_client.cli.registry import AddCommand
+from dmabufd_client.client import Client
+from dmabufd_common.units import format_size
+
+BENCH = Schema(
+    "the object",
+    (
+        VERSION_KEY,
+        ("size", "bytes per buffer"),
+        ("heap", "the heap asked for; null: chosen by usage"),
+        ("iterations", "allocations timed"),
+        ("clients", "client processes of the concurrent run"),
+        ("alloc_fd_p50_us", "allocate until the fd is in hand, median, microseconds"),
+        ("alloc_fd_p99_us", "the same, 99th percentile"),
+        ("grpc_health_p50_us", "a bare gRPC health check on the same channel, median"),
+        ("grpc_health_p99_us", "the same, 99th percentile"),
+        ("alloc_to_grpc_p50_ratio", "alloc_fd_p50_us / grpc_health_p50_us"),
+        ("batch32_ms", f"one call allocating {bench.BATCH} buffers, median"),
+        ("single_x32_ms", f"{bench.BATCH} single calls, median"),
+        ("batch_speedup", "single_x32_ms / batch32_ms"),
+        ("pool_8x_nv12_1080p_fresh_ms", "an 8-frame NV12 1080p pool, freshly allocated, median"),
+        ("pool_8x_nv12_1080p_recycled_ms", "the same from the recycled pool"),
+        ("allocs_per_s_1_client", "allocations per second (release included), 1 process"),
+        ("allocs_per_s_n_clients", "the same from `clients` processes at once"),
+    ),
+)
+
+STEPS = 6
+
+
+def cmd_bench(client: Client, args: argparse.Namespace) -> int:
+    size, heap, iterations = args.size, args.heap, args.iterations
+    with output.progress_bar("bench", transfer=False) as update:
+        update(total=STEPS, completed=0, description=f"warm-up ({min(100, iterations)} allocations)")
+        bench.latencies(client, size, heap, min(100, iterations))
+        update(completed=1, description=f"latency ({iterations} allocations and health checks)")
+        alloc_s, health_s = bench.latencies(client, size, heap, iterations)
+        update(completed=2, description=f"batch of {bench.BATCH} against {bench.BATCH} single calls")
+        batch_s, singles_s = bench.batch_vs_singles(client, size, heap, rounds=20)
+        update(completed=3, description="image pools, fresh and recycled")
+        pool_fresh_s, pool_recycled_s = bench.pool_times(client, heap)
+        per_client = max(100, iterations // 4)
+        update(completed=4, description="throughput, 1 client process")
+        single_rate = bench.throughput(client.runtime_dir, size, heap, 1, per_client)
+        update(completed=5, description=f"throughput, {args.clients} client processes")
+        multi_rate = bench.throughput(client.runtime_dir, size, heap, args.clients, per_client)
+        update(completed=6)
+    alloc_p50, health_p50 = bench.percentile(alloc_s, 0.5), bench.percentile(health_s, 0.5)
+    result: dict[str, Any] = output.versioned(
+        BENCH,
+        size=size,
+        heap=heap or None,
+        iterations=iterations,
+        clients=args.clients,
+        alloc_fd_p50_us=alloc_p50 * 1e6,
+        alloc_fd_p99_us=bench.percentile(alloc_s, 0.99) * 1e6,
+        grpc_health_p50_us=health_p50 * 1e6,
+        grpc_health_p99_us=bench.percentile(health_s, 0.99) * 1e6,
+        alloc_to_grpc_p50_ratio=alloc_p50 / health_p50,
+        batch32_ms=batch_s * 1e3,
+        single_x32_ms=singles_s * 1e3,
+        batch_speedup=singles_s / batch_s,
+        pool_8x_nv12_1080p_fresh_ms=pool_fresh_s * 1e3,
+        pool_8x_nv12_1080p_recycled_ms=pool_recycled_s * 1e3,
+        allocs_per_s_1_client=single_rate,
+        allocs_per_s_n_clients=multi_rate,
+    )
+    if args.json:
+        output.emit_json(result)
+        return 0
+    table = Table(
+        title=f"dmabufd bench: {format_size(size)} buffers, heap {heap or '(by usage)'}, {iterations} iterations"
+    )
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("allocate+fd p50 / p99", f"{result['alloc_fd_p50_us']:.0f} / {result['alloc_fd_p99_us']:.0f} us")
+    table.add_row(
+        "gRPC health p50 / p99", f"{result['grpc_health_p50_us']:.0f} / {result['grpc_health_p99_us']:.0f} us"
+    )
+    table.add_row("ratio (p50)", f"{result['alloc_to_grpc_p50_ratio']:.2f}x")
+    table.add_row(f"batch of {bench.BATCH} (one call)", f"{result['batch32_ms']:.2f} ms")
+    table.add_row(f"{bench.BATCH} single calls", f"{result['single_x32_ms']:.2f} ms")
+    table.add_row("batch speed-up", f"{result['batch_speedup']:.1f}x")
+    table.add_row("pool 8 x NV12 1080p, fresh", f"{pool_fresh_s * 1e3:.2f} ms")
+    table.add_row("pool 8 x NV12 1080p, recycled", f"{pool_recycled_s * 1e3:.2f} ms")
+    table.add_row("allocations/s, 1 client", f"{single_rate:.0f}")
+    table.add_row(f"allocations/s, {args.clients} clients", f"{multi_rate:.0f}")
+    output.stdout.print(table)
+    return 0
+
+
+def register(add: AddCommand) -> None:
+    command = add(
+        "bench",
+        "measure allocation latency and throughput against the running daemon",
+        cmd_bench,
+        output.document(BENCH),
+    )
+    command.add_argument(
+        "--size", type=output.size, default=4 << 20, help=f"bytes per buffer (default 4M; {output.SIZE_HELP})"
+    )
+    command.add_argument(
+        "--iterations", type=output.positive_int, default=2000, metavar="N", help="allocations timed (default 2000)"
+    )
+    command.add_argument(
+        "--clients", type=output.positive_int, default=8, metavar="N", help="concurrent client processes (default 8)"
+    )
+    command.add_argument("--heap", default="", help="heap name or alias (default: chosen by usage)")

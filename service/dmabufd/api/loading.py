@@ -24,6 +24,7 @@ from dmabufd.loading.loader import LoadOutcome, LoadRequest, choose_heap, choose
 from dmabufd.loading.method import Method
 from dmabufd.loading.models import ModelLoad, ResidentModel
 from dmabufd.loading.source import SourceFile, close_quietly, from_client_fd, open_as_client
+from dmabufd.observability import metrics
 from dmabufd.sessions.session import Session
 from dmabufd.transport.outbox import Outgoing
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
@@ -157,6 +158,7 @@ class LoadingApi(ServiceBase):
                 )
             finally:
                 source.close()
+            metrics.count_load(outcome.report.method.label, outcome.bytes, outcome.report.wall_seconds)
             return pb.LoadProgress(bytes_done=length, bytes_total=length, result=self._result(outcome))
 
         async for message in self._stream(context, work):
@@ -215,6 +217,9 @@ class LoadingApi(ServiceBase):
             except BaseException:
                 self._models.release(session.id, session.peer.uid, model.id)
                 raise
+            if not shared:  # this call read the file
+                loaded = sum(plan.piece.length for plan in model.plans)
+                metrics.count_load(model.report.method.label, loaded, model.report.wall_seconds)
             return self._model_reply(model, shared=shared, verified=how.verify, wall_seconds=time.monotonic() - started)
 
         async for message in self._stream(context, work):

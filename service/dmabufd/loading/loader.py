@@ -296,5 +296,17 @@ class FileLoader:
             report.wall_seconds,
             report.cpu_seconds,
             report.parallelism,
+            extra={
+                "session": session.id,
+                "pid": session.peer.pid,
+                "uid": session.peer.uid,
+                "event": "loaded",
+                "heap": backend.spec.name,
+                "bytes": length,
+                "buffer_ids": [record.id for record in records],
+                "method": method.label,
+                "duration_s": round(report.wall_seconds, 6),
+                "cpu_s": round(report.cpu_seconds, 6),
+            },
         )
         return LoadOutcome(records, plans, report, length)

@@ -51,12 +51,14 @@ from dmabufd.heaps.buffer import BufferReleased
 from dmabufd.sessions.ledger import BufferRecord
 from dmabufd.sessions.session import Session
 from dmabufd_common import uapi
+from dmabufd_common.reasons import Reason
 
 MAX_GRANTS_PER_SESSION = 256
 
 
 class NotEnforceable(DmabufdError):
     status = grpc.StatusCode.FAILED_PRECONDITION
+    reason = Reason.NOT_ENFORCEABLE
 
 
 @dataclass

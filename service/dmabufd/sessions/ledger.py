@@ -201,8 +201,8 @@ class Ledger:
         pool_id: int = 0,
     ) -> list[BufferRecord]:
         """Enter allocated buffers into the books; their references move
-        into the records. If the session closed meanwhile, the references
-        are given back and SessionInvalid raised."""
+        into the records. If the session closed meanwhile, SessionInvalid is
+        raised and the references stay the caller's."""
         session = reservation.session
         with self._lock:
             committed = not session.closed
@@ -227,8 +227,7 @@ class Ledger:
                     reservation.records.append(record)
                 self._allocations += len(buffers)
         if not committed:
-            for buffer, _ in buffers:
-                buffer.put()
+            # The references stay the caller's (the provision frees them).
             raise SessionInvalid("the session closed during the call; its buffers were freed")
         for buffer, _ in buffers:
             buffer.entitle(session.id)

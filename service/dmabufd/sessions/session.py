@@ -103,7 +103,14 @@ class SessionTable:
             self._per_uid[session.peer.uid] = self._per_uid.get(session.peer.uid, 0) + 1
             self.opened += 1
         peer = session.peer
-        log.info("session %d opened: pid %d uid %d (%s)", session.id, peer.pid, peer.uid, peer.command)
+        log.info(
+            "session %d opened: pid %d uid %d (%s)",
+            session.id,
+            peer.pid,
+            peer.uid,
+            peer.command,
+            extra={"session": session.id, "pid": peer.pid, "uid": peer.uid, "event": "session-opened"},
+        )
 
     def count_for(self, uid: int) -> int:
         with self._lock:
@@ -133,7 +140,18 @@ class SessionTable:
         for fd in deposits:
             os.close(fd)
         self._on_close(session)
-        log.info("session %d closed: %s", session.id, reason)
+        log.info(
+            "session %d closed: %s",
+            session.id,
+            reason,
+            extra={
+                "session": session.id,
+                "pid": session.peer.pid,
+                "uid": session.peer.uid,
+                "event": "session-closed",
+                "duration_s": round(time.time() - session.connected_at, 3),
+            },
+        )
 
     def sessions(self) -> list[Session]:
         with self._lock:

@@ -15,6 +15,43 @@ names its session with two metadata entries:
 
 Buffers a call creates are delivered as fds on that session's fd socket,
 tagged with the call's ticket, before the call's response is sent.
+
+Without a session. Generic tools (grpcurl, grpc_health_probe) reach, with
+no fd socket and no metadata: server reflection (grpc.reflection.v1alpha),
+the health service (grpc.health.v1.Health, for "" and
+"dmabufd.v1.BufferService"), and ListHeaps, which answers without a
+session as described at the RPC. Every other call needs the session.
+
+Errors. A failed call's status carries, in its grpc-status-details-bin
+trailer, a google.rpc.Status (the gRPC rich error model) with the same
+code and message, whose details hold a google.rpc.ErrorInfo with domain
+"dmabufd.dev" and one of the reasons below, finer than the status code.
+For QUOTA_EXCEEDED, the ErrorInfo's metadata has "uid" (the caller's) and
+the details also hold a google.rpc.QuotaFailure with one violation:
+subject "uid:<uid>", the message as description. Reasons
+are never renamed or reused; new ones may be added, so treat an unknown
+reason as its status code alone. (ERROR frames on the fd socket carry a
+code and message only.)
+
+  reason               status code          meaning
+  INVALID_REQUEST      INVALID_ARGUMENT     the request is wrong: a size, count, name, usage, method
+  HEAP_NOT_FOUND       NOT_FOUND            no present heap by that name, alias or usage route
+  BUFFER_NOT_FOUND     NOT_FOUND            the session holds no buffer, pool, model or grant by that id
+  FILE_NOT_FOUND       NOT_FOUND            the file to load does not exist for the caller
+  ACCESS_DENIED        PERMISSION_DENIED    policy refuses the caller: heaps.access, loading roots, file modes
+  QUOTA_EXCEEDED       RESOURCE_EXHAUSTED   the uid's memory quota, or the model budget, would be passed
+  HEAP_OUT_OF_MEMORY   RESOURCE_EXHAUSTED   the kernel could not provide the memory (ENOMEM, ENOSPC)
+  OVERLOADED           RESOURCE_EXHAUSTED   a per-uid limit on the daemon itself (calls, streams): slow down
+  BUFFER_BUSY          FAILED_PRECONDITION  the buffer belongs to a pool: release the pool
+  NOT_ENFORCEABLE      FAILED_PRECONDITION  a read-only grant of a dma-buf (only memfds can be sealed)
+  FILE_CHANGED         FAILED_PRECONDITION  the file changed (truncated, replaced) during the load
+  OUT_OF_RANGE         OUT_OF_RANGE         an offset or length outside the file
+  SESSION_INVALID      UNAUTHENTICATED      no, an unknown or a closed session, or an unproven ticket
+  HEAP_UNAVAILABLE     UNAVAILABLE          the heap exists but cannot serve now (removed, failing)
+  DELIVERY_FAILED      UNAVAILABLE          the fds could not be sent on the session's fd socket
+  LOAD_CANCELLED       CANCELLED            the load was cancelled (by the client or its deadline)
+  VERIFY_FAILED        DATA_LOSS            the loaded bytes differ from the file's
+  INTERNAL             INTERNAL             a bug in the daemon; its log has the details
 """
 
 from collections import abc as _abc
@@ -40,6 +77,7 @@ class _Backend:
 class _BackendEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Backend.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     BACKEND_UNSPECIFIED: _Backend.ValueType  # 0
+    """Not set; the daemon never sends it."""
     BACKEND_DMA_HEAP: _Backend.ValueType  # 1
     """A kernel DMA heap, /dev/dma_heap/<name>: real dma-bufs devices import."""
     BACKEND_UDMABUF: _Backend.ValueType  # 2
@@ -51,6 +89,7 @@ class Backend(_Backend, metaclass=_BackendEnumTypeWrapper):
     """What kind of allocator stands behind a heap."""
 
 BACKEND_UNSPECIFIED: Backend.ValueType  # 0
+"""Not set; the daemon never sends it."""
 BACKEND_DMA_HEAP: Backend.ValueType  # 1
 """A kernel DMA heap, /dev/dma_heap/<name>: real dma-bufs devices import."""
 BACKEND_UDMABUF: Backend.ValueType  # 2
@@ -66,6 +105,7 @@ class _LoadMethod:
 class _LoadMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LoadMethod.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     LOAD_METHOD_AUTO: _LoadMethod.ValueType  # 0
+    """Let the daemon choose (the default)."""
     LOAD_METHOD_DIRECT_COPY_FILE_RANGE: _LoadMethod.ValueType  # 1
     """copy_file_range() from an O_DIRECT fd into the dma-buf: the storage
     controller DMAs into the buffer's pages (product kernel patch series).
@@ -89,6 +129,7 @@ class LoadMethod(_LoadMethod, metaclass=_LoadMethodEnumTypeWrapper):
     """
 
 LOAD_METHOD_AUTO: LoadMethod.ValueType  # 0
+"""Let the daemon choose (the default)."""
 LOAD_METHOD_DIRECT_COPY_FILE_RANGE: LoadMethod.ValueType  # 1
 """copy_file_range() from an O_DIRECT fd into the dma-buf: the storage
 controller DMAs into the buffer's pages (product kernel patch series).
@@ -109,6 +150,8 @@ Global___LoadMethod: _TypeAlias = LoadMethod  # noqa: Y015
 
 @_typing.final
 class HeapCapabilities(_message.Message):
+    """What a heap's buffers are, and what the daemon can do with them."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BACKEND_FIELD_NUMBER: _builtins.int
@@ -119,10 +162,14 @@ class HeapCapabilities(_message.Message):
     GRANULE_BYTES_FIELD_NUMBER: _builtins.int
     LOAD_METHODS_FIELD_NUMBER: _builtins.int
     backend: Global___Backend.ValueType
+    """The allocator behind the heap."""
     device_importable: _builtins.bool
     """True when the buffers are dma-bufs a device driver can import."""
     max_buffer_bytes: _builtins.int
-    """Largest single buffer, in bytes; 0 when the kernel sets no limit."""
+    """Largest single buffer, in bytes: the heap's own limit (udmabuf:
+    size_limit_mb) or else the daemon's (heaps.max_buffer_bytes, by default
+    the machine's memory).
+    """
     zeroed: _builtins.bool
     """Buffers come back zero-filled."""
     cpu_sync_required: _builtins.bool
@@ -154,6 +201,8 @@ Global___HeapCapabilities: _TypeAlias = HeapCapabilities  # noqa: Y015
 
 @_typing.final
 class Heap(_message.Message):
+    """One heap the daemon can allocate from."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -168,9 +217,14 @@ class Heap(_message.Message):
     device_path: _builtins.str
     """Device node behind the heap; empty for memfd."""
     allowed: _builtins.bool
-    """Whether the calling client's uid/gids may allocate from it."""
+    """Whether the calling client's uid/gids may allocate from it. For a
+    ListHeaps without a session (a generic tool): whether every client the
+    daemon admits may, that is the heap has no heaps.access rule.
+    """
     @_builtins.property
-    def capabilities(self) -> Global___HeapCapabilities: ...
+    def capabilities(self) -> Global___HeapCapabilities:
+        """What its buffers are and how files can be loaded into them."""
+
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Aliases configured to resolve to this heap first (e.g. "cma")."""
@@ -194,6 +248,8 @@ Global___Heap: _TypeAlias = Heap  # noqa: Y015
 
 @_typing.final
 class ListHeapsRequest(_message.Message):
+    """ListHeaps takes no parameters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -209,12 +265,16 @@ Global___ListHeapsRequest: _TypeAlias = ListHeapsRequest  # noqa: Y015
 
 @_typing.final
 class ListHeapsResponse(_message.Message):
+    """The heaps present now, and how usage hints choose among them."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HEAPS_FIELD_NUMBER: _builtins.int
     USAGE_ROUTES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def heaps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Heap]: ...
+    def heaps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Heap]:
+        """Every heap present, whether or not the caller may allocate from it."""
+
     @_builtins.property
     def usage_routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRoute]:
         """Usage hints this daemon understands, each with its heap preference order."""
@@ -235,13 +295,18 @@ Global___ListHeapsResponse: _TypeAlias = ListHeapsResponse  # noqa: Y015
 
 @_typing.final
 class UsageRoute(_message.Message):
+    """How one usage hint picks a heap: the first present (and allowed) entry wins."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     USAGE_FIELD_NUMBER: _builtins.int
     HEAP_ORDER_FIELD_NUMBER: _builtins.int
     usage: _builtins.str
+    """The hint, as AllocateRequest.usage names it ("camera", "default", ...)."""
     @_builtins.property
-    def heap_order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def heap_order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Heap names or aliases, most preferred first."""
+
     def __init__(
         self,
         *,
@@ -258,6 +323,8 @@ Global___UsageRoute: _TypeAlias = UsageRoute  # noqa: Y015
 
 @_typing.final
 class WatchHeapsRequest(_message.Message):
+    """Ask for a stream of heap changes."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     INCLUDE_EXISTING_FIELD_NUMBER: _builtins.int
@@ -278,6 +345,8 @@ Global___WatchHeapsRequest: _TypeAlias = WatchHeapsRequest  # noqa: Y015
 
 @_typing.final
 class HeapEvent(_message.Message):
+    """A heap appeared or went away (or, once, the initial list is complete)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     class _Kind:
@@ -287,23 +356,34 @@ class HeapEvent(_message.Message):
     class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[HeapEvent._Kind.ValueType], _builtins.type):
         DESCRIPTOR: _descriptor.EnumDescriptor
         KIND_UNSPECIFIED: HeapEvent._Kind.ValueType  # 0
+        """Not set; the daemon never sends it."""
         KIND_ADDED: HeapEvent._Kind.ValueType  # 1
+        """The heap is present (new, or listed because include_existing was set)."""
         KIND_REMOVED: HeapEvent._Kind.ValueType  # 2
+        """The heap is gone; its buffers already handed out stay valid."""
         KIND_SYNCED: HeapEvent._Kind.ValueType  # 3
         """Sent once after the initial ADDED events when include_existing is set."""
 
-    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
+        """What happened."""
+
     KIND_UNSPECIFIED: HeapEvent.Kind.ValueType  # 0
+    """Not set; the daemon never sends it."""
     KIND_ADDED: HeapEvent.Kind.ValueType  # 1
+    """The heap is present (new, or listed because include_existing was set)."""
     KIND_REMOVED: HeapEvent.Kind.ValueType  # 2
+    """The heap is gone; its buffers already handed out stay valid."""
     KIND_SYNCED: HeapEvent.Kind.ValueType  # 3
     """Sent once after the initial ADDED events when include_existing is set."""
 
     KIND_FIELD_NUMBER: _builtins.int
     HEAP_FIELD_NUMBER: _builtins.int
     kind: Global___HeapEvent.Kind.ValueType
+    """What happened."""
     @_builtins.property
-    def heap(self) -> Global___Heap: ...
+    def heap(self) -> Global___Heap:
+        """The heap it happened to (not set for KIND_SYNCED)."""
+
     def __init__(
         self,
         *,
@@ -320,6 +400,8 @@ Global___HeapEvent: _TypeAlias = HeapEvent  # noqa: Y015
 
 @_typing.final
 class AllocateRequest(_message.Message):
+    """Allocate `count` buffers of `size` bytes each."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SIZE_FIELD_NUMBER: _builtins.int
@@ -358,6 +440,8 @@ Global___AllocateRequest: _TypeAlias = AllocateRequest  # noqa: Y015
 
 @_typing.final
 class BufferInfo(_message.Message):
+    """One buffer booked to a session, as the daemon sees it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -371,11 +455,15 @@ class BufferInfo(_message.Message):
     id: _builtins.int
     """Daemon-wide unique id; also the key of the fd in the delivery."""
     size: _builtins.int
+    """Size in bytes (the requested size rounded up to the heap's granule)."""
     heap: _builtins.str
+    """The heap it came from (its name, never an alias)."""
     backend: Global___Backend.ValueType
+    """The allocator behind that heap."""
     kernel_name: _builtins.str
     """The name the kernel shows (DMA_BUF_SET_NAME or the memfd name)."""
     usage: _builtins.str
+    """The usage hint the request gave (may be empty)."""
     created_at: _builtins.float
     """Seconds since the Unix epoch."""
     inode: _builtins.int
@@ -402,11 +490,15 @@ Global___BufferInfo: _TypeAlias = BufferInfo  # noqa: Y015
 
 @_typing.final
 class AllocateResponse(_message.Message):
+    """The buffers an Allocate made; their fds arrived on the fd socket first."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BUFFERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]: ...
+    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]:
+        """One per buffer, in the order of the call's FDS frames."""
+
     def __init__(
         self,
         *,
@@ -422,6 +514,8 @@ Global___AllocateResponse: _TypeAlias = AllocateResponse  # noqa: Y015
 
 @_typing.final
 class ReleaseRequest(_message.Message):
+    """Release buffers from the session's books."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BUFFER_IDS_FIELD_NUMBER: _builtins.int
@@ -444,10 +538,16 @@ Global___ReleaseRequest: _TypeAlias = ReleaseRequest  # noqa: Y015
 
 @_typing.final
 class ReleaseResponse(_message.Message):
+    """What a Release (or ReleasePool) took off the books."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RELEASED_BYTES_FIELD_NUMBER: _builtins.int
     released_bytes: _builtins.int
+    """Bytes released. A buffer's memory is freed once no fd or mapping of it
+    remains; while a process of the client's uid holds one, it stays
+    charged to the uid's quota (Stats.lingering_buffers).
+    """
     def __init__(
         self,
         *,
@@ -463,6 +563,8 @@ Global___ReleaseResponse: _TypeAlias = ReleaseResponse  # noqa: Y015
 
 @_typing.final
 class ListBuffersRequest(_message.Message):
+    """ListBuffers takes no parameters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -478,11 +580,15 @@ Global___ListBuffersRequest: _TypeAlias = ListBuffersRequest  # noqa: Y015
 
 @_typing.final
 class ListBuffersResponse(_message.Message):
+    """The buffers booked to the calling session."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BUFFERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]: ...
+    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]:
+        """Every buffer the session holds (pool buffers included), by id."""
+
     def __init__(
         self,
         *,
@@ -498,10 +604,13 @@ Global___ListBuffersResponse: _TypeAlias = ListBuffersResponse  # noqa: Y015
 
 @_typing.final
 class DescribeBufferRequest(_message.Message):
+    """Describe one buffer of the calling session."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BUFFER_ID_FIELD_NUMBER: _builtins.int
     buffer_id: _builtins.int
+    """The buffer's id (BufferInfo.id); another session's buffer is NOT_FOUND."""
     def __init__(
         self,
         *,
@@ -517,6 +626,10 @@ Global___DescribeBufferRequest: _TypeAlias = DescribeBufferRequest  # noqa: Y015
 
 @_typing.final
 class GetStatsRequest(_message.Message):
+    """Ask for accounting: the caller's own sessions, or every client's for an
+    admin (config clients.admin_uids/admin_gids; root always).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CHECK_PROC_FIELD_NUMBER: _builtins.int
@@ -539,6 +652,8 @@ Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
 
 @_typing.final
 class ClientStats(_message.Message):
+    """One session's accounting."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
@@ -559,32 +674,45 @@ class ClientStats(_message.Message):
     CHARGED_BYTES_FIELD_NUMBER: _builtins.int
     CHARGED_BUFFERS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.int
+    """The session's id (as in the HELLO frame)."""
     pid: _builtins.int
+    """The process that opened the session (SO_PEERCRED, daemon's pid namespace)."""
     uid: _builtins.int
+    """Its uid: quotas are per uid."""
     gid: _builtins.int
+    """Its primary gid."""
     command: _builtins.str
     """/proc/<pid>/comm, when readable."""
     buffer_count: _builtins.int
+    """Buffers booked to this session."""
     bytes: _builtins.int
+    """Bytes of those buffers."""
     quota_bytes: _builtins.int
+    """The uid's quota in bytes (over all its sessions)."""
     quota_buffers: _builtins.int
+    """The uid's quota in buffers (over all its sessions)."""
     proc_checked: _builtins.bool
     """With check_proc: buffers of this client found open in its /proc/<pid>/fd."""
     proc_buffer_count: _builtins.int
+    """With check_proc: how many of the session's buffers the process holds."""
     proc_bytes: _builtins.int
+    """With check_proc: their bytes."""
     connected_at: _builtins.float
+    """When the session opened, in seconds since the Unix epoch."""
     proc_dmabuf_count: _builtins.int
     """With check_proc: every dma-buf the process holds, booked here or not,
     from /proc/<pid>/fdinfo (size: and exp_name: lines), counted once per
     buffer, as Android's dmabuf_dump counts them.
     """
     proc_dmabuf_bytes: _builtins.int
+    """With check_proc: the bytes of those dma-bufs."""
     charged_bytes: _builtins.int
     """What this client's uid is charged against its quota now, over all its
     sessions: booked buffers, released buffers a process of the uid still
     holds (an fd or a mapping), and resident models it holds.
     """
     charged_buffers: _builtins.int
+    """The number of buffers charged likewise."""
     def __init__(
         self,
         *,
@@ -616,14 +744,19 @@ Global___ClientStats: _TypeAlias = ClientStats  # noqa: Y015
 
 @_typing.final
 class HeapStats(_message.Message):
+    """Booked buffers of one heap, over the sessions a GetStats shows."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HEAP_FIELD_NUMBER: _builtins.int
     BUFFER_COUNT_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
     heap: _builtins.str
+    """The heap's name."""
     buffer_count: _builtins.int
+    """Buffers from it."""
     bytes: _builtins.int
+    """Their bytes."""
     def __init__(
         self,
         *,
@@ -641,6 +774,8 @@ Global___HeapStats: _TypeAlias = HeapStats  # noqa: Y015
 
 @_typing.final
 class Stats(_message.Message):
+    """Accounting, as GetStats returns it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CLIENTS_FIELD_NUMBER: _builtins.int
@@ -657,24 +792,35 @@ class Stats(_message.Message):
     LINGERING_BUFFERS_FIELD_NUMBER: _builtins.int
     ALL_CLIENTS_FIELD_NUMBER: _builtins.int
     total_buffers: _builtins.int
+    """Their booked buffers in all."""
     total_bytes: _builtins.int
+    """The bytes of those buffers."""
     allocations: _builtins.int
-    """Counts since start-up."""
+    """Counts since start-up, over the whole daemon: buffers allocated."""
     releases: _builtins.int
+    """Buffers released."""
     denials: _builtins.int
+    """Calls refused PERMISSION_DENIED or RESOURCE_EXHAUSTED."""
     sessions_opened: _builtins.int
+    """Sessions opened."""
     sessions_closed: _builtins.int
+    """Sessions closed."""
     models: _builtins.int
     """Resident shared models and their bytes."""
     model_bytes: _builtins.int
+    """The bytes of those models."""
     lingering_buffers: _builtins.int
     """Released buffers still charged because a client process holds them."""
     all_clients: _builtins.bool
     """Whether the caller may see every client (privileged) or only itself."""
     @_builtins.property
-    def clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientStats]: ...
+    def clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientStats]:
+        """The sessions the caller may see: its uid's, or every one for an admin."""
+
     @_builtins.property
-    def heaps(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeapStats]: ...
+    def heaps(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeapStats]:
+        """Their booked buffers, per heap, by heap name."""
+
     def __init__(
         self,
         *,
@@ -715,8 +861,11 @@ class FileSource(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
     fd: _builtins.bool
+    """True: the file is the fd sent in a FILE frame with the call's ticket."""
     path: _builtins.str
+    """A path under one of the daemon's loading.roots (none by default)."""
     offset: _builtins.int
+    """Where the range starts in the file, in bytes."""
     length: _builtins.int
     """Bytes to load; 0: to the end of the file."""
     def __init__(
@@ -739,6 +888,8 @@ Global___FileSource: _TypeAlias = FileSource  # noqa: Y015
 
 @_typing.final
 class LoadFileRequest(_message.Message):
+    """Load a range of a file into new buffers."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SOURCE_FIELD_NUMBER: _builtins.int
@@ -749,9 +900,13 @@ class LoadFileRequest(_message.Message):
     VERIFY_FIELD_NUMBER: _builtins.int
     MAX_BUFFER_BYTES_FIELD_NUMBER: _builtins.int
     heap: _builtins.str
+    """A heap name or alias, as in AllocateRequest. Empty: choose by usage."""
     usage: _builtins.str
+    """A usage hint, as in AllocateRequest. Empty: "default"."""
     name: _builtins.str
+    """Label of the buffers, as AllocateRequest.name."""
     method: Global___LoadMethod.ValueType
+    """How to load; AUTO (the default) picks the fastest the heap supports."""
     verify: _builtins.bool
     """Compare the loaded bytes with the file (SHA-256 of both)."""
     max_buffer_bytes: _builtins.int
@@ -759,7 +914,9 @@ class LoadFileRequest(_message.Message):
     heap's own limit (udmabuf: size_limit_mb).
     """
     @_builtins.property
-    def source(self) -> Global___FileSource: ...
+    def source(self) -> Global___FileSource:
+        """The file and the range."""
+
     def __init__(
         self,
         *,
@@ -794,9 +951,13 @@ class LoadedSegment(_message.Message):
     FILE_OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
     buffer_id: _builtins.int
+    """The buffer (BufferInfo.id in LoadResult.buffers)."""
     buffer_offset: _builtins.int
+    """Where the piece starts in that buffer, in bytes."""
     file_offset: _builtins.int
+    """Where the piece starts in the file, in bytes."""
     length: _builtins.int
+    """The piece's length in bytes."""
     def __init__(
         self,
         *,
@@ -815,6 +976,8 @@ Global___LoadedSegment: _TypeAlias = LoadedSegment  # noqa: Y015
 
 @_typing.final
 class LoadResult(_message.Message):
+    """The outcome of a load; the buffers' fds arrived before it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BUFFERS_FIELD_NUMBER: _builtins.int
@@ -826,20 +989,31 @@ class LoadResult(_message.Message):
     VERIFIED_FIELD_NUMBER: _builtins.int
     PARALLELISM_FIELD_NUMBER: _builtins.int
     method: Global___LoadMethod.ValueType
+    """The method that moved the bytes."""
     bytes: _builtins.int
     """Bytes this call read from the file (0 when LoadModel found the model
     resident: the buffers were shared, not loaded).
     """
     wall_seconds: _builtins.float
+    """Wall time: allocation and I/O (verification not included); for a
+    shared model, the time to attach.
+    """
     cpu_seconds: _builtins.float
     """Daemon CPU time (user + system) the load cost."""
     verified: _builtins.bool
+    """True when verify was asked for and the bytes matched (a mismatch fails
+    the call with DATA_LOSS).
+    """
     parallelism: _builtins.int
     """I/O requests kept in flight."""
     @_builtins.property
-    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]: ...
+    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]:
+        """The buffers made (or shared, for a resident model), in file order."""
+
     @_builtins.property
-    def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoadedSegment]: ...
+    def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoadedSegment]:
+        """LoadFile: one per buffer, saying which file bytes it holds."""
+
     def __init__(
         self,
         *,
@@ -862,6 +1036,8 @@ Global___LoadResult: _TypeAlias = LoadResult  # noqa: Y015
 
 @_typing.final
 class TensorInfo(_message.Message):
+    """One tensor of a loaded model and where its bytes are."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -871,13 +1047,19 @@ class TensorInfo(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     NBYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The tensor's name in the safetensors header."""
     dtype: _builtins.str
+    """Its safetensors dtype ("F32", "BF16", "I64", ...)."""
     buffer_id: _builtins.int
+    """The buffer holding its bytes (0: none, for a model with no bytes at all)."""
     offset: _builtins.int
-    """Byte offset of the tensor in that buffer, and its length."""
+    """Byte offset of the tensor in that buffer."""
     nbytes: _builtins.int
+    """The tensor's length in bytes."""
     @_builtins.property
-    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Its dimensions, outermost first."""
+
     def __init__(
         self,
         *,
@@ -898,6 +1080,8 @@ Global___TensorInfo: _TypeAlias = TensorInfo  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):
+    """A model resident in the daemon, as LoadModel returns it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -934,7 +1118,9 @@ class ModelInfo(_message.Message):
     (sealed memfd); see docs/loading.md for each backend.
     """
     @_builtins.property
-    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorInfo]: ...
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorInfo]:
+        """Every tensor, in the header's order."""
+
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The safetensors __metadata__ entries."""
@@ -958,6 +1144,8 @@ Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
 
 @_typing.final
 class LoadProgress(_message.Message):
+    """A message of a load's stream: progress, and last the result."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BYTES_DONE_FIELD_NUMBER: _builtins.int
@@ -965,7 +1153,9 @@ class LoadProgress(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     bytes_done: _builtins.int
+    """Bytes loaded so far."""
     bytes_total: _builtins.int
+    """Bytes the load will read in all."""
     @_builtins.property
     def result(self) -> Global___LoadResult:
         """Set on the last message of the stream only."""
@@ -992,6 +1182,8 @@ Global___LoadProgress: _TypeAlias = LoadProgress  # noqa: Y015
 
 @_typing.final
 class LoadModelRequest(_message.Message):
+    """Load a safetensors file as a shared, resident model."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SOURCE_FIELD_NUMBER: _builtins.int
@@ -1000,9 +1192,13 @@ class LoadModelRequest(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     VERIFY_FIELD_NUMBER: _builtins.int
     heap: _builtins.str
+    """A heap name or alias, as in AllocateRequest. Empty: choose by usage."""
     usage: _builtins.str
+    """A usage hint. Empty: "model-weights"."""
     method: Global___LoadMethod.ValueType
+    """How to load; AUTO (the default) picks the fastest the heap supports."""
     verify: _builtins.bool
+    """Compare the loaded bytes with the file (SHA-256 of both)."""
     @_builtins.property
     def source(self) -> Global___FileSource:
         """The safetensors file (offset and length are ignored)."""
@@ -1026,10 +1222,13 @@ Global___LoadModelRequest: _TypeAlias = LoadModelRequest  # noqa: Y015
 
 @_typing.final
 class ReleaseModelRequest(_message.Message):
+    """Let go of a model this session loaded or shares."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
     model_id: _builtins.int
+    """ModelInfo.model_id. The model stays resident while other sessions hold it."""
     def __init__(
         self,
         *,
@@ -1045,6 +1244,8 @@ Global___ReleaseModelRequest: _TypeAlias = ReleaseModelRequest  # noqa: Y015
 
 @_typing.final
 class ReleaseModelResponse(_message.Message):
+    """ReleaseModel returns nothing."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -1071,8 +1272,11 @@ class ImageFormat(_message.Message):
     HEIGHT_FIELD_NUMBER: _builtins.int
     STRIDE_ALIGN_FIELD_NUMBER: _builtins.int
     fourcc: _builtins.str
+    """The four-character code, as V4L2 or DRM writes it."""
     width: _builtins.int
+    """Width in pixels."""
     height: _builtins.int
+    """Height in pixels (lines)."""
     stride_align: _builtins.int
     """Each line's stride is rounded up to a multiple of this (0 or 1: none)."""
     def __init__(
@@ -1104,8 +1308,11 @@ class PlaneLayout(_message.Message):
     buffer_index: _builtins.int
     """Index into the frame's buffer_ids: 0 unless buffer_per_plane."""
     offset: _builtins.int
+    """Where the plane starts in that buffer, in bytes."""
     stride: _builtins.int
+    """Bytes from the start of one line to the next."""
     size: _builtins.int
+    """The plane's size in bytes."""
     def __init__(
         self,
         *,
@@ -1124,6 +1331,8 @@ Global___PlaneLayout: _TypeAlias = PlaneLayout  # noqa: Y015
 
 @_typing.final
 class AllocatePoolRequest(_message.Message):
+    """Allocate an image pool: `count` frames of one format."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FORMAT_FIELD_NUMBER: _builtins.int
@@ -1140,15 +1349,19 @@ class AllocatePoolRequest(_message.Message):
     buffers) instead of one per frame with the planes at offsets.
     """
     heap: _builtins.str
+    """A heap name or alias, as in AllocateRequest. Empty: choose by usage."""
     usage: _builtins.str
     """Default "camera"."""
     name: _builtins.str
+    """Label of the buffers, as AllocateRequest.name."""
     recycle: _builtins.bool
     """Keep the pool's buffers warm when it is released, for the next pool of
     the same format, heap and uid (within the daemon's recycling budget).
     """
     @_builtins.property
-    def format(self) -> Global___ImageFormat: ...
+    def format(self) -> Global___ImageFormat:
+        """The frames' format."""
+
     def __init__(
         self,
         *,
@@ -1170,11 +1383,15 @@ Global___AllocatePoolRequest: _TypeAlias = AllocatePoolRequest  # noqa: Y015
 
 @_typing.final
 class PoolFrame(_message.Message):
+    """The buffers of one frame of a pool."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BUFFER_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def buffer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def buffer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """One buffer, or one per plane with buffer_per_plane (PlaneLayout.buffer_index)."""
+
     def __init__(
         self,
         *,
@@ -1190,6 +1407,8 @@ Global___PoolFrame: _TypeAlias = PoolFrame  # noqa: Y015
 
 @_typing.final
 class PoolInfo(_message.Message):
+    """An image pool, booked to the session that allocated it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     POOL_ID_FIELD_NUMBER: _builtins.int
@@ -1201,19 +1420,29 @@ class PoolInfo(_message.Message):
     RECYCLED_FIELD_NUMBER: _builtins.int
     ALLOCATION_SECONDS_FIELD_NUMBER: _builtins.int
     pool_id: _builtins.int
+    """Identifies the pool in ReleasePool and Grant."""
     frame_bytes: _builtins.int
     """Bytes of one frame (all planes)."""
     recycled: _builtins.bool
     """The buffers came from a recycled pool."""
     allocation_seconds: _builtins.float
+    """Wall time the daemon took to allocate (or take back) the buffers."""
     @_builtins.property
-    def format(self) -> Global___ImageFormat: ...
+    def format(self) -> Global___ImageFormat:
+        """The frames' format, as allocated."""
+
     @_builtins.property
-    def planes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlaneLayout]: ...
+    def planes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlaneLayout]:
+        """The layout of each plane, the same in every frame."""
+
     @_builtins.property
-    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___PoolFrame]: ...
+    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___PoolFrame]:
+        """The frames, in order."""
+
     @_builtins.property
-    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]: ...
+    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]:
+        """Every buffer of the pool; their fds arrived on the fd socket first."""
+
     def __init__(
         self,
         *,
@@ -1236,10 +1465,13 @@ Global___PoolInfo: _TypeAlias = PoolInfo  # noqa: Y015
 
 @_typing.final
 class ReleasePoolRequest(_message.Message):
+    """Release a whole pool."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     POOL_ID_FIELD_NUMBER: _builtins.int
     pool_id: _builtins.int
+    """PoolInfo.pool_id of a pool of the calling session."""
     def __init__(
         self,
         *,
@@ -1269,6 +1501,7 @@ class GrantRequest(_message.Message):
     pool_id: _builtins.int
     """Or a whole pool."""
     uid: _builtins.int
+    """Any session of this uid (a client of it must be connected)."""
     token: _builtins.bool
     """Make a one-time token instead."""
     read_only: _builtins.bool
@@ -1276,7 +1509,9 @@ class GrantRequest(_message.Message):
     everyone from then on); refused for dma-buf heaps.
     """
     @_builtins.property
-    def buffer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def buffer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Distinct buffers of the caller's session (at most limits.grant_buffers)."""
+
     def __init__(
         self,
         *,
@@ -1298,11 +1533,14 @@ Global___GrantRequest: _TypeAlias = GrantRequest  # noqa: Y015
 
 @_typing.final
 class GrantResponse(_message.Message):
+    """A grant made."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     GRANT_ID_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     grant_id: _builtins.int
+    """Identifies the grant (Revoke, ListGrants; Redeem for a uid grant)."""
     token: _builtins.str
     """Hex; only for token grants. Pass it to the receiver by any means."""
     def __init__(
@@ -1321,11 +1559,14 @@ Global___GrantResponse: _TypeAlias = GrantResponse  # noqa: Y015
 
 @_typing.final
 class RedeemRequest(_message.Message):
+    """Take a grant: its buffers' fds come on the caller's own fd socket."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_FIELD_NUMBER: _builtins.int
     GRANT_ID_FIELD_NUMBER: _builtins.int
     token: _builtins.str
+    """The hex token of a token grant (GrantResponse.token)."""
     grant_id: _builtins.int
     """A grant made to the caller's uid (see ListGrants)."""
     def __init__(
@@ -1346,6 +1587,8 @@ Global___RedeemRequest: _TypeAlias = RedeemRequest  # noqa: Y015
 
 @_typing.final
 class RedeemResponse(_message.Message):
+    """What a Redeem delivered."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BUFFERS_FIELD_NUMBER: _builtins.int
@@ -1353,9 +1596,13 @@ class RedeemResponse(_message.Message):
     READ_ONLY_FIELD_NUMBER: _builtins.int
     GRANT_ID_FIELD_NUMBER: _builtins.int
     read_only: _builtins.bool
+    """The fds delivered are read-only (O_RDONLY, sealed memfds)."""
     grant_id: _builtins.int
+    """The grant redeemed (now used up)."""
     @_builtins.property
-    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]: ...
+    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]:
+        """The granted buffers (they stay booked to the grant's owner)."""
+
     @_builtins.property
     def pool(self) -> Global___PoolInfo:
         """Set when the grant was a pool."""
@@ -1378,10 +1625,13 @@ Global___RedeemResponse: _TypeAlias = RedeemResponse  # noqa: Y015
 
 @_typing.final
 class RevokeRequest(_message.Message):
+    """Withdraw a grant before it is redeemed."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     GRANT_ID_FIELD_NUMBER: _builtins.int
     grant_id: _builtins.int
+    """GrantResponse.grant_id of a grant the caller made."""
     def __init__(
         self,
         *,
@@ -1397,6 +1647,8 @@ Global___RevokeRequest: _TypeAlias = RevokeRequest  # noqa: Y015
 
 @_typing.final
 class RevokeResponse(_message.Message):
+    """Revoke returns nothing."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -1412,6 +1664,8 @@ Global___RevokeResponse: _TypeAlias = RevokeResponse  # noqa: Y015
 
 @_typing.final
 class ListGrantsRequest(_message.Message):
+    """ListGrants takes no parameters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -1427,6 +1681,8 @@ Global___ListGrantsRequest: _TypeAlias = ListGrantsRequest  # noqa: Y015
 
 @_typing.final
 class GrantInfo(_message.Message):
+    """An open (not yet redeemed) grant."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     GRANT_ID_FIELD_NUMBER: _builtins.int
@@ -1437,12 +1693,19 @@ class GrantInfo(_message.Message):
     READ_ONLY_FIELD_NUMBER: _builtins.int
     POOL_ID_FIELD_NUMBER: _builtins.int
     grant_id: _builtins.int
+    """Identifies the grant."""
     from_uid: _builtins.int
+    """The uid of the client that made it."""
     from_pid: _builtins.int
+    """The pid of the client that made it."""
     buffer_count: _builtins.int
+    """How many buffers it shares."""
     bytes: _builtins.int
+    """Their bytes."""
     read_only: _builtins.bool
+    """It delivers read-only fds."""
     pool_id: _builtins.int
+    """The pool it shares (0: buffers, not a pool)."""
     def __init__(
         self,
         *,
@@ -1464,6 +1727,8 @@ Global___GrantInfo: _TypeAlias = GrantInfo  # noqa: Y015
 
 @_typing.final
 class ListGrantsResponse(_message.Message):
+    """The caller's open grants, both ways."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     OFFERED_FIELD_NUMBER: _builtins.int

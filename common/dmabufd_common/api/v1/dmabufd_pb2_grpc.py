@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class BufferServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Buffers and their accounting. Every call needs the session metadata
+    described at the top of this file, except ListHeaps.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -117,46 +119,58 @@ class BufferServiceStub:
 
 
 class BufferServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Buffers and their accounting. Every call needs the session metadata
+    described at the top of this file, except ListHeaps.
+    """
 
     def ListHeaps(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The heaps present and the usage routes. The one call a generic tool may
+        make without a session (no dmabufd-session metadata): it is answered at
+        once, `allowed` then saying whether every admitted client may allocate.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchHeaps(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Heap changes as they happen, until the client cancels (a stream holds no
+        thread in the daemon; a client that reads too slowly loses it).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Allocate(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """New buffers; their fds arrive on the fd socket before the response.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Take buffers off the session's books (pool buffers: ReleasePool).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListBuffers(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The buffers booked to the session.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DescribeBuffer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One buffer booked to the session.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Accounting: the caller's uid's sessions, or every client's for an admin.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -179,7 +193,8 @@ class BufferServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Let go of a model; it is freed when its last holder lets go.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -192,7 +207,8 @@ class BufferServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReleasePool(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Release a pool's buffers together (or keep them warm, with recycle).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -205,19 +221,22 @@ class BufferServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Redeem(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Take a grant made to the caller's uid, or by token.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Revoke(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Withdraw a grant the caller made, before it is redeemed.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListGrants(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Open grants made to the caller's uid, and by the caller.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -314,7 +333,9 @@ def add_BufferServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class BufferService:
-    """Missing associated documentation comment in .proto file."""
+    """Buffers and their accounting. Every call needs the session metadata
+    described at the top of this file, except ListHeaps.
+    """
 
     @staticmethod
     def ListHeaps(request,

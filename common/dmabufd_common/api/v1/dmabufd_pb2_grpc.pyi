@@ -15,6 +15,43 @@ names its session with two metadata entries:
 
 Buffers a call creates are delivered as fds on that session's fd socket,
 tagged with the call's ticket, before the call's response is sent.
+
+Without a session. Generic tools (grpcurl, grpc_health_probe) reach, with
+no fd socket and no metadata: server reflection (grpc.reflection.v1alpha),
+the health service (grpc.health.v1.Health, for "" and
+"dmabufd.v1.BufferService"), and ListHeaps, which answers without a
+session as described at the RPC. Every other call needs the session.
+
+Errors. A failed call's status carries, in its grpc-status-details-bin
+trailer, a google.rpc.Status (the gRPC rich error model) with the same
+code and message, whose details hold a google.rpc.ErrorInfo with domain
+"dmabufd.dev" and one of the reasons below, finer than the status code.
+For QUOTA_EXCEEDED, the ErrorInfo's metadata has "uid" (the caller's) and
+the details also hold a google.rpc.QuotaFailure with one violation:
+subject "uid:<uid>", the message as description. Reasons
+are never renamed or reused; new ones may be added, so treat an unknown
+reason as its status code alone. (ERROR frames on the fd socket carry a
+code and message only.)
+
+  reason               status code          meaning
+  INVALID_REQUEST      INVALID_ARGUMENT     the request is wrong: a size, count, name, usage, method
+  HEAP_NOT_FOUND       NOT_FOUND            no present heap by that name, alias or usage route
+  BUFFER_NOT_FOUND     NOT_FOUND            the session holds no buffer, pool, model or grant by that id
+  FILE_NOT_FOUND       NOT_FOUND            the file to load does not exist for the caller
+  ACCESS_DENIED        PERMISSION_DENIED    policy refuses the caller: heaps.access, loading roots, file modes
+  QUOTA_EXCEEDED       RESOURCE_EXHAUSTED   the uid's memory quota, or the model budget, would be passed
+  HEAP_OUT_OF_MEMORY   RESOURCE_EXHAUSTED   the kernel could not provide the memory (ENOMEM, ENOSPC)
+  OVERLOADED           RESOURCE_EXHAUSTED   a per-uid limit on the daemon itself (calls, streams): slow down
+  BUFFER_BUSY          FAILED_PRECONDITION  the buffer belongs to a pool: release the pool
+  NOT_ENFORCEABLE      FAILED_PRECONDITION  a read-only grant of a dma-buf (only memfds can be sealed)
+  FILE_CHANGED         FAILED_PRECONDITION  the file changed (truncated, replaced) during the load
+  OUT_OF_RANGE         OUT_OF_RANGE         an offset or length outside the file
+  SESSION_INVALID      UNAUTHENTICATED      no, an unknown or a closed session, or an unproven ticket
+  HEAP_UNAVAILABLE     UNAVAILABLE          the heap exists but cannot serve now (removed, failing)
+  DELIVERY_FAILED      UNAVAILABLE          the fds could not be sent on the session's fd socket
+  LOAD_CANCELLED       CANCELLED            the load was cancelled (by the client or its deadline)
+  VERIFY_FAILED        DATA_LOSS            the loaded bytes differ from the file's
+  INTERNAL             INTERNAL             a bug in the daemon; its log has the details
 """
 
 from collections import abc as _abc
@@ -41,17 +78,33 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class BufferServiceStub:
+    """Buffers and their accounting. Every call needs the session metadata
+    described at the top of this file, except ListHeaps.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> BufferServiceAsyncStub: ...
     ListHeaps: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.ListHeapsRequest, _dmabufd_pb2.ListHeapsResponse]
+    """The heaps present and the usage routes. The one call a generic tool may
+    make without a session (no dmabufd-session metadata): it is answered at
+    once, `allowed` then saying whether every admitted client may allocate.
+    """
     WatchHeaps: _grpc.UnaryStreamMultiCallable[_dmabufd_pb2.WatchHeapsRequest, _dmabufd_pb2.HeapEvent]
+    """Heap changes as they happen, until the client cancels (a stream holds no
+    thread in the daemon; a client that reads too slowly loses it).
+    """
     Allocate: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.AllocateRequest, _dmabufd_pb2.AllocateResponse]
+    """New buffers; their fds arrive on the fd socket before the response."""
     Release: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.ReleaseRequest, _dmabufd_pb2.ReleaseResponse]
+    """Take buffers off the session's books (pool buffers: ReleasePool)."""
     ListBuffers: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.ListBuffersRequest, _dmabufd_pb2.ListBuffersResponse]
+    """The buffers booked to the session."""
     DescribeBuffer: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.DescribeBufferRequest, _dmabufd_pb2.BufferInfo]
+    """One buffer booked to the session."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.GetStatsRequest, _dmabufd_pb2.Stats]
+    """Accounting: the caller's uid's sessions, or every client's for an admin."""
     LoadFile: _grpc.UnaryStreamMultiCallable[_dmabufd_pb2.LoadFileRequest, _dmabufd_pb2.LoadProgress]
     """Load a file range into new buffers. Streams progress; the last
     message carries the result, and the buffers' fds arrive (tagged with
@@ -62,25 +115,46 @@ class BufferServiceStub:
     file (device, inode, size, mtime) get the resident buffers.
     """
     ReleaseModel: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.ReleaseModelRequest, _dmabufd_pb2.ReleaseModelResponse]
+    """Let go of a model; it is freed when its last holder lets go."""
     AllocatePool: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.AllocatePoolRequest, _dmabufd_pb2.PoolInfo]
     """Image pools: N frames of a format, allocated, booked and released together."""
     ReleasePool: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.ReleasePoolRequest, _dmabufd_pb2.ReleaseResponse]
+    """Release a pool's buffers together (or keep them warm, with recycle)."""
     Grant: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.GrantRequest, _dmabufd_pb2.GrantResponse]
     """Sharing buffers between clients."""
     Redeem: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.RedeemRequest, _dmabufd_pb2.RedeemResponse]
+    """Take a grant made to the caller's uid, or by token."""
     Revoke: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.RevokeRequest, _dmabufd_pb2.RevokeResponse]
+    """Withdraw a grant the caller made, before it is redeemed."""
     ListGrants: _grpc.UnaryUnaryMultiCallable[_dmabufd_pb2.ListGrantsRequest, _dmabufd_pb2.ListGrantsResponse]
+    """Open grants made to the caller's uid, and by the caller."""
 
 @_typing.type_check_only
 class BufferServiceAsyncStub(BufferServiceStub):
+    """Buffers and their accounting. Every call needs the session metadata
+    described at the top of this file, except ListHeaps.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListHeaps: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.ListHeapsRequest, _dmabufd_pb2.ListHeapsResponse]  # type: ignore[assignment]
+    """The heaps present and the usage routes. The one call a generic tool may
+    make without a session (no dmabufd-session metadata): it is answered at
+    once, `allowed` then saying whether every admitted client may allocate.
+    """
     WatchHeaps: _aio.UnaryStreamMultiCallable[_dmabufd_pb2.WatchHeapsRequest, _dmabufd_pb2.HeapEvent]  # type: ignore[assignment]
+    """Heap changes as they happen, until the client cancels (a stream holds no
+    thread in the daemon; a client that reads too slowly loses it).
+    """
     Allocate: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.AllocateRequest, _dmabufd_pb2.AllocateResponse]  # type: ignore[assignment]
+    """New buffers; their fds arrive on the fd socket before the response."""
     Release: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.ReleaseRequest, _dmabufd_pb2.ReleaseResponse]  # type: ignore[assignment]
+    """Take buffers off the session's books (pool buffers: ReleasePool)."""
     ListBuffers: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.ListBuffersRequest, _dmabufd_pb2.ListBuffersResponse]  # type: ignore[assignment]
+    """The buffers booked to the session."""
     DescribeBuffer: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.DescribeBufferRequest, _dmabufd_pb2.BufferInfo]  # type: ignore[assignment]
+    """One buffer booked to the session."""
     GetStats: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.GetStatsRequest, _dmabufd_pb2.Stats]  # type: ignore[assignment]
+    """Accounting: the caller's uid's sessions, or every client's for an admin."""
     LoadFile: _aio.UnaryStreamMultiCallable[_dmabufd_pb2.LoadFileRequest, _dmabufd_pb2.LoadProgress]  # type: ignore[assignment]
     """Load a file range into new buffers. Streams progress; the last
     message carries the result, and the buffers' fds arrive (tagged with
@@ -91,64 +165,85 @@ class BufferServiceAsyncStub(BufferServiceStub):
     file (device, inode, size, mtime) get the resident buffers.
     """
     ReleaseModel: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.ReleaseModelRequest, _dmabufd_pb2.ReleaseModelResponse]  # type: ignore[assignment]
+    """Let go of a model; it is freed when its last holder lets go."""
     AllocatePool: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.AllocatePoolRequest, _dmabufd_pb2.PoolInfo]  # type: ignore[assignment]
     """Image pools: N frames of a format, allocated, booked and released together."""
     ReleasePool: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.ReleasePoolRequest, _dmabufd_pb2.ReleaseResponse]  # type: ignore[assignment]
+    """Release a pool's buffers together (or keep them warm, with recycle)."""
     Grant: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.GrantRequest, _dmabufd_pb2.GrantResponse]  # type: ignore[assignment]
     """Sharing buffers between clients."""
     Redeem: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.RedeemRequest, _dmabufd_pb2.RedeemResponse]  # type: ignore[assignment]
+    """Take a grant made to the caller's uid, or by token."""
     Revoke: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.RevokeRequest, _dmabufd_pb2.RevokeResponse]  # type: ignore[assignment]
+    """Withdraw a grant the caller made, before it is redeemed."""
     ListGrants: _aio.UnaryUnaryMultiCallable[_dmabufd_pb2.ListGrantsRequest, _dmabufd_pb2.ListGrantsResponse]  # type: ignore[assignment]
+    """Open grants made to the caller's uid, and by the caller."""
 
 class BufferServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Buffers and their accounting. Every call needs the session metadata
+    described at the top of this file, except ListHeaps.
+    """
+
     @_abc_1.abstractmethod
     def ListHeaps(
         self,
         request: _dmabufd_pb2.ListHeapsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dmabufd_pb2.ListHeapsResponse, _abc.Awaitable[_dmabufd_pb2.ListHeapsResponse]]: ...
+    ) -> _typing.Union[_dmabufd_pb2.ListHeapsResponse, _abc.Awaitable[_dmabufd_pb2.ListHeapsResponse]]:
+        """The heaps present and the usage routes. The one call a generic tool may
+        make without a session (no dmabufd-session metadata): it is answered at
+        once, `allowed` then saying whether every admitted client may allocate.
+        """
 
     @_abc_1.abstractmethod
     def WatchHeaps(
         self,
         request: _dmabufd_pb2.WatchHeapsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_dmabufd_pb2.HeapEvent], _abc.AsyncIterator[_dmabufd_pb2.HeapEvent]]: ...
+    ) -> _typing.Union[_abc.Iterator[_dmabufd_pb2.HeapEvent], _abc.AsyncIterator[_dmabufd_pb2.HeapEvent]]:
+        """Heap changes as they happen, until the client cancels (a stream holds no
+        thread in the daemon; a client that reads too slowly loses it).
+        """
 
     @_abc_1.abstractmethod
     def Allocate(
         self,
         request: _dmabufd_pb2.AllocateRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dmabufd_pb2.AllocateResponse, _abc.Awaitable[_dmabufd_pb2.AllocateResponse]]: ...
+    ) -> _typing.Union[_dmabufd_pb2.AllocateResponse, _abc.Awaitable[_dmabufd_pb2.AllocateResponse]]:
+        """New buffers; their fds arrive on the fd socket before the response."""
 
     @_abc_1.abstractmethod
     def Release(
         self,
         request: _dmabufd_pb2.ReleaseRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dmabufd_pb2.ReleaseResponse, _abc.Awaitable[_dmabufd_pb2.ReleaseResponse]]: ...
+    ) -> _typing.Union[_dmabufd_pb2.ReleaseResponse, _abc.Awaitable[_dmabufd_pb2.ReleaseResponse]]:
+        """Take buffers off the session's books (pool buffers: ReleasePool)."""
 
     @_abc_1.abstractmethod
     def ListBuffers(
         self,
         request: _dmabufd_pb2.ListBuffersRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dmabufd_pb2.ListBuffersResponse, _abc.Awaitable[_dmabufd_pb2.ListBuffersResponse]]: ...
+    ) -> _typing.Union[_dmabufd_pb2.ListBuffersResponse, _abc.Awaitable[_dmabufd_pb2.ListBuffersResponse]]:
+        """The buffers booked to the session."""
 
     @_abc_1.abstractmethod
     def DescribeBuffer(
         self,
         request: _dmabufd_pb2.DescribeBufferRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dmabufd_pb2.BufferInfo, _abc.Awaitable[_dmabufd_pb2.BufferInfo]]: ...
+    ) -> _typing.Union[_dmabufd_pb2.BufferInfo, _abc.Awaitable[_dmabufd_pb2.BufferInfo]]:
+        """One buffer booked to the session."""
 
     @_abc_1.abstractmethod
     def GetStats(
         self,
         request: _dmabufd_pb2.GetStatsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dmabufd_pb2.Stats, _abc.Awaitable[_dmabufd_pb2.Stats]]: ...
+    ) -> _typing.Union[_dmabufd_pb2.Stats, _abc.Awaitable[_dmabufd_pb2.Stats]]:
+        """Accounting: the caller's uid's sessions, or every client's for an admin."""
 
     @_abc_1.abstractmethod
     def LoadFile(
@@ -176,7 +271,8 @@ class BufferServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _dmabufd_pb2.ReleaseModelRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dmabufd_pb2.ReleaseModelResponse, _abc.Awaitable[_dmabufd_pb2.ReleaseModelResponse]]: ...
+    ) -> _typing.Union[_dmabufd_pb2.ReleaseModelResponse, _abc.Awaitable[_dmabufd_pb2.ReleaseModelResponse]]:
+        """Let go of a model; it is freed when its last holder lets go."""
 
     @_abc_1.abstractmethod
     def AllocatePool(
@@ -191,7 +287,8 @@ class BufferServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _dmabufd_pb2.ReleasePoolRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dmabufd_pb2.ReleaseResponse, _abc.Awaitable[_dmabufd_pb2.ReleaseResponse]]: ...
+    ) -> _typing.Union[_dmabufd_pb2.ReleaseResponse, _abc.Awaitable[_dmabufd_pb2.ReleaseResponse]]:
+        """Release a pool's buffers together (or keep them warm, with recycle)."""
 
     @_abc_1.abstractmethod
     def Grant(
@@ -206,20 +303,23 @@ class BufferServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _dmabufd_pb2.RedeemRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dmabufd_pb2.RedeemResponse, _abc.Awaitable[_dmabufd_pb2.RedeemResponse]]: ...
+    ) -> _typing.Union[_dmabufd_pb2.RedeemResponse, _abc.Awaitable[_dmabufd_pb2.RedeemResponse]]:
+        """Take a grant made to the caller's uid, or by token."""
 
     @_abc_1.abstractmethod
     def Revoke(
         self,
         request: _dmabufd_pb2.RevokeRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dmabufd_pb2.RevokeResponse, _abc.Awaitable[_dmabufd_pb2.RevokeResponse]]: ...
+    ) -> _typing.Union[_dmabufd_pb2.RevokeResponse, _abc.Awaitable[_dmabufd_pb2.RevokeResponse]]:
+        """Withdraw a grant the caller made, before it is redeemed."""
 
     @_abc_1.abstractmethod
     def ListGrants(
         self,
         request: _dmabufd_pb2.ListGrantsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dmabufd_pb2.ListGrantsResponse, _abc.Awaitable[_dmabufd_pb2.ListGrantsResponse]]: ...
+    ) -> _typing.Union[_dmabufd_pb2.ListGrantsResponse, _abc.Awaitable[_dmabufd_pb2.ListGrantsResponse]]:
+        """Open grants made to the caller's uid, and by the caller."""
 
 def add_BufferServiceServicer_to_server(servicer: BufferServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
 
 from dmabufd.config import LimitsConfig
 from dmabufd.errors import Overloaded
@@ -41,31 +41,36 @@ class UidLimits:
         self._loads: dict[int, _Turns] = {}
         self._threads: dict[int, _Turns] = {}
 
-    @contextmanager
-    def call(self, uid: int) -> Iterator[None]:
-        if self._calls[uid] >= self._config.calls_per_uid:
-            raise Overloaded(
-                f"uid {uid} already has {self._config.calls_per_uid} calls in flight (limits.calls_per_uid); "
-                "wait for some to finish"
-            )
-        self._calls[uid] += 1
-        try:
-            yield
-        finally:
-            self._release(self._calls, uid)
+    def call(self, uid: int) -> AbstractContextManager[None]:
+        return self._slot(
+            self._calls,
+            uid,
+            self._config.calls_per_uid,
+            f"uid {uid} already has {self._config.calls_per_uid} calls in flight (limits.calls_per_uid); "
+            "wait for some to finish",
+        )
+
+    def watch(self, uid: int) -> AbstractContextManager[None]:
+        return self._slot(
+            self._watches,
+            uid,
+            self._config.watches_per_uid,
+            f"uid {uid} already has {self._config.watches_per_uid} WatchHeaps streams open "
+            "(limits.watches_per_uid); one stream sees every heap event",
+        )
 
     @contextmanager
-    def watch(self, uid: int) -> Iterator[None]:
-        if self._watches[uid] >= self._config.watches_per_uid:
-            raise Overloaded(
-                f"uid {uid} already has {self._config.watches_per_uid} WatchHeaps streams open "
-                "(limits.watches_per_uid); one stream sees every heap event"
-            )
-        self._watches[uid] += 1
+    def _slot(self, counter: collections.Counter[int], uid: int, limit: int, refusal: str) -> Iterator[None]:
+        """One of `limit` slots of `uid` in `counter`, or Overloaded at once."""
+        if counter[uid] >= limit:
+            raise Overloaded(refusal)
+        counter[uid] += 1
         try:
             yield
         finally:
-            self._release(self._watches, uid)
+            counter[uid] -= 1
+            if counter[uid] <= 0:
+                del counter[uid]
 
     def load(self, uid: int) -> AbstractAsyncContextManager[None]:
         """Wait for one of the uid's load slots (a call slot is already held)."""
@@ -89,12 +94,6 @@ class UidLimits:
             entry.users -= 1
             if not entry.users:
                 del turns[uid]
-
-    @staticmethod
-    def _release(counter: collections.Counter[int], uid: int) -> None:
-        counter[uid] -= 1
-        if counter[uid] <= 0:
-            del counter[uid]
 
     def calls_in_flight(self) -> int:
         return sum(self._calls.values())

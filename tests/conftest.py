@@ -106,9 +106,26 @@ DaemonFactory = Callable[..., RunningDaemon]
 ROOTLESS_UID = 12345
 
 
+def assert_reachable_by_others() -> None:
+    """A client that drops to ROOTLESS_UID still imports modules lazily from
+    the checkout and the venv: every directory above them must be
+    searchable by other users. Fail with the reason, never skip."""
+    import sysconfig
+
+    for path in (Path(__file__).resolve().parent.parent, Path(sysconfig.get_paths()["purelib"])):
+        for directory in (path, *path.parents):
+            if not directory.stat().st_mode & 0o001:
+                raise AssertionError(
+                    f"{directory} is not searchable by other users (mode {directory.stat().st_mode & 0o777:o}), "
+                    f"so a client running as uid {ROOTLESS_UID} cannot import from {path}: "
+                    f"chmod o+x {directory}, or put the checkout somewhere public"
+                )
+
+
 def run_as_rootless_client(daemon: RunningDaemon, body: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `body` in a child process that drops to ROOTLESS_UID and has
     connected to `daemon` as `c` (needs root, and a public runtime dir)."""
+    assert_reachable_by_others()
     script = (
         "import os, dmabufd_client\n"
         f"os.setgid({ROOTLESS_UID}); os.setuid({ROOTLESS_UID})\n"

@@ -41,7 +41,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dmabufd_common.fdwire import CONTROL_SOCKET_NAME, FD_SOCKET_NAME
-from tests.conftest import ROOTLESS_UID, RunningDaemon, stop_daemon
+from tests.conftest import ROOTLESS_UID, RunningDaemon, assert_reachable_by_others, stop_daemon
 
 REPO = Path(__file__).resolve().parents[2]
 # The victim's latency bound, and the number of cycles it must complete.
@@ -278,6 +278,8 @@ def spawn() -> Iterator[Spawn]:
     started: list[Actor] = []
 
     def start(function: str, uid: int = ROOTLESS_UID, **kwargs: Any) -> Actor:
+        if uid != 0:
+            assert_reachable_by_others()
         started.append(Actor(function, uid, kwargs))
         return started[-1]
 

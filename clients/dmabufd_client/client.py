@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dmabufd_client.buffer import Backend, Buffer, BufferInfo
-from dmabufd_client.errors import DmabufdError, InvalidArgument, ProtocolError, from_rpc_error
+from dmabufd_client.errors import DmabufdError, InvalidArgument, ProtocolError, Unavailable, from_rpc_error
 from dmabufd_client.fdchannel import FdChannel
 from dmabufd_client.loading import LoadedFile, LoadStats, Model, ProgressCallback, Segment, TensorInfo
 from dmabufd_client.pools import Grant, GrantOffer, PlanePlacement, Pool, Redeemed
@@ -119,6 +119,18 @@ class Client:
         self.timeout_s = timeout_s
         self._fds = FdChannel(directory / FD_SOCKET_NAME, timeout_s)
         self._channel = grpc.insecure_channel(f"unix:{directory / CONTROL_SOCKET_NAME}", options=CHANNEL_OPTIONS)
+        # The fd socket answered, so the daemon is up: wait (within the
+        # timeout) for the control connection too, so a first attempt that
+        # fails on a slow machine is retried here instead of failing the
+        # first call. Later calls still fail fast if the daemon goes away.
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            self._fds.close()
+            raise Unavailable(
+                f"dmabufd's control socket {directory / CONTROL_SOCKET_NAME} did not answer in {timeout_s:g} s"
+            ) from None
         self._stub = pb_grpc.BufferServiceStub(self._channel)
         self._closed = threading.Event()
 

@@ -43,8 +43,10 @@ R = TypeVar("R")
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.min_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 500),
+    # Not grpc.min_reconnect_backoff_ms: gRPC also takes it as the minimum
+    # time one connection attempt may take, and a slow machine (the TCG
+    # guest) cannot finish a handshake in 50 ms.
 )
 
 FileLike = str | os.PathLike[str] | int | IO[bytes]

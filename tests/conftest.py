@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,14 +60,24 @@ class RunningDaemon:
         return count
 
 
-def start_daemon(runtime_dir: Path, config_text: str | None, log_path: Path) -> RunningDaemon:
-    args = [sys.executable, "-m", "dmabufd", "--runtime-dir", str(runtime_dir), "--log-level", "debug"]
+def start_daemon(
+    runtime_dir: Path,
+    config_text: str | None,
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
+    wrapper: Sequence[str] = (),
+) -> RunningDaemon:
+    """env, pass_fds, wrapper (a command that execs its arguments): how a
+    service manager would start it (tests/integration/test_socket_activation.py)."""
+    args = [*wrapper, sys.executable, "-m", "dmabufd", "--runtime-dir", str(runtime_dir), "--log-level", "debug"]
     if config_text is not None:
         config_path = runtime_dir.parent / f"{runtime_dir.name}.toml"
         config_path.write_text(config_text)
         args += ["--config", str(config_path)]
     log = open(log_path, "wb")  # noqa: SIM115 - handed to the child for its lifetime
-    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds)
     log.close()
     daemon = RunningDaemon(process, runtime_dir, log_path)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -143,7 +153,15 @@ def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
     started: list[RunningDaemon] = []
     public_dirs: list[Path] = []
 
-    def start(config_text: str | None = None, name: str = "rt", public: bool = False) -> RunningDaemon:
+    def start(
+        config_text: str | None = None,
+        name: str = "rt",
+        public: bool = False,
+        *,
+        env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+        wrapper: Sequence[str] = (),
+    ) -> RunningDaemon:
         """public: put the runtime dir where other uids can reach it
         (pytest's tmp_path is private to its user)."""
         parent = tmp_path
@@ -151,7 +169,9 @@ def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
             parent = Path(tempfile.mkdtemp(prefix="dmabufd-test-"))
             parent.chmod(0o755)
             public_dirs.append(parent)
-        daemon = start_daemon(parent / name, config_text, tmp_path / f"{name}.log")
+        daemon = start_daemon(
+            parent / name, config_text, tmp_path / f"{name}.log", env=env, pass_fds=pass_fds, wrapper=wrapper
+        )
         started.append(daemon)
         return daemon
 

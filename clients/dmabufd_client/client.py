@@ -29,8 +29,8 @@ from dmabufd_client.loading import LoadedFile, LoadStats, Model, ProgressCallbac
 from dmabufd_client.pools import Grant, GrantOffer, PlanePlacement, Pool, Redeemed
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 from dmabufd_common.api.v1 import dmabufd_pb2_grpc as pb_grpc
-from dmabufd_common.fdwire import CONTROL_SOCKET_NAME, FD_SOCKET_NAME, SESSION_METADATA_KEY, TICKET_METADATA_KEY
-from dmabufd_common.paths import default_runtime_dir
+from dmabufd_common.fdwire import SESSION_METADATA_KEY, TICKET_METADATA_KEY
+from dmabufd_common.paths import default_runtime_dir, socket_paths
 from dmabufd_common.units import parse_size
 
 R = TypeVar("R")
@@ -119,8 +119,9 @@ class Client:
         directory = runtime_dir or default_runtime_dir()
         self.runtime_dir = directory
         self.timeout_s = timeout_s
-        self._fds = FdChannel(directory / FD_SOCKET_NAME, timeout_s)
-        self._channel = grpc.insecure_channel(f"unix:{directory / CONTROL_SOCKET_NAME}", options=CHANNEL_OPTIONS)
+        sockets = socket_paths(directory)
+        self._fds = FdChannel(sockets.fd, timeout_s)
+        self._channel = grpc.insecure_channel(f"unix:{sockets.control}", options=CHANNEL_OPTIONS)
         # The fd socket answered, so the daemon is up: wait (within the
         # timeout) for the control connection too, so a first attempt that
         # fails on a slow machine is retried here instead of failing the
@@ -130,9 +131,7 @@ class Client:
         except grpc.FutureTimeoutError:
             self._channel.close()
             self._fds.close()
-            raise Unavailable(
-                f"dmabufd's control socket {directory / CONTROL_SOCKET_NAME} did not answer in {timeout_s:g} s"
-            ) from None
+            raise Unavailable(f"dmabufd's control socket {sockets.control} did not answer in {timeout_s:g} s") from None
         self._stub = pb_grpc.BufferServiceStub(self._channel)
         self._closed = threading.Event()
 

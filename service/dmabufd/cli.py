@@ -1,5 +1,16 @@
 """`dmabufd`: run the daemon in the foreground, logging to stderr (readable
-lines, or JSON with --log-format json: observability/logs.py)."""
+lines, or JSON with --log-format json: observability/logs.py).
+
+Each record reaches stderr whole and at once: logging's StreamHandler
+flushes after every record, and Python (3.9 on) line-buffers stderr even
+when it is no terminal. That is what init's stdio_to_kmsg needs (each
+write becomes a kernel log record; a block buffer would hold them back
+until it filled). Nothing is written to stdout.
+
+The listening sockets come from init or systemd when they passed them
+(transport/activation.py), else the daemon creates them in its runtime
+directory.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +25,7 @@ from dmabufd.config import load_config
 from dmabufd.daemon import Daemon
 from dmabufd.errors import ConfigError
 from dmabufd.observability.logs import configure as configure_logging
+from dmabufd.transport.activation import ActivationError, take_inherited_sockets
 from dmabufd.transport.runtime_dir import AlreadyRunning
 from dmabufd_common.paths import RUNTIME_DIR_ENV, default_runtime_dir
 
@@ -25,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--runtime-dir",
         type=Path,
         default=None,
-        help=f"directory for the sockets and lock (env {RUNTIME_DIR_ENV}; default /run/dmabufd as root)",
+        help=f"directory for the sockets and lock (env {RUNTIME_DIR_ENV}; default /run/dmabufd as root); "
+        "unused for sockets that init or systemd passed",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
@@ -43,12 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     log = logging.getLogger("dmabufd")
+    # First, so the variables leave the environment before anything runs.
+    try:
+        inherited = take_inherited_sockets()
+    except ActivationError as error:
+        log.error("cannot use the sockets the service manager passed: %s", error)
+        return 2
     try:
         config = load_config(args.config)
     except ConfigError as error:
         log.error("%s", error)
         return 2
-    return asyncio.run(_serve(Daemon(config, args.runtime_dir or default_runtime_dir()), log))
+    daemon = Daemon(config, args.runtime_dir or default_runtime_dir(), inherited)
+    return asyncio.run(_serve(daemon, log))
 
 
 async def _serve(daemon: Daemon, log: logging.Logger) -> int:

@@ -26,6 +26,7 @@ from dmabufd.sessions.grants import GrantTable
 from dmabufd.sessions.ledger import Ledger
 from dmabufd.sessions.limits import UidLimits
 from dmabufd.sessions.session import Peer, Session, SessionTable
+from dmabufd.transport.activation import InheritedSockets
 from dmabufd.transport.fdserver import FdServer
 from dmabufd.transport.grpc_server import ControlServer
 from dmabufd.transport.runtime_dir import RuntimeDir, apply_socket_policy
@@ -51,9 +52,12 @@ REAP_INTERVAL_S = 1.0
 
 
 class Daemon:
-    def __init__(self, config: Config, runtime_dir: Path) -> None:
+    def __init__(self, config: Config, runtime_dir: Path, inherited: InheritedSockets | None = None) -> None:
+        """inherited: the listening sockets a service manager passed; the
+        daemon then serves on them and leaves the runtime directory alone."""
         self.config = config
-        self.runtime = RuntimeDir(runtime_dir)
+        self.inherited = inherited
+        self.runtime = RuntimeDir(runtime_dir) if inherited is None else None
         self.registry = HeapRegistry(config.heaps, probe=supported_methods)
         self.grants = GrantTable(config.limits.grant_buffers)
         self.ledger = Ledger(config, on_release=self.grants.buffers_released)
@@ -64,7 +68,12 @@ class Daemon:
         self.models = ModelCache(self.loader, self.ledger, config.loading)
         self.pools = PoolTable(self.broker, self.ledger, layout, config.loading.pool_recycle_budget_bytes)
         self.discovery = HeapDiscovery(config.discovery, self._on_heaps_found)
-        self.fd_server = FdServer(self.runtime.fd_socket, self.sessions, self._admit, config.limits)
+        self.fd_server = FdServer(
+            inherited.fd if inherited is not None else self._runtime().fd_socket,
+            self.sessions,
+            self._admit,
+            config.limits,
+        )
         self.executors = Executors(
             calls=ThreadPoolExecutor(max_workers=CALL_WORKERS, thread_name_prefix="call"),
             loads=ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="load"),
@@ -83,7 +92,9 @@ class Daemon:
             limits=self.limits,
             executors=self.executors,
         )
-        self.control = ControlServer(self.runtime.control_socket, servicer)
+        self.control = ControlServer(
+            inherited.control if inherited is not None else self._runtime().control_socket, servicer
+        )
         self.metrics: MetricsServer | None = None
         if config.metrics.enabled:
             collector = DaemonCollector(self.ledger, self.sessions, self.models, self.registry)
@@ -91,6 +102,10 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._stopping = False
+
+    def _runtime(self) -> RuntimeDir:
+        assert self.runtime is not None
+        return self.runtime
 
     def _on_session_closed(self, session: Session) -> None:
         """On the loop, as a session ends: its clean-up may block (closing
@@ -140,7 +155,8 @@ class Daemon:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.runtime.acquire()
+        if self.runtime is not None:
+            self.runtime.acquire()
         try:
             limit = raise_fd_limit()
             self.discovery.start()
@@ -148,20 +164,23 @@ class Daemon:
             await self.control.start()
             if self.metrics is not None:
                 self.metrics.start()
-            for socket_path in (self.runtime.fd_socket, self.runtime.control_socket):
-                apply_socket_policy(socket_path, self.config.sockets.mode, self.config.sockets.group)
+            # Sockets a service manager made keep the mode, owner and label
+            # it gave them (the .rc or .socket unit is where to change them).
+            if self.runtime is not None:
+                for socket_path in (self.runtime.fd_socket, self.runtime.control_socket):
+                    apply_socket_policy(socket_path, self.config.sockets.mode, self.config.sockets.group)
         except BaseException:
-            self.runtime.release()
+            if self.runtime is not None:
+                self.runtime.release()
             raise
         self._reaper = self._loop.create_task(self._reap())
         heaps = ", ".join(spec.name for spec in self.registry.specs())
-        log.info(
-            "dmabufd ready: control %s, fds %s, heaps: %s, fd limit %d",
-            self.runtime.control_socket,
-            self.runtime.fd_socket,
-            heaps,
-            limit,
-        )
+        if self.inherited is not None:
+            control = f"{self.inherited.describe(self.inherited.control)}, relayed to @{self.control.private_address}"
+            fds = self.inherited.describe(self.inherited.fd)
+        else:
+            control, fds = str(self._runtime().control_socket), str(self._runtime().fd_socket)
+        log.info("dmabufd ready: control %s, fds %s, heaps: %s, fd limit %d", control, fds, heaps, limit)
 
     async def stop(self) -> None:
         if self._stopping:
@@ -183,5 +202,6 @@ class Daemon:
         self.models.close()
         self.pools.close()
         self.ledger.close()
-        self.runtime.release()
+        if self.runtime is not None:
+            self.runtime.release()
         log.info("dmabufd stopped")

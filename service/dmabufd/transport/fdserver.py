@@ -14,6 +14,10 @@ here before _accept_frame returns.
 Accept: when the daemon runs out of fds (EMFILE, ENFILE) or memory, it stops
 accepting for a while (backing off up to ACCEPT_BACKOFF_MAX_S) instead of
 spinning on a listening socket that stays readable.
+
+The listening socket is either created here, bound to a path in the runtime
+directory, or one a service manager created and handed over (activation.py);
+either way it is closed at stop() and its file is never unlinked here.
 """
 
 from __future__ import annotations
@@ -71,12 +75,19 @@ class _Live:
 
 
 class FdServer:
-    def __init__(self, path: Path, sessions: SessionTable, admit: Admission, limits: LimitsConfig) -> None:
-        self._path = path
+    def __init__(
+        self, listen_on: Path | socket.socket, sessions: SessionTable, admit: Admission, limits: LimitsConfig
+    ) -> None:
+        """listen_on: a path to bind at start(), or a listening socket."""
         self._sessions = sessions
         self._admit = admit
         self._limits = limits
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._path: Path | None = None
+        if isinstance(listen_on, socket.socket):
+            self._listener = listen_on
+        else:
+            self._path = listen_on
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._live: dict[int, _Live] = {}
         self._backoff_s = 0.0
@@ -85,8 +96,9 @@ class FdServer:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._listener.bind(str(self._path))
-        self._listener.listen(128)
+        if self._path is not None:
+            self._listener.bind(str(self._path))
+            self._listener.listen(128)
         self._listener.setblocking(False)
         loop.add_reader(self._listener.fileno(), self._accept)
         self._stall_timer = loop.call_later(STALL_CHECK_S, self._check_stalls)

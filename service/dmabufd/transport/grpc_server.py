@@ -15,10 +15,18 @@ tool needs no copy of the .proto:
 
 (ListHeaps is the one BufferService call answered without a session; see
 api/base.py.) Reflection only describes the API, which is public anyway.
+
+The server binds the control socket's path itself, or, when a service
+manager created the socket (activation.py), listens on a private abstract
+address behind a relay that accepts on the inherited socket (relay.py says
+why grpcio leaves no other way).
 """
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from pathlib import Path
 
 import grpc
@@ -26,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from dmabufd.transport.relay import ControlRelay
 from dmabufd_common.api.v1 import dmabufd_pb2, dmabufd_pb2_grpc
 
 SERVICE_NAME = dmabufd_pb2.DESCRIPTOR.services_by_name["BufferService"].full_name
@@ -37,11 +46,15 @@ MAX_MESSAGE_BYTES = 4 << 20
 
 
 class ControlServer:
-    def __init__(self, path: Path, servicer: dmabufd_pb2_grpc.BufferServiceServicer) -> None:
-        self._path = path
+    def __init__(self, listen_on: Path | socket.socket, servicer: dmabufd_pb2_grpc.BufferServiceServicer) -> None:
+        """listen_on: a path to bind, or a listening socket to relay from."""
+        self._listen_on = listen_on
         self._servicer = servicer
         self._server: grpc.aio.Server | None = None
         self._health: HealthServicer | None = None
+        self._relay: ControlRelay | None = None
+        # Where gRPC itself listens, when that is not the control socket.
+        self.private_address: str | None = None
 
     async def start(self) -> None:
         """Create and start the server (an aio server belongs to the loop
@@ -56,9 +69,22 @@ class ControlServer:
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(REFLECTED_SERVICES, server)
-        if server.add_insecure_port(f"unix:{self._path}") == 0:
-            raise OSError(f"cannot listen on {self._path}")
+        if isinstance(self._listen_on, socket.socket):
+            # Random, so another process cannot take the name first.
+            self.private_address = f"dmabufd-control-{os.getpid()}-{secrets.token_hex(8)}"
+            address = f"unix-abstract:{self.private_address}"
+        else:
+            address = f"unix:{self._listen_on}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise OSError(f"cannot listen on {address}: {error}") from None
+        if bound == 0:
+            raise OSError(f"cannot listen on {address}")
         await server.start()
+        if isinstance(self._listen_on, socket.socket):
+            self._relay = ControlRelay(self._listen_on, "\0" + str(self.private_address))
+            await self._relay.start()
         for service in ("", SERVICE_NAME):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._server, self._health = server, health
@@ -67,4 +93,8 @@ class ControlServer:
         if self._server is None or self._health is None:
             return
         await self._health.enter_graceful_shutdown()
+        if self._relay is not None:
+            self._relay.stop_accepting()
         await self._server.stop(grace_s)
+        if self._relay is not None:
+            await self._relay.close()

@@ -21,8 +21,7 @@ from dmabufd_client.cli import bench, buffers, completion, dump, heaps, load, ou
 from dmabufd_client.cli.exits import CliError, Exit, exit_code, exit_code_summary, exit_code_table, hint_for
 from dmabufd_client.client import Client, connect
 from dmabufd_client.errors import DmabufdError
-from dmabufd_common.fdwire import FD_SOCKET_NAME
-from dmabufd_common.paths import RUNTIME_DIR_ENV, default_runtime_dir
+from dmabufd_common.paths import RUNTIME_DIR_ENV, default_runtime_dir, socket_paths
 
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -145,7 +144,7 @@ def open_client(args: argparse.Namespace) -> Client:
         f"is dmabufd running? start it with `make run`, or set {RUNTIME_DIR_ENV} (or --runtime-dir) "
         f"to the directory it listens in (tried {runtime_dir})"
     )
-    socket_path = runtime_dir / FD_SOCKET_NAME
+    socket_path = socket_paths(runtime_dir).fd
     if not os.path.exists(socket_path):
         raise CliError(f"no dmabufd socket at {socket_path}", grpc.StatusCode.UNAVAILABLE, hint)
     if not os.access(socket_path, os.W_OK):

@@ -29,6 +29,7 @@ from dmabufd_client.errors import (
     VerifyFailed,
 )
 from dmabufd_client.loading import LoadedFile, Model, Segment
+from dmabufd_client.npu import NpuRoute, NpuRouting
 from dmabufd_client.pools import Grant, GrantOffer, PlanePlacement, Pool, Redeemed
 
 __all__ = [
@@ -58,6 +59,8 @@ __all__ = [
     "Mapping",
     "Model",
     "NotFound",
+    "NpuRoute",
+    "NpuRouting",
     "OutOfRange",
     "Overloaded",
     "PermissionDenied",

@@ -26,6 +26,7 @@ from dmabufd_client.buffer import Backend, Buffer, BufferInfo
 from dmabufd_client.errors import DmabufdError, InvalidArgument, ProtocolError, Unavailable, from_rpc_error
 from dmabufd_client.fdchannel import FdChannel
 from dmabufd_client.loading import LoadedFile, LoadStats, Model, ProgressCallback, Segment, TensorInfo
+from dmabufd_client.npu import NpuBufferTypeLike, NpuRouting, npu_routing, set_npu_fields
 from dmabufd_client.pools import Grant, GrantOffer, PlanePlacement, Pool, Redeemed
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 from dmabufd_common.api.v1 import dmabufd_pb2_grpc as pb_grpc
@@ -65,6 +66,15 @@ def _method_value(label: str) -> int:
         if name == label:
             return value
     raise InvalidArgument(f"unknown load method {label!r}; known: {', '.join(LOAD_METHODS.values())}")
+
+
+def _load_usage(usage: str | None, npu_buffer_type: NpuBufferTypeLike | None) -> str:
+    """A load's usage: model-weights unless the caller said otherwise,
+    where a buffer type says it (the daemon refuses a usage that
+    contradicts the type)."""
+    if usage is not None:
+        return usage
+    return "" if npu_buffer_type is not None else "model-weights"
 
 
 @dataclass(frozen=True)
@@ -164,6 +174,11 @@ class Client:
         response, _ = self._call(self._stub.ListHeaps, pb.ListHeapsRequest())
         return {route.usage: tuple(route.heap_order) for route in response.usage_routes}
 
+    def npu_routes(self) -> NpuRouting:
+        """How the daemon's dma_heap.json routes NPU buffer types (no routes without one)."""
+        response, _ = self._call(self._stub.ListHeaps, pb.ListHeapsRequest())
+        return npu_routing(response)
+
     def watch_heaps(self, include_existing: bool = True) -> Iterator[HeapEvent]:
         """Heap events until the caller stops iterating (or the daemon stops)."""
         ticket = self._fds.new_ticket()
@@ -188,9 +203,20 @@ class Client:
     # -- buffers --------------------------------------------------------
 
     def allocate_batch(
-        self, size: int | str, count: int, *, heap: str = "", usage: str = "", name: str = ""
+        self,
+        size: int | str,
+        count: int,
+        *,
+        heap: str = "",
+        usage: str = "",
+        name: str = "",
+        npu_buffer_type: NpuBufferTypeLike | None = None,
+        npu_device: int | None = None,
     ) -> list[Buffer]:
-        """`count` buffers of `size` bytes in one call; all or none."""
+        """`count` buffers of `size` bytes in one call; all or none.
+        npu_buffer_type ("MODEL_WEIGHTS", ...) routes as its usage, through
+        the heaps the daemon's dma_heap.json lists for it (for NPU
+        npu_device, or any NPU) first."""
         try:
             nbytes = parse_size(size)
         except ValueError as error:
@@ -198,6 +224,7 @@ class Client:
         if count < 1:
             raise InvalidArgument(f"count must be at least 1, not {count}")
         request = pb.AllocateRequest(size=nbytes, count=count, heap=heap, usage=usage, name=name)
+        set_npu_fields(request, npu_buffer_type, npu_device)
         response, ticket = self._call(self._stub.Allocate, request)
         try:
             pairs = self._fds.take(ticket, len(response.buffers))
@@ -211,8 +238,19 @@ class Client:
             raise ProtocolError("the fds dmabufd delivered do not match the buffers it reported")
         return [Buffer(fds[message.id], buffer_info(message), self._release_one) for message in response.buffers]
 
-    def allocate(self, size: int | str, *, heap: str = "", usage: str = "", name: str = "") -> Buffer:
-        return self.allocate_batch(size, 1, heap=heap, usage=usage, name=name)[0]
+    def allocate(
+        self,
+        size: int | str,
+        *,
+        heap: str = "",
+        usage: str = "",
+        name: str = "",
+        npu_buffer_type: NpuBufferTypeLike | None = None,
+        npu_device: int | None = None,
+    ) -> Buffer:
+        return self.allocate_batch(
+            size, 1, heap=heap, usage=usage, name=name, npu_buffer_type=npu_buffer_type, npu_device=npu_device
+        )[0]
 
     def _release_one(self, buffer: Buffer) -> None:
         if not self._closed.is_set():
@@ -292,26 +330,30 @@ class Client:
         offset: int = 0,
         length: int = 0,
         heap: str = "",
-        usage: str = "model-weights",
+        usage: str | None = None,
         name: str = "",
         method: str = "auto",
         verify: bool = False,
         max_buffer_bytes: int | str = 0,
         by_path: bool = False,
         progress: ProgressCallback | None = None,
+        npu_buffer_type: NpuBufferTypeLike | None = None,
+        npu_device: int | None = None,
     ) -> LoadedFile:
         """Load `length` bytes (0: to the end) of a file from `offset` into
         new buffers. The file is opened here and its fd sent, so the daemon
         reads only what this process can; by_path=True names it instead
-        (the daemon must allow the directory)."""
+        (the daemon must allow the directory). `usage` None: model-weights,
+        or the usage of npu_buffer_type (as in allocate_batch)."""
         request = pb.LoadFileRequest(
             heap=heap,
-            usage=usage,
+            usage=_load_usage(usage, npu_buffer_type),
             name=name,
             method=pb.LoadMethod.ValueType(_method_value(method)),
             verify=verify,
             max_buffer_bytes=parse_size(max_buffer_bytes),
         )
+        set_npu_fields(request, npu_buffer_type, npu_device)
         file_source, fd, opened = self._open_source(source, by_path)
         file_source.offset, file_source.length = offset, length
         request.source.CopyFrom(file_source)
@@ -331,17 +373,24 @@ class Client:
         source: FileLike,
         *,
         heap: str = "",
-        usage: str = "model-weights",
+        usage: str | None = None,
         method: str = "auto",
         verify: bool = False,
         by_path: bool = False,
         progress: ProgressCallback | None = None,
+        npu_buffer_type: NpuBufferTypeLike | None = None,
+        npu_device: int | None = None,
     ) -> Model:
         """Load a safetensors file (or share it, if another client loaded
-        it already) and map its tensors as read-only numpy arrays."""
+        it already) and map its tensors as read-only numpy arrays. `usage`
+        and the NPU fields route as in load_file."""
         request = pb.LoadModelRequest(
-            heap=heap, usage=usage, method=pb.LoadMethod.ValueType(_method_value(method)), verify=verify
+            heap=heap,
+            usage=_load_usage(usage, npu_buffer_type),
+            method=pb.LoadMethod.ValueType(_method_value(method)),
+            verify=verify,
         )
+        set_npu_fields(request, npu_buffer_type, npu_device)
         file_source, fd, opened = self._open_source(source, by_path)
         request.source.CopyFrom(file_source)
         try:

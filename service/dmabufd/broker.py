@@ -86,13 +86,13 @@ class BufferBroker:
     def caller(self, session: Session) -> Caller:
         return Caller(session.peer.uid, session.peer.gids)
 
-    def pick(self, session: Session, heap: str, usage: str) -> HeapBackend:
-        return self._registry.resolve(heap, usage, self.caller(session))
+    def pick(self, session: Session, heap: str, usage: str, npu_device: int | None = None) -> HeapBackend:
+        return self._registry.resolve(heap, usage, self.caller(session), npu_device)
 
-    def eligible(self, session: Session, heap: str, usage: str) -> list[HeapBackend]:
-        return self._registry.eligible(heap, usage, self.caller(session))
+    def eligible(self, session: Session, heap: str, usage: str, npu_device: int | None = None) -> list[HeapBackend]:
+        return self._registry.eligible(heap, usage, self.caller(session), npu_device)
 
-    def never_blocks(self, session: Session, heap: str, usage: str, count: int) -> bool:
+    def never_blocks(self, session: Session, heap: str, usage: str, count: int, npu_device: int | None = None) -> bool:
         """Whether an allocation can run on the event loop: a few memfds
         cost a few microseconds of syscalls each; device heaps zero pages
         in the ioctl (milliseconds for large buffers) and go to a thread.
@@ -100,7 +100,7 @@ class BufferBroker:
         if count > INLINE_MAX_BUFFERS:
             return False
         try:
-            return self.pick(session, heap, usage).spec.kind is BackendKind.MEMFD
+            return self.pick(session, heap, usage, npu_device).spec.kind is BackendKind.MEMFD
         except DmabufdError:
             return True
 
@@ -180,9 +180,18 @@ class BufferBroker:
         return records
 
     def allocate(
-        self, session: Session, ticket: bytes, *, size: int, count: int, heap: str, usage: str, label: str
+        self,
+        session: Session,
+        ticket: bytes,
+        *,
+        size: int,
+        count: int,
+        heap: str,
+        usage: str,
+        label: str,
+        npu_device: int | None = None,
     ) -> list[BufferRecord]:
-        backend = self.pick(session, heap, usage)
+        backend = self.pick(session, heap, usage, npu_device)
         rounded = self.check_size(backend, size)
         if not 1 <= count <= self._config.heaps.max_batch:
             raise InvalidRequest(f"count must be between 1 and {self._config.heaps.max_batch}, not {count}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grp
 import ipaddress
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -16,8 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from dmabufd.errors import ConfigError
+from dmabufd.heaps import dma_heap_json
+from dmabufd.heaps.dma_heap_json import DmaHeapJsonError, DmaHeapsInfo
+from dmabufd_common import npu
 from dmabufd_common.fdwire import MAX_FDS_PER_FRAME
 from dmabufd_common.units import parse_size
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
     # Android kernels add an uncached system heap; elsewhere the cached one serves.
@@ -28,7 +34,9 @@ DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
 DEFAULT_PROBE_ORDER: tuple[str, ...] = ("system", "udmabuf", "memfd")
 DEFAULT_USAGE: dict[str, tuple[str, ...]] = {
     "camera": ("cma", "system", "udmabuf", "memfd"),
-    "model-weights": ("system", "udmabuf", "memfd"),
+    # Every NPU buffer type's usage (model-weights among them): the routes
+    # that apply where dma_heap.json names no present heap for the type.
+    **{usage: ("system", "udmabuf", "memfd") for usage in npu.USAGES.values()},
     "cpu": ("memfd",),
 }
 
@@ -83,6 +91,9 @@ class HeapConfig:
     # 0: the machine's physical memory.
     max_buffer_bytes: int = 0
     max_batch: int = 1024
+    # Android's NPU heap map, and the file it was read from (None: none was).
+    dma_heap_json: Path | None = None
+    npu: DmaHeapsInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +237,9 @@ class _Table:
         self._seen.update(self._data)
         return list(self._data)
 
+    def given(self, key: str) -> bool:
+        return key in self._data
+
     def check_unknown(self) -> None:
         unknown = sorted(set(self._data) - self._seen)
         if unknown:
@@ -307,6 +321,7 @@ def _heaps(table: _Table, usage_table: _Table) -> HeapConfig:
     usage = dict(DEFAULT_USAGE)
     for name in usage_table.entries():
         usage[name] = usage_table.names(name, ())
+    json_path, npu_heaps = _dma_heap_json(table)
     config = HeapConfig(
         probe_order=table.names("probe_order", DEFAULT_PROBE_ORDER),
         aliases=aliases,
@@ -314,11 +329,51 @@ def _heaps(table: _Table, usage_table: _Table) -> HeapConfig:
         access=access,
         max_buffer_bytes=table.size("max_buffer_bytes", 0),
         max_batch=int(table.number("max_batch", 1024)),
+        dma_heap_json=json_path,
+        npu=npu_heaps,
     )
     table.check_unknown()
     if config.max_batch < 1:
         raise ConfigError("heaps.max_batch must be at least 1")
     return config
+
+
+def _dma_heap_json(table: _Table) -> tuple[Path | None, DmaHeapsInfo | None]:
+    """Read heaps.dma_heap_json. Android's own path may be missing (devices
+    without an NPU have none), so by default a missing file turns the
+    routes off; a path the config names must exist, or a typo would drop
+    the routes without a word. "" turns them off."""
+    given = table.given("dma_heap_json")
+    text = table.string("dma_heap_json", str(dma_heap_json.DEFAULT_PATH))
+    if not text:
+        return None, None
+    path = Path(text)
+    if not path.is_absolute():
+        raise ConfigError(f"heaps.dma_heap_json: {text!r} is not an absolute path")
+    try:
+        info = dma_heap_json.load(path)
+    except FileNotFoundError:
+        if given:
+            raise ConfigError(
+                f'heaps.dma_heap_json: {path} does not exist (set "" to route without a dma_heap.json)'
+            ) from None
+        return None, None
+    except DmaHeapJsonError as error:
+        raise ConfigError(f"heaps.dma_heap_json: {error}") from None
+    for warning in info.warnings:
+        log.warning("%s: %s", path, warning)
+    for (kind, device), heaps in info.routes().items():
+        if kind != npu.UNSPECIFIED and len(heaps) > 1:
+            log.warning(
+                "%s: %s for NPU %d is listed for several heaps (%s); Android's NPU manager takes any one of "
+                "them, dmabufd tries them in the file's order",
+                path,
+                npu.android_name(kind),
+                device,
+                ", ".join(heaps),
+            )
+    log.info("NPU buffer types route by %s (%d heap(s))", path, len(info.devices))
+    return path, info
 
 
 def _loading(table: _Table) -> LoadingConfig:
@@ -437,9 +492,10 @@ def parse_config(data: dict[str, Any]) -> Config:
 
 
 def load_config(path: Path | None) -> Config:
-    """Read a TOML config file; None gives the built-in defaults."""
+    """Read a TOML config file; None gives the built-in defaults (which
+    read Android's dma_heap.json where it exists)."""
     if path is None:
-        return Config()
+        return parse_config({})
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)

@@ -8,6 +8,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -73,7 +74,7 @@ def baseline(daemon: RunningDaemon) -> Iterator[int]:
     assert daemon.wait_for_fd_count(before) == before, "no fd leaked"
 
 
-def allocate_error(client: dmabufd_client.Client, size: int | str, **kwargs: str) -> dmabufd_client.DmabufdError:
+def allocate_error(client: dmabufd_client.Client, size: int | str, **kwargs: Any) -> dmabufd_client.DmabufdError:
     with pytest.raises(dmabufd_client.DmabufdError) as caught:
         client.allocate(size, **kwargs)
     return caught.value

@@ -54,7 +54,15 @@ def buffer_table(title: str, infos: Sequence[BufferInfo], fds: Sequence[int] | N
 
 def cmd_alloc(client: Client, args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    held = client.allocate_batch(args.size, args.count, heap=args.heap, usage=args.usage, name=args.name)
+    held = client.allocate_batch(
+        args.size,
+        args.count,
+        heap=args.heap,
+        usage=args.usage,
+        name=args.name,
+        npu_buffer_type=args.npu_buffer_type,
+        npu_device=args.npu_device,
+    )
     elapsed = time.perf_counter() - started
     try:
         infos = [buffer.info for buffer in held]
@@ -111,6 +119,7 @@ def register(add: AddCommand) -> None:
     alloc.add_argument("--heap", default="", help="heap name or alias (default: chosen by --usage)")
     alloc.add_argument("--usage", default="", help="usage hint that picks the heap, e.g. camera (see `heaps`)")
     alloc.add_argument("--name", default="dmabufctl", help="label shown in fdinfo, <= 23 bytes (default dmabufctl)")
+    output.add_npu_options(alloc)
     alloc.add_argument(
         "--hold", type=output.seconds, default=0.0, metavar="SECONDS", help="keep the buffers this long (default 0)"
     )

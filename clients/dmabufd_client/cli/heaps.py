@@ -14,14 +14,26 @@ from dmabufd_client.client import Client
 from dmabufd_client.errors import DmabufdError
 from dmabufd_common.units import format_size
 
+NPU_ROUTE = Schema(
+    "an NPU route (Android's dma_heap.json: tried before the usage's own route)",
+    (
+        ("buffer_type", 'the NPU buffer type, e.g. "MODEL_WEIGHTS"'),
+        ("npu_device", "the NPU (0: the first)"),
+        ("usage", "the usage hint the type routes as"),
+        ("heap_order", "heap names, the first present and allowed wins"),
+    ),
+)
+
 HEAPS = Schema(
     "the object",
     (
         VERSION_KEY,
         ("heaps", "the heaps, as below"),
         ("usage_routes", "usage hint -> heap names in preference order"),
+        ("dma_heap_json", "the dma_heap.json the daemon routes NPU buffer types by; null: none"),
+        ("npu_routes", "that file's routes, as below (empty without one)"),
     ),
-    (HEAP,),
+    (HEAP, NPU_ROUTE),
 )
 
 WATCH_EVENT = Schema(
@@ -38,12 +50,23 @@ WATCH_EVENT = Schema(
 def cmd_heaps(client: Client, args: argparse.Namespace) -> int:
     heaps = client.heaps()
     routes = client.usage_routes()
+    npu = client.npu_routes()
     if args.json:
         output.emit_json(
             output.versioned(
                 HEAPS,
                 heaps=[output.heap_json(h) for h in heaps],
                 usage_routes={usage: list(order) for usage, order in sorted(routes.items())},
+                dma_heap_json=npu.source or None,
+                npu_routes=[
+                    NPU_ROUTE.object(
+                        buffer_type=route.buffer_type,
+                        npu_device=route.npu_device,
+                        usage=route.usage,
+                        heap_order=list(route.heap_order),
+                    )
+                    for route in npu.routes
+                ],
             )
         )
         return 0
@@ -67,6 +90,15 @@ def cmd_heaps(client: Client, args: argparse.Namespace) -> int:
     for usage, order in sorted(routes.items()):
         routes_table.add_row(usage, " -> ".join(order))
     output.stdout.print(routes_table)
+    if npu.source:
+        npu_table = Table(
+            title=f"NPU routes from {npu.source} (before the usage routes; first present and allowed wins)"
+        )
+        for column in ("buffer type", "NPU", "usage", "heap order"):
+            npu_table.add_column(column)
+        for route in npu.routes:
+            npu_table.add_row(route.buffer_type, str(route.npu_device), route.usage, " -> ".join(route.heap_order))
+        output.stdout.print(npu_table)
     return 0
 
 

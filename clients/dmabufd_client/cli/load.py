@@ -137,6 +137,8 @@ def cmd_load(client: Client, args: argparse.Namespace) -> int:
                 max_buffer_bytes=args.max_buffer,
                 by_path=args.by_path,
                 progress=progress,
+                npu_buffer_type=args.npu_buffer_type,
+                npu_device=args.npu_device,
             )
     finally:
         if fd is not None:
@@ -203,7 +205,11 @@ def register(add: AddCommand) -> None:
     load.add_argument("--offset", type=output.size, default=0, help="where in the file to start (default 0)")
     load.add_argument("--length", type=output.size, default=0, help="bytes to load (default: to the end)")
     load.add_argument("--heap", default="", help="heap name or alias (default: chosen by --usage)")
-    load.add_argument("--usage", default="model-weights", help="usage hint that picks the heap (default model-weights)")
+    load.add_argument(
+        "--usage",
+        default=None,
+        help="usage hint that picks the heap (default model-weights, or the usage of --npu-buffer-type)",
+    )
     load.add_argument("--name", default="dmabufctl-load", help="label shown in fdinfo (default dmabufctl-load)")
     load.add_argument(
         "--method",
@@ -211,6 +217,7 @@ def register(add: AddCommand) -> None:
         choices=list(LOAD_METHODS.values()),
         help="how the daemon moves the data (default auto: the fastest the kernel proved)",
     )
+    output.add_npu_options(load)
     load.add_argument("--verify", action="store_true", help="compare the loaded bytes with the file (SHA-256)")
     load.add_argument("--max-buffer", type=output.size, default=0, help="split into buffers of at most this size")
     load.add_argument(

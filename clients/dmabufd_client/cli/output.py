@@ -21,6 +21,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from dmabufd_client.buffer import BufferInfo
 from dmabufd_client.client import HeapInfo
+from dmabufd_client.npu import MAX_NPU_DEVICE
+from dmabufd_common import npu
 from dmabufd_common.units import EXAMPLES, parse_size
 
 # Bumped when a key changes meaning or goes away (new keys do not bump it).
@@ -190,3 +192,25 @@ def _number(kind: Callable[[str], float], check: Callable[[float], bool], wanted
 positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
 seconds = _number(float, lambda v: 0 <= v < float("inf"), "a number of seconds (0 or more)")
 positive_seconds = _number(float, lambda v: 0 < v < float("inf"), "a number of seconds above 0")
+npu_number = _number(int, lambda v: 0 <= v <= MAX_NPU_DEVICE, "an NPU number (0 for the first)")
+
+
+def add_npu_options(parser: argparse.ArgumentParser) -> None:
+    """--npu-buffer-type and --npu-device, as alloc and load take them."""
+    parser.add_argument(
+        "--npu-buffer-type",
+        type=str.upper,
+        choices=[npu.android_name(number) for number in npu.USAGES],
+        default=None,
+        metavar="TYPE",
+        help="an NPU buffer type, routed by the daemon's dma_heap.json first, then as its usage: "
+        + ", ".join(f"{npu.android_name(number)} ({usage})" for number, usage in npu.USAGES.items())
+        + "; --usage may repeat its usage, not contradict it",
+    )
+    parser.add_argument(
+        "--npu-device",
+        type=npu_number,
+        default=None,
+        metavar="N",
+        help="the NPU the buffers are for (0: the first), among dma_heap.json's per-NPU heaps (default: any NPU's)",
+    )

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from dmabufd.api.base import ServiceBase, buffer_info, never_blocks
+from dmabufd.api.routing import route_of
 from dmabufd.errors import DmabufdError, Overloaded
 from dmabufd.heaps.backend import PAGE_SIZE, HeapSpec
 from dmabufd.heaps.registry import Caller, HeapEvent, HeapEventKind
@@ -63,7 +64,22 @@ class BuffersApi(ServiceBase):
                 for usage, order in sorted(self._registry.usage_routes().items())
             ]
             heaps = [self._heap(spec, session) for spec in self._registry.specs()]
-            return pb.ListHeapsResponse(heaps=heaps, usage_routes=routes)
+            npu_routes = [
+                pb.NpuRoute(
+                    buffer_type=pb.NpuBufferType.ValueType(route.buffer_type),
+                    npu_device=route.npu_device,
+                    usage=route.usage,
+                    heap_order=route.heap_order,
+                )
+                for route in self._registry.npu_routes()
+            ]
+            source = self._registry.dma_heap_json
+            return pb.ListHeapsResponse(
+                heaps=heaps,
+                usage_routes=routes,
+                npu_routes=npu_routes,
+                dma_heap_json=str(source) if source is not None else "",
+            )
 
         return await self._serve_public(context, handle)
 
@@ -111,19 +127,25 @@ class BuffersApi(ServiceBase):
 
     async def Allocate(self, request: pb.AllocateRequest, context: Context) -> pb.AllocateResponse:
         def handle(session: Session, ticket: bytes) -> pb.AllocateResponse:
+            usage, npu_device = route_of(request)
             records = self._broker.allocate(
                 session,
                 ticket,
                 size=request.size,
                 count=request.count or 1,
                 heap=request.heap,
-                usage=request.usage,
+                usage=usage,
                 label=request.name,
+                npu_device=npu_device,
             )
             return pb.AllocateResponse(buffers=[buffer_info(record) for record in records])
 
         def blocks(session: Session) -> bool:
-            return not self._broker.never_blocks(session, request.heap, request.usage, request.count or 1)
+            try:
+                usage, npu_device = route_of(request)
+            except DmabufdError:
+                return False  # handle() fails as fast
+            return not self._broker.never_blocks(session, request.heap, usage, request.count or 1, npu_device)
 
         return await self._serve(context, handle, blocks=blocks)
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from dmabufd.api.base import ServiceBase, buffer_info
+from dmabufd.api.routing import route_of
 from dmabufd.errors import BufferNotFound, DmabufdError, InvalidRequest, LoadCancelled
 from dmabufd.loading.loader import LoadOutcome, LoadRequest, choose_heap, choose_method
 from dmabufd.loading.method import Method
@@ -139,6 +140,7 @@ class LoadingApi(ServiceBase):
     async def LoadFile(self, request: pb.LoadFileRequest, context: Context) -> AsyncIterator[pb.LoadProgress]:
         def work(session: Session, ticket: bytes, progress: Progress) -> pb.LoadProgress:
             method = _method(request.method)
+            usage, npu_device = route_of(request)
             source = self._open_source(session, ticket, request.source)
             try:
                 offset, length = source.check_range(request.source.offset, request.source.length)
@@ -147,11 +149,12 @@ class LoadingApi(ServiceBase):
                     offset=offset,
                     length=length,
                     heap=request.heap,
-                    usage=request.usage,
+                    usage=usage,
                     label=request.name,
                     method=method,
                     verify=request.verify,
                     max_buffer_bytes=request.max_buffer_bytes,
+                    npu_device=npu_device,
                 )
                 outcome = self._loader.load(
                     session, ticket, source, load, progress=progress.add, cancelled=progress.cancelled
@@ -189,10 +192,11 @@ class LoadingApi(ServiceBase):
         def work(session: Session, ticket: bytes, progress: Progress) -> pb.LoadProgress:
             started = time.monotonic()
             requested = _method(request.method)
+            usage, npu_device = route_of(request, default_usage="model-weights")
             source = self._open_source(session, ticket, request.source)
             try:
                 progress.total = source.size
-                candidates = self._broker.eligible(session, request.heap, request.usage or "model-weights")
+                candidates = self._broker.eligible(session, request.heap, usage, npu_device)
                 backend = choose_heap(candidates, requested, source)
                 how = ModelLoad(
                     backend=backend,

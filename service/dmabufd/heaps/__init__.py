@@ -6,4 +6,5 @@ udmabuf.py   sealed memfd wrapped by /dev/udmabuf
 memfd.py     sealed memfd, the embedded default
 discovery.py what exists now (pyudev, or a /dev scan), and changes
 registry.py  the live set of heaps, aliases and usage routes
+dma_heap_json.py  Android's dma_heap.json: which heaps serve which NPU buffers
 """

@@ -6,6 +6,14 @@ watchers. A request names a heap (or an alias), or a usage whose route lists
 heaps in preference order; resolve() returns the first one that is present
 and that the caller may use.
 
+The usage of an NPU buffer type (model-weights, ...) is routed first by
+Android's dma_heap.json, when the daemon read one: the heaps it lists for
+the type (for the request's NPU, or for any NPU, NPU 0's first), and only
+those while one of them is present and allowed, so that a load's ranking
+by speed never trades a heap the NPU needs for a faster one it may not
+import. Otherwise the usage's own route applies, as it does everywhere
+without the file.
+
 Locking: _lock guards _backends and _watchers. Backends are used outside it
 (allocations run concurrently); a backend closed by update() while a call
 uses it fails that call with HeapUnavailable, not a crash.
@@ -19,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 from dmabufd.config import HeapConfig
 from dmabufd.errors import AccessDenied, HeapNotFound, InvalidRequest
@@ -27,6 +36,7 @@ from dmabufd.heaps.dmaheap import DmaHeapBackend
 from dmabufd.heaps.memfd import MemfdBackend
 from dmabufd.heaps.udmabuf import UdmabufBackend
 from dmabufd.loading.method import Method
+from dmabufd_common import npu
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,16 @@ class HeapEvent:
 
 
 @dataclass(frozen=True)
+class NpuRoute:
+    """Where dma_heap.json sends one buffer type for one NPU."""
+
+    buffer_type: int
+    npu_device: int
+    usage: str
+    heap_order: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Caller:
     """The credentials access rules are checked against."""
 
@@ -69,6 +89,14 @@ class HeapRegistry:
         self._lock = threading.Lock()
         self._backends: dict[str, HeapBackend] = {}
         self._watchers: set[EventSink] = set()
+        routes = config.npu.routes() if config.npu is not None else {}
+        self._npu_routes = [
+            NpuRoute(kind, device, npu.USAGES[kind], heaps)
+            for (kind, device), heaps in routes.items()
+            if kind in npu.USAGES
+        ]
+        # The first update() is start-up: the time to say which heaps the file names in vain.
+        self._npu_checked = False
 
     # -- discovery side -------------------------------------------------
 
@@ -96,7 +124,23 @@ class HeapRegistry:
                     sink(event)
         for event in events:
             log.info("heap %s: %s (%s)", event.kind.name.lower(), event.spec.name, event.spec.device_path or "memfd")
+        if not self._npu_checked:
+            self._npu_checked = True
+            self._warn_absent_npu_heaps(set(found))
         return events
+
+    def _warn_absent_npu_heaps(self, present: set[str]) -> None:
+        listed: list[str] = []
+        for route in self._npu_routes:
+            listed += [name for name in route.heap_order if name not in listed]
+        absent = [name for name in listed if not any(c in present for c in self._candidates(name))]
+        if absent:
+            log.warning(
+                "%s names heap(s) not present here: %s; NPU buffer types skip them while they are absent "
+                "(and take their usage's route when none of theirs is present)",
+                self._config.dma_heap_json,
+                ", ".join(absent),
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -130,6 +174,22 @@ class HeapRegistry:
     def usage_routes(self) -> dict[str, tuple[str, ...]]:
         return {DEFAULT_USAGE: self._config.probe_order, **self._config.usage}
 
+    @property
+    def dma_heap_json(self) -> Path | None:
+        """The file the NPU routes came from (None: none was read)."""
+        return self._config.dma_heap_json
+
+    def npu_routes(self) -> list[NpuRoute]:
+        """dma_heap.json's routes, by buffer type then NPU (none without the file)."""
+        return list(self._npu_routes)
+
+    def _npu_order(self, usage: str, npu_device: int | None) -> tuple[str, ...]:
+        order: list[str] = []
+        for route in self._npu_routes:
+            if route.usage == usage and npu_device in (None, route.npu_device):
+                order += [name for name in route.heap_order if name not in order]
+        return tuple(order)
+
     def allowed(self, heap_name: str, caller: Caller) -> bool:
         rule = self._config.access.get(heap_name)
         return rule is None or rule.allows(caller.uid, caller.gids)
@@ -137,15 +197,33 @@ class HeapRegistry:
     def _candidates(self, name: str) -> tuple[str, ...]:
         return self._config.aliases.get(name, (name,))
 
-    def resolve(self, heap: str, usage: str, caller: Caller) -> HeapBackend:
+    def resolve(self, heap: str, usage: str, caller: Caller, npu_device: int | None = None) -> HeapBackend:
         """The backend a request should allocate from. Raises HeapNotFound,
         AccessDenied or InvalidRequest with a message naming the way out."""
-        return self.eligible(heap, usage, caller)[0]
+        return self.eligible(heap, usage, caller, npu_device)[0]
 
-    def eligible(self, heap: str, usage: str, caller: Caller) -> list[HeapBackend]:
+    def _usable(
+        self, order: tuple[str, ...], present: dict[str, HeapBackend], caller: Caller
+    ) -> tuple[list[HeapBackend], list[str]]:
+        """The present and allowed backends of a route, and the present heaps denied."""
+        denied: list[str] = []
+        usable: list[HeapBackend] = []
+        for entry in order:
+            name = next((name for name in self._candidates(entry) if name in present), None)
+            if name is None:
+                continue
+            if not self.allowed(name, caller):
+                denied.append(name)
+            elif present[name] not in usable:
+                usable.append(present[name])
+        return usable, denied
+
+    def eligible(self, heap: str, usage: str, caller: Caller, npu_device: int | None = None) -> list[HeapBackend]:
         """Every backend the request may use, in preference order (one for
-        a named heap; for a usage, each route entry that is present and
-        allowed). Never empty: raises as resolve() does."""
+        a named heap; for a usage, each entry of dma_heap.json's route for
+        it, else of its own route, that is present and allowed; `npu_device`
+        narrows dma_heap.json's route to one NPU). Never empty: raises as
+        resolve() does."""
         with self._lock:
             present = dict(self._backends)
         if heap:
@@ -164,23 +242,20 @@ class HeapRegistry:
         usage = usage or DEFAULT_USAGE
         if usage not in routes:
             raise InvalidRequest(f"unknown usage {usage!r}; known usages: {', '.join(sorted(routes))}")
-        denied: list[str] = []
-        usable: list[HeapBackend] = []
-        for entry in routes[usage]:
-            name = next((name for name in self._candidates(entry) if name in present), None)
-            if name is None:
-                continue
-            if not self.allowed(name, caller):
-                denied.append(name)
-            elif present[name] not in usable:
-                usable.append(present[name])
+        npu_order = self._npu_order(usage, npu_device)
+        usable, npu_denied = self._usable(npu_order, present, caller)
         if usable:
             return usable
+        usable, denied = self._usable(routes[usage], present, caller)
+        if usable:
+            return usable
+        denied = [name for name in npu_denied if name not in denied] + denied
         if denied:
             raise AccessDenied(
                 f"usage {usage!r}: uid {caller.uid} may not use any present heap of its route ({', '.join(denied)})"
             )
-        raise HeapNotFound(f"usage {usage!r}: none of its heaps is present ({', '.join(routes[usage])})")
+        listed = f"dma_heap.json: {', '.join(npu_order)}; route: " if npu_order else ""
+        raise HeapNotFound(f"usage {usage!r}: none of its heaps is present ({listed}{', '.join(routes[usage])})")
 
     @contextmanager
     def watch(self, sink: EventSink) -> Iterator[list[HeapSpec]]:

@@ -51,6 +51,8 @@ class LoadRequest:
     method: Method
     verify: bool
     max_buffer_bytes: int
+    # The NPU the buffers are for (dma_heap.json's per-NPU routes); None: any.
+    npu_device: int | None = None
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,8 @@ class FileLoader:
         cancelled: CancelledFn,
     ) -> LoadOutcome:
         offset, length = source.check_range(request.offset, request.length)
-        backend = choose_heap(self._broker.eligible(session, request.heap, request.usage), request.method, source)
+        candidates = self._broker.eligible(session, request.heap, request.usage, request.npu_device)
+        backend = choose_heap(candidates, request.method, source)
         method = choose_method(backend, request.method, source)
         largest = self._broker.largest_buffer(backend)
         if request.max_buffer_bytes:

@@ -98,6 +98,47 @@ BACKEND_MEMFD: Backend.ValueType  # 3
 """A sealed memfd: shared memory only; devices cannot import it."""
 Global___Backend: _TypeAlias = Backend  # noqa: Y015
 
+class _NpuBufferType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NpuBufferTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NpuBufferType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NPU_BUFFER_TYPE_UNSPECIFIED: _NpuBufferType.ValueType  # 0
+    """Not set: the request routes by its usage alone. (Android's zero,
+    UNKNOWN, is never routed by dmabufd.)
+    """
+    NPU_BUFFER_TYPE_MODEL_EXECUTABLE: _NpuBufferType.ValueType  # 1
+    """The compiled model an NPU runs: usage "model-executable"."""
+    NPU_BUFFER_TYPE_MODEL_WEIGHTS: _NpuBufferType.ValueType  # 2
+    """A model's weights: usage "model-weights"."""
+    NPU_BUFFER_TYPE_CACHE: _NpuBufferType.ValueType  # 3
+    """A cache the NPU keeps between runs: usage "npu-cache"."""
+    NPU_BUFFER_TYPE_AUXILIARY: _NpuBufferType.ValueType  # 4
+    """Any other buffer an NPU uses: usage "npu-auxiliary"."""
+
+class NpuBufferType(_NpuBufferType, metaclass=_NpuBufferTypeEnumTypeWrapper):
+    """What an NPU buffer is for: Android's NPU buffer types, with the numbers
+    of BufferType (package android.os.dma_heap, the enum dma_heap.json names)
+    and of the NDK's ANpuBuffer_Type. Each stands for one usage hint, named at
+    its value; a request that gives a type routes as that usage does, through
+    the heaps dma_heap.json lists for the type first (see NpuRoute).
+    """
+
+NPU_BUFFER_TYPE_UNSPECIFIED: NpuBufferType.ValueType  # 0
+"""Not set: the request routes by its usage alone. (Android's zero,
+UNKNOWN, is never routed by dmabufd.)
+"""
+NPU_BUFFER_TYPE_MODEL_EXECUTABLE: NpuBufferType.ValueType  # 1
+"""The compiled model an NPU runs: usage "model-executable"."""
+NPU_BUFFER_TYPE_MODEL_WEIGHTS: NpuBufferType.ValueType  # 2
+"""A model's weights: usage "model-weights"."""
+NPU_BUFFER_TYPE_CACHE: NpuBufferType.ValueType  # 3
+"""A cache the NPU keeps between runs: usage "npu-cache"."""
+NPU_BUFFER_TYPE_AUXILIARY: NpuBufferType.ValueType  # 4
+"""Any other buffer an NPU uses: usage "npu-auxiliary"."""
+Global___NpuBufferType: _TypeAlias = NpuBufferType  # noqa: Y015
+
 class _LoadMethod:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -271,6 +312,12 @@ class ListHeapsResponse(_message.Message):
 
     HEAPS_FIELD_NUMBER: _builtins.int
     USAGE_ROUTES_FIELD_NUMBER: _builtins.int
+    NPU_ROUTES_FIELD_NUMBER: _builtins.int
+    DMA_HEAP_JSON_FIELD_NUMBER: _builtins.int
+    dma_heap_json: _builtins.str
+    """The dma_heap.json file the routes came from (config heaps.dma_heap_json);
+    empty when none was read.
+    """
     @_builtins.property
     def heaps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Heap]:
         """Every heap present, whether or not the caller may allocate from it."""
@@ -279,15 +326,23 @@ class ListHeapsResponse(_message.Message):
     def usage_routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRoute]:
         """Usage hints this daemon understands, each with its heap preference order."""
 
+    @_builtins.property
+    def npu_routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NpuRoute]:
+        """The routes of Android's dma_heap.json, by buffer type then NPU; empty
+        when the daemon read no such file.
+        """
+
     def __init__(
         self,
         *,
         heaps: _abc.Iterable[Global___Heap] | None = ...,
         usage_routes: _abc.Iterable[Global___UsageRoute] | None = ...,
+        npu_routes: _abc.Iterable[Global___NpuRoute] | None = ...,
+        dma_heap_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heaps", b"heaps", "usage_routes", b"usage_routes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dma_heap_json", b"dma_heap_json", "heaps", b"heaps", "npu_routes", b"npu_routes", "usage_routes", b"usage_routes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -320,6 +375,49 @@ class UsageRoute(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageRoute: _TypeAlias = UsageRoute  # noqa: Y015
+
+@_typing.final
+class NpuRoute(_message.Message):
+    """Where Android's /vendor/etc/dma_heap.json sends one NPU buffer type for
+    one NPU. A request of that type (or of its usage) for that NPU, or for no
+    NPU in particular, takes the first present and allowed heap of
+    heap_order, before the usage's own route; when none of them is present
+    and allowed, the usage's route applies.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUFFER_TYPE_FIELD_NUMBER: _builtins.int
+    NPU_DEVICE_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    HEAP_ORDER_FIELD_NUMBER: _builtins.int
+    buffer_type: Global___NpuBufferType.ValueType
+    """The buffer type."""
+    npu_device: _builtins.int
+    """The NPU, numbered from 0 as dma_heap.json numbers them."""
+    usage: _builtins.str
+    """The usage hint the buffer type stands for ("model-weights", ...)."""
+    @_builtins.property
+    def heap_order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Heap names (the file's device paths without /dev/dma_heap/; aliases
+        apply), in the file's order.
+        """
+
+    def __init__(
+        self,
+        *,
+        buffer_type: Global___NpuBufferType.ValueType = ...,
+        npu_device: _builtins.int = ...,
+        usage: _builtins.str = ...,
+        heap_order: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_type", b"buffer_type", "heap_order", b"heap_order", "npu_device", b"npu_device", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NpuRoute: _TypeAlias = NpuRoute  # noqa: Y015
 
 @_typing.final
 class WatchHeapsRequest(_message.Message):
@@ -409,6 +507,8 @@ class AllocateRequest(_message.Message):
     HEAP_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    NPU_BUFFER_TYPE_FIELD_NUMBER: _builtins.int
+    NPU_DEVICE_FIELD_NUMBER: _builtins.int
     size: _builtins.int
     """Bytes per buffer; rounded up to the heap's granule."""
     count: _builtins.int
@@ -416,10 +516,21 @@ class AllocateRequest(_message.Message):
     heap: _builtins.str
     """A heap name or alias. Empty: choose by usage."""
     usage: _builtins.str
-    """A usage hint ("camera", "model-weights", ...). Empty: "default"."""
+    """A usage hint ("camera", "model-weights", ...). Empty: the usage of
+    npu_buffer_type, else "default".
+    """
     name: _builtins.str
     """Label shown in /proc/<pid>/fdinfo and dmabufctl stats: at most 23
     bytes of printable ASCII. The daemon prefixes the client's pid.
+    """
+    npu_buffer_type: Global___NpuBufferType.ValueType
+    """An NPU buffer type: routes as its usage (which `usage` may repeat, but
+    not contradict), through the heaps dma_heap.json lists for it first.
+    """
+    npu_device: _builtins.int
+    """The NPU the buffers are for (0: the first), choosing among the heaps
+    dma_heap.json lists per NPU. Unset: any NPU's. Needs an NPU buffer type
+    or its usage.
     """
     def __init__(
         self,
@@ -429,12 +540,16 @@ class AllocateRequest(_message.Message):
         heap: _builtins.str = ...,
         usage: _builtins.str = ...,
         name: _builtins.str = ...,
+        npu_buffer_type: Global___NpuBufferType.ValueType = ...,
+        npu_device: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_npu_device", b"_npu_device", "npu_device", b"npu_device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "heap", b"heap", "name", b"name", "size", b"size", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_npu_device", b"_npu_device", "count", b"count", "heap", b"heap", "name", b"name", "npu_buffer_type", b"npu_buffer_type", "npu_device", b"npu_device", "size", b"size", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__npu_device: _TypeAlias = _typing.Literal["npu_device"]  # noqa: Y015
+    _WhichOneofArgType__npu_device: _TypeAlias = _typing.Literal["_npu_device", b"_npu_device"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__npu_device) -> _WhichOneofReturnType__npu_device | None: ...
 
 Global___AllocateRequest: _TypeAlias = AllocateRequest  # noqa: Y015
 
@@ -899,10 +1014,14 @@ class LoadFileRequest(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     VERIFY_FIELD_NUMBER: _builtins.int
     MAX_BUFFER_BYTES_FIELD_NUMBER: _builtins.int
+    NPU_BUFFER_TYPE_FIELD_NUMBER: _builtins.int
+    NPU_DEVICE_FIELD_NUMBER: _builtins.int
     heap: _builtins.str
     """A heap name or alias, as in AllocateRequest. Empty: choose by usage."""
     usage: _builtins.str
-    """A usage hint, as in AllocateRequest. Empty: "default"."""
+    """A usage hint, as in AllocateRequest. Empty: the usage of
+    npu_buffer_type, else "default".
+    """
     name: _builtins.str
     """Label of the buffers, as AllocateRequest.name."""
     method: Global___LoadMethod.ValueType
@@ -913,6 +1032,10 @@ class LoadFileRequest(_message.Message):
     """Largest buffer to make; a longer range is split across buffers. 0: the
     heap's own limit (udmabuf: size_limit_mb).
     """
+    npu_buffer_type: Global___NpuBufferType.ValueType
+    """An NPU buffer type, as in AllocateRequest."""
+    npu_device: _builtins.int
+    """The NPU the buffers are for, as in AllocateRequest."""
     @_builtins.property
     def source(self) -> Global___FileSource:
         """The file and the range."""
@@ -927,12 +1050,16 @@ class LoadFileRequest(_message.Message):
         method: Global___LoadMethod.ValueType = ...,
         verify: _builtins.bool = ...,
         max_buffer_bytes: _builtins.int = ...,
+        npu_buffer_type: Global___NpuBufferType.ValueType = ...,
+        npu_device: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_npu_device", b"_npu_device", "npu_device", b"npu_device", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heap", b"heap", "max_buffer_bytes", b"max_buffer_bytes", "method", b"method", "name", b"name", "source", b"source", "usage", b"usage", "verify", b"verify"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_npu_device", b"_npu_device", "heap", b"heap", "max_buffer_bytes", b"max_buffer_bytes", "method", b"method", "name", b"name", "npu_buffer_type", b"npu_buffer_type", "npu_device", b"npu_device", "source", b"source", "usage", b"usage", "verify", b"verify"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__npu_device: _TypeAlias = _typing.Literal["npu_device"]  # noqa: Y015
+    _WhichOneofArgType__npu_device: _TypeAlias = _typing.Literal["_npu_device", b"_npu_device"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__npu_device) -> _WhichOneofReturnType__npu_device | None: ...
 
 Global___LoadFileRequest: _TypeAlias = LoadFileRequest  # noqa: Y015
 
@@ -1191,14 +1318,20 @@ class LoadModelRequest(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
     VERIFY_FIELD_NUMBER: _builtins.int
+    NPU_BUFFER_TYPE_FIELD_NUMBER: _builtins.int
+    NPU_DEVICE_FIELD_NUMBER: _builtins.int
     heap: _builtins.str
     """A heap name or alias, as in AllocateRequest. Empty: choose by usage."""
     usage: _builtins.str
-    """A usage hint. Empty: "model-weights"."""
+    """A usage hint. Empty: the usage of npu_buffer_type, else "model-weights"."""
     method: Global___LoadMethod.ValueType
     """How to load; AUTO (the default) picks the fastest the heap supports."""
     verify: _builtins.bool
     """Compare the loaded bytes with the file (SHA-256 of both)."""
+    npu_buffer_type: Global___NpuBufferType.ValueType
+    """An NPU buffer type, as in AllocateRequest."""
+    npu_device: _builtins.int
+    """The NPU the buffers are for, as in AllocateRequest."""
     @_builtins.property
     def source(self) -> Global___FileSource:
         """The safetensors file (offset and length are ignored)."""
@@ -1211,12 +1344,16 @@ class LoadModelRequest(_message.Message):
         usage: _builtins.str = ...,
         method: Global___LoadMethod.ValueType = ...,
         verify: _builtins.bool = ...,
+        npu_buffer_type: Global___NpuBufferType.ValueType = ...,
+        npu_device: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_npu_device", b"_npu_device", "npu_device", b"npu_device", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heap", b"heap", "method", b"method", "source", b"source", "usage", b"usage", "verify", b"verify"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_npu_device", b"_npu_device", "heap", b"heap", "method", b"method", "npu_buffer_type", b"npu_buffer_type", "npu_device", b"npu_device", "source", b"source", "usage", b"usage", "verify", b"verify"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__npu_device: _TypeAlias = _typing.Literal["npu_device"]  # noqa: Y015
+    _WhichOneofArgType__npu_device: _TypeAlias = _typing.Literal["_npu_device", b"_npu_device"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__npu_device) -> _WhichOneofReturnType__npu_device | None: ...
 
 Global___LoadModelRequest: _TypeAlias = LoadModelRequest  # noqa: Y015
 

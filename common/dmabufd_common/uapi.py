@@ -1,14 +1,17 @@
 """Kernel uAPI numbers and the few ioctls both sides issue.
 
 Numbers are the same on x86-64 and arm64 (see the kernel's
-include/uapi/linux/dma-buf.h, dma-heap.h and udmabuf.h).
+include/uapi/linux/dma-buf.h, dma-heap.h, udmabuf.h and stat.h).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import os
 import struct
+from dataclasses import dataclass
 from enum import IntFlag
 
 # include/uapi/linux/dma-heap.h
@@ -67,3 +70,46 @@ def dma_buf_set_name(fd: int, name: str) -> None:
     # The ioctl argument is a pointer to a NUL-terminated string; fcntl passes
     # the address of its copy of this bytes object.
     fcntl.ioctl(fd, DMA_BUF_SET_NAME_B, encoded + b"\0")
+
+
+# include/uapi/linux/stat.h: statx(2) and the direct I/O alignment (6.1+)
+STATX_DIOALIGN = 0x2000
+AT_EMPTY_PATH = 0x1000
+STATX_SIZE = 256
+STATX_MASK = struct.Struct("<I")  # stx_mask, at offset 0
+STATX_DIO_ALIGN = struct.Struct("<II")  # stx_dio_mem_align, stx_dio_offset_align
+STATX_DIO_ALIGN_OFFSET = 152
+
+
+@dataclass(frozen=True)
+class DioAlignment:
+    """Where a file system does direct I/O on a file: file offsets and
+    lengths aligned to `offset`, memory to `memory`; 0 for both when it
+    never does (it would quietly go through the page cache instead)."""
+
+    memory: int
+    offset: int
+
+    @property
+    def direct(self) -> bool:
+        return self.offset > 0 and self.memory > 0
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def dio_alignment(fd: int) -> DioAlignment | None:
+    """The file system's direct I/O alignment for the file behind `fd`
+    (statx STATX_DIOALIGN), or None where the kernel or file system does
+    not say (before 6.1, or a file system that does not report it)."""
+    buffer = ctypes.create_string_buffer(STATX_SIZE)
+    if _libc.statx(fd, b"", AT_EMPTY_PATH, STATX_DIOALIGN, buffer) != 0:
+        error = ctypes.get_errno()
+        if error in (errno.ENOSYS, errno.EINVAL):
+            return None
+        raise OSError(error, os.strerror(error))
+    (mask,) = STATX_MASK.unpack_from(buffer.raw, 0)
+    if not mask & STATX_DIOALIGN:
+        return None
+    memory, offset = STATX_DIO_ALIGN.unpack_from(buffer.raw, STATX_DIO_ALIGN_OFFSET)
+    return DioAlignment(memory, offset)

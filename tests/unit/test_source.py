@@ -24,11 +24,15 @@ from pathlib import Path
 import pytest
 
 from dmabufd.errors import AccessDenied, FileChanged, FileNotFound, InvalidRequest, bounded
+from dmabufd.heaps.backend import BackendKind, HeapBackend, HeapSpec
+from dmabufd.heaps.memfd import MemfdBackend
 from dmabufd.loading import credentials, source
-from dmabufd.loading.loader import _digest_of_file
+from dmabufd.loading.loader import _digest_of_file, choose_method
+from dmabufd.loading.method import Method
 from dmabufd.loading.methods import Piece
 from dmabufd.loading.source import SourceFile, from_client_fd, open_as_client
 from dmabufd.sessions.session import Peer
+from dmabufd_common import uapi
 
 OTHER_UID = 12345
 
@@ -517,3 +521,78 @@ def test_source_file_closes_the_fd_it_refuses(root: Path) -> None:
     with pytest.raises(InvalidRequest):
         SourceFile(fd, "the directory", peer(os.geteuid()))
     assert not fd_is_open(fd)
+
+
+# ---- which direct paths a file can take
+
+
+def test_file_on_a_block_device_is_block_backed(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"w" * 8192)
+    if os.major(path.stat().st_dev) == 0:
+        pytest.fail(f"{tmp_path} is not on a block device here: this test needs one (the host's own disk)")
+    loaded = SourceFile(os.open(path, os.O_RDONLY), "weights.bin", peer(os.getuid()))
+    try:
+        assert loaded.block_backed
+        # ext4 on the host does O_DIRECT at 512 bytes or finer: the reopen is kept
+        assert loaded.direct_fd is not None
+    finally:
+        loaded.close()
+
+
+def test_memfd_is_not_block_backed_and_gets_no_direct_fd() -> None:
+    fd = os.memfd_create("weights", os.MFD_CLOEXEC)
+    os.write(fd, b"w" * 8192)
+    loaded = SourceFile(fd, "a memfd", peer(os.getuid()))
+    try:
+        assert not loaded.block_backed
+    finally:
+        loaded.close()
+
+
+def _route_with(methods: tuple[Method, ...]) -> HeapBackend:
+    backend = MemfdBackend(HeapSpec("udmabuf-like", BackendKind.MEMFD, "/dev/null"))
+    backend.load_methods = methods
+    return backend
+
+
+def test_auto_skips_direct_copy_file_range_for_a_file_not_on_a_block_device() -> None:
+    fd = os.memfd_create("weights", os.MFD_CLOEXEC)
+    os.write(fd, b"w" * 8192)
+    loaded = SourceFile(fd, "a memfd", peer(os.getuid()))
+    try:
+        backend = _route_with((Method.DIRECT_CFR, Method.BUFFERED_READ))
+        assert choose_method(backend, Method.AUTO, loaded) is Method.BUFFERED_READ
+        with pytest.raises(InvalidRequest, match="needs a file on a block device"):
+            choose_method(backend, Method.DIRECT_CFR, loaded)
+    finally:
+        loaded.close()
+
+
+def test_auto_takes_direct_copy_file_range_for_a_file_on_a_block_device(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"w" * 8192)
+    loaded = SourceFile(os.open(path, os.O_RDONLY), "weights.bin", peer(os.getuid()))
+    try:
+        backend = _route_with((Method.DIRECT_CFR, Method.BUFFERED_READ))
+        assert choose_method(backend, Method.AUTO, loaded) is Method.DIRECT_CFR
+    finally:
+        loaded.close()
+
+
+def test_dio_alignment_of_the_hosts_disk_and_of_tmpfs(tmp_path: Path) -> None:
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        alignment = uapi.dio_alignment(fd)
+    finally:
+        os.close(fd)
+    assert alignment is not None
+    assert alignment.direct
+    assert alignment.offset <= 4096
+    memfd = os.memfd_create("x", os.MFD_CLOEXEC)
+    try:
+        assert uapi.dio_alignment(memfd) is None  # tmpfs does not say (6.12)
+    finally:
+        os.close(memfd)

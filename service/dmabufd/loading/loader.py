@@ -134,8 +134,15 @@ def choose_method(backend: HeapBackend, requested: Method, source: SourceFile) -
                 f"method {requested.label} does not work into heap {backend.spec.name!r} on this kernel; "
                 f"it supports: {names}"
             )
+        if requested is Method.DIRECT_CFR and not source.block_backed:
+            raise InvalidRequest(
+                f"method {requested.label} needs a file on a block device (ext4, f2fs...); "
+                f"{source.description} is on a memory, network or pseudo file system"
+            )
         return requested
     for method in supported:
+        if method is Method.DIRECT_CFR and not source.block_backed:
+            continue  # the kernel copies only with files on a block device (EXDEV otherwise)
         if method is Method.DIRECT_READ and source.direct_fd is None:
             continue  # the file system does no O_DIRECT: a buffered method is as good and simpler
         return method

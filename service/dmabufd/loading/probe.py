@@ -1,11 +1,19 @@
 """What the running kernel can do, asked of the kernel itself.
 
 Only direct copy_file_range into a dma-buf needs asking: it exists only on
-the product's patched kernel. A stock kernel refuses it at once (EINVAL on
-6.12: a dma-buf has no copy_file_range and is not a regular file; other
-kernels say EXDEV or EOPNOTSUPP). The probe copies two pages from a memfd
-into a fresh buffer of the heap and checks the bytes arrived, so a kernel
-that accepts the call but moves nothing is not trusted either.
+the product's patched kernel. The probe copies two pages from a memfd into
+a fresh buffer of the heap. Three answers are possible:
+
+- a stock kernel refuses at once: EINVAL on 6.12 (a dma-buf has no
+  copy_file_range and is not a regular file); older kernels say EXDEV
+  only after the same regular-file check, so EINVAL is what they give too;
+- the series' first version copies, and the probe checks the bytes
+  arrived, so a kernel that accepts the call but moves nothing is not
+  trusted;
+- the series' second version copies only with files on a block device and
+  answers EXDEV for the memfd: that answer exists only on a kernel that
+  has the path (per load, the loader then uses it only for files on a
+  block device; verify=True checks what a load moved).
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from dmabufd_common import uapi
 log = logging.getLogger(__name__)
 
 # What a kernel without the series answers.
-UNSUPPORTED_ERRNOS = frozenset({errno.EINVAL, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF})
+UNSUPPORTED_ERRNOS = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF})
+# What the series (v2) answers for a source that is not on a block device.
+NOT_BLOCK_BACKED = errno.EXDEV
 PROBE_BYTES = 2 * PAGE_SIZE
 
 
@@ -41,6 +51,9 @@ def copy_file_range_works(backend: HeapBackend) -> bool:
         try:
             copied = os.copy_file_range(source, allocation.fd, PROBE_BYTES, 0, 0)
         except OSError as error:
+            if error.errno == NOT_BLOCK_BACKED:
+                log.info("probe: %s takes direct copy_file_range from files on block devices", backend.spec.name)
+                return True
             if error.errno not in UNSUPPORTED_ERRNOS:
                 log.warning("probe: copy_file_range into %s: %s", backend.spec.name, error)
             return False

@@ -56,7 +56,9 @@ from dmabufd.errors import (
     bounded,
 )
 from dmabufd.loading import credentials
+from dmabufd.loading.methods import DIO_ALIGN
 from dmabufd.sessions.session import Peer
+from dmabufd_common import uapi
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,11 @@ class SourceFile:
             if kind != stat.S_IFREG:
                 raise InvalidRequest(f"{description} is {_KINDS.get(kind, 'not a regular file')}, not a regular file")
             self.identity = FileIdentity(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+            # A block device's number: the file's data lives on it. Memory,
+            # network and pseudo file systems have anonymous device numbers
+            # (major 0), and the kernel series copies only with files on a
+            # block device (anything else is EXDEV).
+            self.block_backed = os.major(info.st_dev) != 0
             self.direct_fd = _reopen_direct(fd, info, peer)
         except BaseException:
             self.close()
@@ -181,6 +188,17 @@ def _reopen_direct(fd: int, info: os.stat_result, peer: Peer) -> int | None:
     # anyway because reading another file would break the rule silently.
     again = os.fstat(direct)
     if (again.st_dev, again.st_ino) != (info.st_dev, info.st_ino):
+        os.close(direct)
+        return None
+    # O_DIRECT is only direct where the file system says so: f2fs and ext4
+    # take the page cache for encrypted, verity or compressed files (and
+    # f2fs for anything finer than its block), and the kernel series
+    # refuses such copies. Loads lay data out on DIO_ALIGN boundaries.
+    alignment = uapi.dio_alignment(direct)
+    if alignment is not None and not (
+        alignment.direct and DIO_ALIGN % alignment.offset == 0 and DIO_ALIGN % alignment.memory == 0
+    ):
+        log.debug("no direct I/O at %d-byte alignment on this file (%s): buffered reads", DIO_ALIGN, alignment)
         os.close(direct)
         return None
     return direct

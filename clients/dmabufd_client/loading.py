@@ -1,23 +1,32 @@
 """Files and models loaded by dmabufd, as the client sees them.
 
 LoadedFile owns the buffers a LoadFile call made; Model maps tensor names
-to read-only numpy arrays over the buffers of a resident model, without
-copying. Both close deterministically (close(), or a `with` block).
+to read-only numpy arrays over the buffers of a resident model, and gives
+torch tensors over them (Model.torch, Model.state_dict), without copying.
+Both close deterministically (close(), or a `with` block); a Model whose
+arrays or tensors outlive close() lets go of the model when the last of
+them goes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-from collections.abc import Callable, Iterator, Mapping
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dmabufd_client.buffer import Buffer
 from dmabufd_common import uapi
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from dmabufd_client.torch_view import Writes
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -105,15 +114,83 @@ class TensorInfo:
     nbytes: int
 
 
+class _Holding:
+    """What an open Model holds: its fds and its booking in the daemon.
+
+    Every mapping of the model's buffers is counted while it exists (numpy
+    arrays and torch tensors keep theirs alive by reference); the daemon's
+    ReleaseModel, the end of the dma-buf sync bracket and the closing of the
+    fds happen once, when the Model is closed and no mapping is left,
+    whichever comes last. Holds no mapping itself, so that a Model dropped
+    without close() is not kept alive by its own bookkeeping.
+    """
+
+    def __init__(self, model_id: int, fds: dict[int, int], dma_buf: bool, release: Callable[[int], None]) -> None:
+        self.model_id = model_id
+        self.fds = fds
+        self.dma_buf = dma_buf
+        self._release = release
+        # Reentrant: a mapping's finalizer may run inside this class's own
+        # calls, whenever the garbage collector runs.
+        self._lock = threading.RLock()
+        self._mappings = 0
+        self._open = True
+        self.released = False
+
+    def track(self, region: mmap.mmap) -> None:
+        with self._lock:
+            self._mappings += 1
+        # Not at exit: the session's end releases the model then anyway.
+        weakref.finalize(region, self._untrack).atexit = False
+
+    def _untrack(self) -> None:
+        with self._lock:
+            self._mappings -= 1
+            last = self._take_last()
+        if last:
+            self._let_go()
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
+            last = self._take_last()
+        if last:
+            self._let_go()
+
+    def _take_last(self) -> bool:
+        """Whether the caller is the one to let go (caller holds _lock)."""
+        if self._open or self._mappings or self.released:
+            return False
+        self.released = True
+        return True
+
+    def _let_go(self) -> None:
+        try:
+            self._release(self.model_id)
+        finally:
+            for fd in self.fds.values():
+                try:
+                    if self.dma_buf:
+                        uapi.dma_buf_sync(fd, uapi.SyncFlags.END | uapi.SyncFlags.READ)
+                finally:
+                    os.close(fd)
+
+
 class Model(Mapping[str, Any]):
     """Tensor name -> read-only numpy array backed by the model's buffers.
 
     Dtypes numpy lacks arrive as their raw bits, in an array of the tensor's
     shape: BF16 as uint16, the F8 types (F8_E4M3, F8_E5M2, F8_E8M0 and the
-    FNUZ ones) as uint8; view them with ml_dtypes or torch. Sub-byte dtypes
-    (F4, F6_E2M3, F6_E3M2) arrive as a flat uint8 array of the packed bytes,
-    as the file stores them. A zero-size tensor whose other dimensions are
-    too large for numpy (safetensors allows up to 2**64-1) arrives flat.
+    FNUZ ones) as uint8; view them with ml_dtypes, or take torch tensors of
+    the right dtype from torch() and state_dict(). Sub-byte dtypes (F4,
+    F6_E2M3, F6_E3M2) arrive as a flat uint8 array of the packed bytes, as
+    the file stores them. A zero-size tensor whose other dimensions are too
+    large for numpy (safetensors allows up to 2**64-1) arrives flat.
+
+    Lifetime: the model (its mappings, its fds and its booking in the
+    daemon, which keeps it resident and charged to this uid) stays until
+    close() and, after it, while any array or tensor over it is still
+    referenced; the daemon is told once, when the last of them goes.
     """
 
     def __init__(
@@ -135,21 +212,35 @@ class Model(Mapping[str, Any]):
         self.shared = shared
         self.read_only_enforced = read_only_enforced
         self.stats = stats
-        self._release = release
+        self._holding = _Holding(model_id, fds, dma_buf, release)
         self._fds = fds
         self._dma_buf = dma_buf
+        self._sizes = {buffer_id: os.fstat(fd).st_size or os.lseek(fd, 0, os.SEEK_END) for buffer_id, fd in fds.items()}
+        # Shared and read-only: the numpy arrays, and torch tensors whose
+        # writes are refused.
         self._maps: dict[int, mmap.mmap] = {}
         for buffer_id, fd in fds.items():
-            size = os.fstat(fd).st_size or os.lseek(fd, 0, os.SEEK_END)
-            self._maps[buffer_id] = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            self._maps[buffer_id] = self._map(buffer_id, mmap.MAP_SHARED, mmap.PROT_READ)
             if dma_buf:  # CPU reads for the model's lifetime: one sync bracket around it
                 uapi.dma_buf_sync(fd, uapi.SyncFlags.START | uapi.SyncFlags.READ)
+        # Copy-on-write, made on the first torch view of a memfd model.
+        self._private_maps: dict[int, mmap.mmap] = {}
         self._arrays: dict[str, Any] = {}
         self._closed = False
+
+    def _map(self, buffer_id: int, flags: int, prot: int) -> mmap.mmap:
+        region = mmap.mmap(self._fds[buffer_id], self._sizes[buffer_id], flags, prot)
+        self._holding.track(region)
+        return region
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"model {self.id} is closed")
 
     def __getitem__(self, name: str) -> Any:
         array = self._arrays.get(name)
         if array is None:
+            self._check_open()
             tensor = self.tensors[name]
             dtype = np.dtype(NUMPY_DTYPES[tensor.dtype])
             shape = (tensor.nbytes,) if tensor.dtype in PACKED_DTYPES else tensor.shape
@@ -173,24 +264,114 @@ class Model(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self.tensors)
 
+    # -- torch ------------------------------------------------------------
+
+    @property
+    def torch_writes(self) -> Writes:
+        """What a write to this model's torch views does by default:
+        "private" (memfd: copy-on-write, seen by this process only) or
+        "refuse" (udmabuf, DMA heaps: torch raises RuntimeError). See torch()."""
+        return "refuse" if self._dma_buf else "private"
+
+    def _writes(self, writes: Writes | None) -> Writes:
+        from dmabufd_client.torch_view import WRITE_MODES
+
+        if writes is None:
+            return self.torch_writes
+        if writes not in WRITE_MODES:
+            raise ValueError(f"writes must be one of {', '.join(WRITE_MODES)}, not {writes!r}")
+        if writes == "private" and self._dma_buf:
+            raise ValueError(
+                'writes="private" needs a memfd model: the kernel refuses private (copy-on-write) mappings of '
+                "udmabuf and DMA-heap buffers"
+            )
+        return writes
+
+    def _torch_buffer(self, buffer_id: int, writes: Writes) -> object:
+        from dmabufd_client.torch_view import writable_window
+
+        if writes == "refuse":
+            return writable_window(self._maps[buffer_id])
+        region = self._private_maps.get(buffer_id)
+        if region is None:
+            # The memfd is sealed against writes and our fd is O_RDONLY; a
+            # private mapping may still be writable: its writes go to pages
+            # of this process's own.
+            region = self._map(buffer_id, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._private_maps[buffer_id] = region
+        return region
+
+    def torch(self, name: str, *, writes: Writes | None = None) -> Tensor:
+        """The tensor `name` as a torch tensor over the model's buffer: no
+        copy, the file's dtype (BF16 as torch.bfloat16, F8_E4M3 as
+        torch.float8_e4m3fn, F4 as torch.float4_e2m1fn_x2 with the last
+        dimension halved, ...; TypeError for F6, which torch lacks),
+        requires_grad False. Needs torch (dmabufd-client[torch]).
+
+        Read-only in meaning. What a write does (`writes`, by default
+        torch_writes): "private" (memfd models only) maps the buffer
+        copy-on-write, so a write copies the page it lands on into this
+        process: neither the shared model, nor other processes, nor this
+        Model's numpy arrays see it, but the other torch views of this Model
+        in this process do. "refuse" makes every access that could write
+        raise RuntimeError (torch's "Cannot access data pointer of Tensor"):
+        in-place ops, out=, copy_, item assignment, and also .data_ptr(),
+        .numpy() and DLPack export; reads work as usual.
+
+        Conversions to another dtype, device or layout (.half(), .to(dtype),
+        .to(device), .contiguous() of a transposed view) are not views:
+        torch copies into memory of its own (a conversion to the dtype the
+        tensor has already returns the view itself). The tensor keeps the
+        model alive (see close())."""
+        from dmabufd_client import torch_view
+
+        torch_view.require_torch()
+        info = self.tensors[name]
+        self._check_open()
+        mode = self._writes(writes)
+        buffer = self._torch_buffer(info.buffer_id, mode) if info.nbytes else None
+        return torch_view.tensor(info, buffer, mode)
+
+    def state_dict(
+        self, prefix: str = "", exclude: Iterable[str] = (), *, writes: Writes | None = None
+    ) -> dict[str, Tensor]:
+        """Key -> torch tensor (as torch() makes them, without a copy) for
+        load_state_dict: the tensors whose names start with `prefix`, keyed
+        without it (the others are left out), less those `exclude` lists:
+        names or glob patterns (fnmatch: `*.position_ids`), matched against
+        both the name in the file and the key. For a module built on the
+        meta device, load_state_dict(..., assign=True) makes its parameters
+        these views, with no copy."""
+        from dmabufd_client import torch_view
+
+        chosen = torch_view.select(self.tensors, prefix, exclude)
+        return {key: self.torch(name, writes=writes) for key, name in chosen.items()}
+
+    # -- lifetime -----------------------------------------------------------
+
+    @property
+    def released(self) -> bool:
+        """Whether the model has been let go: close() was called and no
+        array or tensor over it is left."""
+        return self._holding.released
+
     def close(self) -> None:
-        """Release the model in the daemon, then the mappings and fds.
-        Arrays still referenced elsewhere keep their mapping alive."""
+        """Let go of the model: release it in the daemon, end the dma-buf
+        sync bracket, unmap and close the fds. Arrays and tensors still
+        referenced elsewhere defer all of that until the last of them goes
+        (the model stays resident and charged to this uid until then), so
+        none of them ever reads unmapped or evicted memory. Further calls to
+        model[name], torch() or state_dict() raise ValueError."""
         if self._closed:
             return
         self._closed = True
         self._arrays.clear()
-        try:
-            self._release(self.id)
-        finally:
-            for buffer_id, fd in self._fds.items():
-                if self._dma_buf:
-                    uapi.dma_buf_sync(fd, uapi.SyncFlags.END | uapi.SyncFlags.READ)
-                # BufferError: an array over it is still alive; the mapping goes with it.
-                with contextlib.suppress(BufferError):
-                    self._maps[buffer_id].close()
-                os.close(fd)
-            self._fds = {}
+        # Mappings no array or tensor holds go now (munmap on the last
+        # reference); the others go with the last of those.
+        self._maps = {}
+        self._private_maps = {}
+        self._holding.close()
+        self._fds = {}
 
     def __enter__(self) -> Model:
         return self

@@ -189,6 +189,38 @@ DMA_BUF_IOCTL_SYNC: through the page cache; works everywhere.
 """
 Global___LoadMethod: _TypeAlias = LoadMethod  # noqa: Y015
 
+class _LoadSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LoadSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LoadSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOAD_SOURCE_UNSPECIFIED: _LoadSource.ValueType  # 0
+    """Not reported."""
+    LOAD_SOURCE_DEVICE: _LoadSource.ValueType  # 1
+    """Read from the storage device with O_DIRECT: no page cache."""
+    LOAD_SOURCE_PAGE_CACHE: _LoadSource.ValueType  # 2
+    """Copied from the page cache, which held every byte of the part already."""
+    LOAD_SOURCE_BUFFERED: _LoadSource.ValueType  # 3
+    """Read through the page cache: an unaligned end of the range, or a file
+    or method without direct I/O.
+    """
+
+class LoadSource(_LoadSource, metaclass=_LoadSourceEnumTypeWrapper):
+    """Where a part of a load's bytes came from."""
+
+LOAD_SOURCE_UNSPECIFIED: LoadSource.ValueType  # 0
+"""Not reported."""
+LOAD_SOURCE_DEVICE: LoadSource.ValueType  # 1
+"""Read from the storage device with O_DIRECT: no page cache."""
+LOAD_SOURCE_PAGE_CACHE: LoadSource.ValueType  # 2
+"""Copied from the page cache, which held every byte of the part already."""
+LOAD_SOURCE_BUFFERED: LoadSource.ValueType  # 3
+"""Read through the page cache: an unaligned end of the range, or a file
+or method without direct I/O.
+"""
+Global___LoadSource: _TypeAlias = LoadSource  # noqa: Y015
+
 @_typing.final
 class HeapCapabilities(_message.Message):
     """What a heap's buffers are, and what the daemon can do with them."""
@@ -1115,6 +1147,9 @@ class LoadResult(_message.Message):
     CPU_SECONDS_FIELD_NUMBER: _builtins.int
     VERIFIED_FIELD_NUMBER: _builtins.int
     PARALLELISM_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    BYTES_FROM_CACHE_FIELD_NUMBER: _builtins.int
+    FIRST_TENSOR_SECONDS_FIELD_NUMBER: _builtins.int
     method: Global___LoadMethod.ValueType
     """The method that moved the bytes."""
     bytes: _builtins.int
@@ -1133,6 +1168,14 @@ class LoadResult(_message.Message):
     """
     parallelism: _builtins.int
     """I/O requests kept in flight."""
+    bytes_from_cache: _builtins.int
+    """Bytes copied from the page cache because they were cached already
+    (the LOAD_SOURCE_PAGE_CACHE parts).
+    """
+    first_tensor_seconds: _builtins.float
+    """LoadModel: seconds from the start of the call until the first tensor
+    was usable (streamed), or until the whole model was.
+    """
     @_builtins.property
     def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]:
         """The buffers made (or shared, for a resident model), in file order."""
@@ -1140,6 +1183,12 @@ class LoadResult(_message.Message):
     @_builtins.property
     def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoadedSegment]:
         """LoadFile: one per buffer, saying which file bytes it holds."""
+
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoadedPart]:
+        """Where each part of the file range came from, in file order
+        (consecutive chunks from one source merged).
+        """
 
     def __init__(
         self,
@@ -1152,14 +1201,47 @@ class LoadResult(_message.Message):
         cpu_seconds: _builtins.float = ...,
         verified: _builtins.bool = ...,
         parallelism: _builtins.int = ...,
+        parts: _abc.Iterable[Global___LoadedPart] | None = ...,
+        bytes_from_cache: _builtins.int = ...,
+        first_tensor_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "bytes", b"bytes", "cpu_seconds", b"cpu_seconds", "method", b"method", "parallelism", b"parallelism", "segments", b"segments", "verified", b"verified", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "bytes", b"bytes", "bytes_from_cache", b"bytes_from_cache", "cpu_seconds", b"cpu_seconds", "first_tensor_seconds", b"first_tensor_seconds", "method", b"method", "parallelism", b"parallelism", "parts", b"parts", "segments", b"segments", "verified", b"verified", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LoadResult: _TypeAlias = LoadResult  # noqa: Y015
+
+@_typing.final
+class LoadedPart(_message.Message):
+    """A part of a load's file range and where its bytes came from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    file_offset: _builtins.int
+    """Where the part starts in the file."""
+    length: _builtins.int
+    """Its length in bytes."""
+    source: Global___LoadSource.ValueType
+    """Where its bytes came from."""
+    def __init__(
+        self,
+        *,
+        file_offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+        source: Global___LoadSource.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_offset", b"file_offset", "length", b"length", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadedPart: _TypeAlias = LoadedPart  # noqa: Y015
 
 @_typing.final
 class TensorInfo(_message.Message):
@@ -1279,6 +1361,7 @@ class LoadProgress(_message.Message):
     BYTES_TOTAL_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    TENSORS_READY_FIELD_NUMBER: _builtins.int
     bytes_done: _builtins.int
     """Bytes loaded so far."""
     bytes_total: _builtins.int
@@ -1289,7 +1372,15 @@ class LoadProgress(_message.Message):
 
     @_builtins.property
     def model(self) -> Global___ModelInfo:
-        """LoadModel only, with the result."""
+        """LoadModel only, with the result; with LoadModelRequest.stream, on the
+        first message instead (the buffers' fds arrive before it).
+        """
+
+    @_builtins.property
+    def tensors_ready(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """LoadModel with stream: the tensors whose bytes have all landed since
+        the previous message, as indexes into ModelInfo.tensors.
+        """
 
     def __init__(
         self,
@@ -1298,10 +1389,11 @@ class LoadProgress(_message.Message):
         bytes_total: _builtins.int = ...,
         result: Global___LoadResult | None = ...,
         model: Global___ModelInfo | None = ...,
+        tensors_ready: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "model", b"model", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "model", b"model", "result", b"result", "tensors_ready", b"tensors_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1320,6 +1412,7 @@ class LoadModelRequest(_message.Message):
     VERIFY_FIELD_NUMBER: _builtins.int
     NPU_BUFFER_TYPE_FIELD_NUMBER: _builtins.int
     NPU_DEVICE_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
     heap: _builtins.str
     """A heap name or alias, as in AllocateRequest. Empty: choose by usage."""
     usage: _builtins.str
@@ -1332,6 +1425,12 @@ class LoadModelRequest(_message.Message):
     """An NPU buffer type, as in AllocateRequest."""
     npu_device: _builtins.int
     """The NPU the buffers are for, as in AllocateRequest."""
+    stream: _builtins.bool
+    """Stream the model: its tensors become usable as their bytes land. The
+    first message carries ModelInfo (the buffers' fds arrive before it),
+    later ones tensors_ready; the last one the result. Without it the
+    model arrives whole with the result.
+    """
     @_builtins.property
     def source(self) -> Global___FileSource:
         """The safetensors file (offset and length are ignored)."""
@@ -1346,10 +1445,11 @@ class LoadModelRequest(_message.Message):
         verify: _builtins.bool = ...,
         npu_buffer_type: Global___NpuBufferType.ValueType = ...,
         npu_device: _builtins.int | None = ...,
+        stream: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_npu_device", b"_npu_device", "npu_device", b"npu_device", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_npu_device", b"_npu_device", "heap", b"heap", "method", b"method", "npu_buffer_type", b"npu_buffer_type", "npu_device", b"npu_device", "source", b"source", "usage", b"usage", "verify", b"verify"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_npu_device", b"_npu_device", "heap", b"heap", "method", b"method", "npu_buffer_type", b"npu_buffer_type", "npu_device", b"npu_device", "source", b"source", "stream", b"stream", "usage", b"usage", "verify", b"verify"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__npu_device: _TypeAlias = _typing.Literal["npu_device"]  # noqa: Y015
     _WhichOneofArgType__npu_device: _TypeAlias = _typing.Literal["_npu_device", b"_npu_device"]  # noqa: Y015

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int], None]
 CancelledFn = Callable[[], bool]
+# Called from the I/O threads once the file bytes [offset, offset + length)
+# are all in their buffer (streamed models mark tensors ready with it).
+LandedFn = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,7 @@ class FileLoader:
         progress: ProgressFn,
         cancelled: CancelledFn,
         verify: bool,
+        landed: LandedFn | None = None,
     ) -> TransferReport:
         """Copy every plan's bytes into its allocation, in parallel."""
         copy = TRANSFERS[method]
@@ -221,6 +225,8 @@ class FileLoader:
                 with cpu_lock:
                     cpu[0] += time.thread_time() - began
             progress(piece.length)
+            if landed is not None:
+                landed(piece.file_offset, piece.length)
 
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="load") as pool:

@@ -28,7 +28,7 @@ from dmabufd_client.errors import (
     Unavailable,
     VerifyFailed,
 )
-from dmabufd_client.loading import LoadedFile, Model, Segment
+from dmabufd_client.loading import LoadedFile, LoadedPart, LoadStats, Model, Segment
 from dmabufd_client.npu import NpuRoute, NpuRouting
 from dmabufd_client.pools import Grant, GrantOffer, PlanePlacement, Pool, Redeemed
 
@@ -55,7 +55,9 @@ __all__ = [
     "HeapOutOfMemory",
     "HeapUnavailable",
     "InvalidArgument",
+    "LoadStats",
     "LoadedFile",
+    "LoadedPart",
     "Mapping",
     "Model",
     "NotFound",

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dmabufd_client.buffer import Backend, Buffer, BufferInfo
 from dmabufd_client.errors import DmabufdError, InvalidArgument, ProtocolError, Unavailable, from_rpc_error
 from dmabufd_client.fdchannel import FdChannel
-from dmabufd_client.loading import LoadedFile, LoadStats, Model, ProgressCallback, Segment, TensorInfo
+from dmabufd_client.loading import LoadedFile, LoadedPart, LoadStats, Model, ProgressCallback, Segment, TensorInfo
 from dmabufd_client.npu import NpuBufferTypeLike, NpuRouting, npu_routing, set_npu_fields
 from dmabufd_client.pools import Grant, GrantOffer, PlanePlacement, Pool, Redeemed
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
@@ -58,6 +58,12 @@ LOAD_METHODS = {
     pb.LOAD_METHOD_SENDFILE: "sendfile",
     pb.LOAD_METHOD_SPLICE: "splice",
     pb.LOAD_METHOD_BUFFERED_READ: "buffered-read",
+}
+# Where a load's bytes came from (LoadedPart.source).
+LOAD_SOURCES = {
+    pb.LOAD_SOURCE_DEVICE: "device",
+    pb.LOAD_SOURCE_PAGE_CACHE: "page-cache",
+    pb.LOAD_SOURCE_BUFFERED: "buffered",
 }
 
 
@@ -321,6 +327,11 @@ class Client:
             cpu_seconds=result.cpu_seconds,
             verified=result.verified,
             parallelism=result.parallelism,
+            parts=tuple(
+                LoadedPart(part.file_offset, part.length, LOAD_SOURCES.get(part.source, "unknown"))
+                for part in result.parts
+            ),
+            bytes_from_cache=result.bytes_from_cache,
         )
 
     def load_file(

@@ -71,6 +71,17 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class LoadedPart:
+    """`length` file bytes from `file_offset` came from `source`: "device"
+    (O_DIRECT), "page-cache" (cached already, copied from memory) or
+    "buffered" (through the page cache: unaligned ends, no direct I/O)."""
+
+    file_offset: int
+    length: int
+    source: str
+
+
+@dataclass(frozen=True)
 class LoadStats:
     method: str
     bytes: int
@@ -78,6 +89,10 @@ class LoadStats:
     cpu_seconds: float
     verified: bool
     parallelism: int
+    # Where each part of the file came from, in file order.
+    parts: tuple[LoadedPart, ...] = ()
+    # Bytes copied from the page cache (the "page-cache" parts).
+    bytes_from_cache: int = 0
 
 
 class LoadedFile:

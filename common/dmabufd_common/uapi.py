@@ -72,6 +72,10 @@ def dma_buf_set_name(fd: int, name: str) -> None:
     fcntl.ioctl(fd, DMA_BUF_SET_NAME_B, encoded + b"\0")
 
 
+# include/uapi/asm-generic/mman-common.h: fault a range in for writing (5.14+);
+# Python's mmap module has no name for it before 3.13.
+MADV_POPULATE_WRITE = 23
+
 # include/uapi/linux/stat.h: statx(2) and the direct I/O alignment (6.1+)
 STATX_DIOALIGN = 0x2000
 AT_EMPTY_PATH = 0x1000

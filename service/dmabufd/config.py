@@ -96,16 +96,41 @@ class HeapConfig:
     npu: DmaHeapsInfo | None = None
 
 
+# The kinds of buffer a load can fill, as loading.<kind> tables name them.
+LOAD_KINDS = ("memfd", "udmabuf", "dma-heap")
+
+
+@dataclass(frozen=True)
+class LoadProfile:
+    """How one kind of buffer is loaded: I/O requests kept in flight, and
+    the size of each."""
+
+    parallelism: int
+    chunk_bytes: int
+
+
 @dataclass(frozen=True)
 class LoadingConfig:
     # Directories under which clients may name files by path (opened with
     # the client's credentials). Empty: clients must send an fd.
     roots: tuple[Path, ...] = ()
-    # I/O requests kept in flight per load, and the size of each.
-    parallelism: int = 4
-    # Each in-flight request maps its chunk while it runs, so the daemon's
-    # resident memory peaks at parallelism x chunk_bytes during a load.
-    chunk_bytes: int = 4 << 20
+    # I/O requests kept in flight per load, and the size of each, for every
+    # kind of buffer without a profile of its own in `kinds`. A request into
+    # memory maps its chunk while it runs, so the daemon's resident memory
+    # peaks at parallelism x chunk_bytes of the buffers' own pages.
+    parallelism: int = 8
+    chunk_bytes: int = 16 << 20
+    # Per kind of buffer (LOAD_KINDS): its own parallelism and chunk_bytes.
+    kinds: dict[str, LoadProfile] = field(default_factory=dict)
+    # Copy chunks the page cache holds already from it (cachestat), instead
+    # of reading them from the device again.
+    page_cache: bool = True
+    # Allocate a memfd buffer's fresh pages in a lane of their own, ahead
+    # of the reads, so the other core pays for them while the device works.
+    populate: bool = True
+    # Ask for transparent huge pages on memfd buffers (effective where the
+    # kernel's shmem_enabled is "advise" or more): 512 times fewer faults.
+    huge_pages: bool = True
     # Resident shared models (LoadModel) may use this much memory in all.
     model_budget_bytes: int = 2 << 30
     # Released image pools kept warm for reuse may hold this much in all.
@@ -113,6 +138,9 @@ class LoadingConfig:
     # A safetensors header is untrusted: its size and tensor count are capped.
     max_header_bytes: int = 16 << 20
     max_tensors: int = 65536
+
+    def profile(self, kind: str) -> LoadProfile:
+        return self.kinds.get(kind) or LoadProfile(self.parallelism, self.chunk_bytes)
 
 
 @dataclass(frozen=True)
@@ -382,10 +410,23 @@ def _loading(table: _Table) -> LoadingConfig:
     for root in roots:
         if not root.is_absolute():
             raise ConfigError(f"loading.roots: {str(root)!r} is not an absolute path")
+    parallelism = int(table.number("parallelism", defaults.parallelism))
+    chunk_bytes = table.size("chunk_bytes", defaults.chunk_bytes)
+    kinds: dict[str, LoadProfile] = {}
+    for kind in LOAD_KINDS:
+        sub = table.table(kind)
+        profile = LoadProfile(int(sub.number("parallelism", parallelism)), sub.size("chunk_bytes", chunk_bytes))
+        sub.check_unknown()
+        _check_profile(f"loading.{kind}", profile)
+        kinds[kind] = profile
     config = LoadingConfig(
         roots=roots,
-        parallelism=int(table.number("parallelism", defaults.parallelism)),
-        chunk_bytes=table.size("chunk_bytes", defaults.chunk_bytes),
+        parallelism=parallelism,
+        chunk_bytes=chunk_bytes,
+        kinds=kinds,
+        page_cache=table.flag("page_cache", defaults.page_cache),
+        populate=table.flag("populate", defaults.populate),
+        huge_pages=table.flag("huge_pages", defaults.huge_pages),
         model_budget_bytes=table.size("model_budget_bytes", defaults.model_budget_bytes),
         pool_recycle_budget_bytes=table.size("pool_recycle_budget_bytes", defaults.pool_recycle_budget_bytes),
         max_header_bytes=table.size("max_header_bytes", defaults.max_header_bytes),
@@ -394,11 +435,15 @@ def _loading(table: _Table) -> LoadingConfig:
     table.check_unknown()
     if config.max_header_bytes < 8 or config.max_tensors < 1:
         raise ConfigError("loading.max_header_bytes and loading.max_tensors must be positive")
-    if not 1 <= config.parallelism <= 64:
-        raise ConfigError("loading.parallelism must be between 1 and 64")
-    if config.chunk_bytes < 4096 or config.chunk_bytes % 4096:
-        raise ConfigError("loading.chunk_bytes must be a positive multiple of 4 KiB")
+    _check_profile("loading", LoadProfile(config.parallelism, config.chunk_bytes))
     return config
+
+
+def _check_profile(where: str, profile: LoadProfile) -> None:
+    if not 1 <= profile.parallelism <= 64:
+        raise ConfigError(f"{where}.parallelism must be between 1 and 64")
+    if profile.chunk_bytes < 4096 or profile.chunk_bytes % 4096:
+        raise ConfigError(f"{where}.chunk_bytes must be a positive multiple of 4 KiB")
 
 
 def _limits(table: _Table) -> LimitsConfig:

@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 import dmabufd_client
+from dmabufd.config import LoadingConfig
 from dmabufd_client import Access, LoadedFile
 from tests.conftest import ROOTLESS_UID, DaemonFactory, RunningDaemon, run_as_rootless_client
 
@@ -82,7 +83,7 @@ def test_one_gib_with_auto(client: dmabufd_client.Client, tmp_path: Path) -> Non
         assert len(loaded.buffers) == 4
         assert loaded.stats.wall_seconds > 0
         assert loaded.stats.cpu_seconds > 0
-        assert loaded.stats.parallelism == 4
+        assert loaded.stats.parallelism == LoadingConfig().profile("memfd").parallelism
         first = loaded.segments[0]
         with loaded.buffer_of(first).map(Access.READ) as mapping:
             assert bytes(mapping.memoryview[:64]) == data[:64]

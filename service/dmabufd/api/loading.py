@@ -21,7 +21,7 @@ import grpc
 from dmabufd.api.base import ServiceBase, buffer_info
 from dmabufd.api.routing import route_of
 from dmabufd.errors import BufferNotFound, DmabufdError, InvalidRequest, LoadCancelled
-from dmabufd.loading.loader import LoadOutcome, LoadRequest, choose_heap, choose_method
+from dmabufd.loading.loader import LoadOutcome, LoadRequest, TransferReport, choose_heap, choose_method
 from dmabufd.loading.method import Method
 from dmabufd.loading.models import ModelLoad, ResidentModel
 from dmabufd.loading.source import SourceFile, close_quietly, from_client_fd, open_as_client
@@ -63,6 +63,14 @@ class Progress:
 
     def abandon(self) -> None:
         self._abandoned.set()
+
+
+def parts_of(report: TransferReport) -> list[pb.LoadedPart]:
+    """Where each part of a load's bytes came from, as the API says it."""
+    return [
+        pb.LoadedPart(file_offset=offset, length=length, source=pb.LoadSource.ValueType(where.value))
+        for offset, length, where in report.parts
+    ]
 
 
 def _method(value: int) -> Method:
@@ -186,6 +194,8 @@ class LoadingApi(ServiceBase):
             cpu_seconds=report.cpu_seconds,
             verified=report.verified,
             parallelism=report.parallelism,
+            parts=parts_of(report),
+            bytes_from_cache=report.bytes_from_cache,
         )
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: Context) -> AsyncIterator[pb.LoadProgress]:

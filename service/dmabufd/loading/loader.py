@@ -4,9 +4,9 @@ Layout: the file range is cut into buffers no larger than the heap allows;
 each buffer holds its bytes at a buffer offset congruent to their file
 offset modulo 4 KiB (only the first buffer can start off zero), so direct
 I/O applies to any range. Each buffer's bytes are then cut into chunks
-(loading.chunk_bytes) that a pool of loading.parallelism threads copies at
-once: syscalls release the GIL, so several requests are in flight and the
-storage stays busy.
+(loading.chunk_bytes, per kind of buffer) that loading.parallelism I/O lanes
+copy at once (transfer.py): syscalls release the GIL, so several requests
+are in flight and the storage stays busy.
 
 Cancellation is checked between chunks; a cancelled or failed load frees
 every buffer it made. Nothing is booked or delivered until all bytes are in.
@@ -18,30 +18,24 @@ import hashlib
 import logging
 import mmap
 import os
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dmabufd.broker import BufferBroker
 from dmabufd.config import LoadingConfig
-from dmabufd.errors import FileChanged, InvalidRequest, LoadCancelled, VerifyFailed
+from dmabufd.errors import FileChanged, InvalidRequest, VerifyFailed
 from dmabufd.heaps.backend import PAGE_SIZE, Allocation, BackendKind, HeapBackend, round_to_page
-from dmabufd.loading.method import Method
-from dmabufd.loading.methods import DIO_ALIGN, TRANSFERS, Piece, Source
+from dmabufd.loading.method import Method, PartSource
+from dmabufd.loading.methods import DIO_ALIGN, Piece, Source
 from dmabufd.loading.source import SourceFile
+from dmabufd.loading.transfer import CancelledFn, LandedFn, Lanes, ProgressFn, Transfer, chunks, merge
 from dmabufd.sessions.ledger import BufferRecord
 from dmabufd.sessions.session import Session
 from dmabufd_common import uapi
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int], None]
-CancelledFn = Callable[[], bool]
-# Called from the I/O threads once the file bytes [offset, offset + length)
-# are all in their buffer (streamed models mark tensors ready with it).
-LandedFn = Callable[[int, int], None]
+__all__ = ["CancelledFn", "FileLoader", "LandedFn", "LoadRequest", "ProgressFn", "TransferReport"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +67,12 @@ class TransferReport:
     cpu_seconds: float
     parallelism: int
     verified: bool
+    # (file offset, length, where from), in file order.
+    parts: list[tuple[int, int, PartSource]] = field(default_factory=list)
+
+    @property
+    def bytes_from_cache(self) -> int:
+        return sum(length for _, length, where in self.parts if where is PartSource.PAGE_CACHE)
 
 
 @dataclass
@@ -96,18 +96,6 @@ def plan_buffers(offset: int, length: int, largest: int) -> list[BufferPlan]:
         plans.append(BufferPlan(Piece(position, buffer_offset, count), round_to_page(buffer_offset + count)))
         position += count
     return plans
-
-
-def chunks(piece: Piece, chunk_bytes: int) -> list[Piece]:
-    """Cut a piece at file offsets that are multiples of chunk_bytes."""
-    out: list[Piece] = []
-    position, end = piece.file_offset, piece.file_offset + piece.length
-    shift = piece.buffer_offset - piece.file_offset
-    while position < end:
-        stop = min(end, (position // chunk_bytes + 1) * chunk_bytes)
-        out.append(Piece(position, position + shift, stop - position))
-        position = stop
-    return out
 
 
 # Fastest first: how auto ranks the heaps of a usage route for a load.
@@ -201,55 +189,41 @@ class FileLoader:
         verify: bool,
         landed: LandedFn | None = None,
     ) -> TransferReport:
-        """Copy every plan's bytes into its allocation, in parallel."""
-        copy = TRANSFERS[method]
-        endpoints = Source(source.buffered_fd, source.direct_fd)
-        work = [
-            (allocation, chunk)
-            for allocation, plan in targets
-            for chunk in chunks(plan.piece, self._config.chunk_bytes)
-        ]
-        parallelism = max(1, min(self._config.parallelism, len(work)))
-        cpu_lock = threading.Lock()
-        cpu = [0.0]
-        stop = threading.Event()
-
-        def run(allocation: Allocation, piece: Piece) -> None:
-            if stop.is_set() or cancelled():
-                stop.set()
-                return
-            began = time.thread_time()
-            try:
-                copy(endpoints, allocation, piece)
-            finally:
-                with cpu_lock:
-                    cpu[0] += time.thread_time() - began
-            progress(piece.length)
-            if landed is not None:
-                landed(piece.file_offset, piece.length)
-
+        """Copy every plan's bytes into its allocation (transfer.py says how)."""
+        kind = targets[0][0].kind if targets else BackendKind.MEMFD
+        lanes = self.lanes(kind)
+        work = [(allocation, chunk) for allocation, plan in targets for chunk in chunks(plan.piece, lanes.chunk_bytes)]
+        copy = Transfer(
+            Source(source.buffered_fd, source.direct_fd),
+            work,
+            method,
+            lanes,
+            progress=progress,
+            cancelled=cancelled,
+            landed=landed,
+        )
         started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="load") as pool:
-            futures = [pool.submit(run, allocation, piece) for allocation, piece in work]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((f for f in done if f.exception() is not None), None)
-            if failed is not None:
-                stop.set()
-                wait(futures)
-                error = failed.exception()
-                assert error is not None
-                raise error
-        if stop.is_set() or cancelled():
-            raise LoadCancelled("the load was cancelled")
+        moved = copy.run()
         wall = time.monotonic() - started
         needed = max((p.piece.file_offset + p.piece.length for _, p in targets), default=0)
         if os.fstat(source.buffered_fd).st_size < needed:
             raise FileChanged("the file was truncated while loading")
+        cpu = moved.cpu_seconds
         if verify:
             began = time.thread_time()
             self.verify(source, targets)
-            cpu[0] += time.thread_time() - began
-        return TransferReport(method, wall, cpu[0], parallelism, verify)
+            cpu += time.thread_time() - began
+        return TransferReport(method, wall, cpu, copy.depth, verify, merge(moved.parts))
+
+    def lanes(self, kind: BackendKind) -> Lanes:
+        profile = self._config.profile(kind.name.lower().replace("_", "-"))
+        return Lanes(
+            chunk_bytes=profile.chunk_bytes,
+            depth=profile.parallelism,
+            page_cache=self._config.page_cache,
+            populate=self._config.populate,
+            huge_pages=self._config.huge_pages,
+        )
 
     @staticmethod
     def verify(source: SourceFile, targets: list[tuple[Allocation, BufferPlan]]) -> None:

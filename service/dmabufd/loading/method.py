@@ -26,3 +26,12 @@ class Method(IntEnum):
         except KeyError:
             names = ", ".join(method.label for method in cls)
             raise ValueError(f"unknown load method {label!r}; known: {names}") from None
+
+
+class PartSource(IntEnum):
+    """Where a part of a load's bytes came from. Values match
+    dmabufd.v1.LoadSource."""
+
+    DEVICE = 1  # O_DIRECT: from the storage device, no page cache
+    PAGE_CACHE = 2  # copied from the page cache, which held the part already
+    BUFFERED = 3  # read through the page cache (unaligned ends, no direct I/O)

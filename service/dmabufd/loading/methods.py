@@ -6,7 +6,10 @@ congruent modulo DIO_ALIGN (the loader lays buffers out that way). The
 aligned middle of a piece goes through the direct path; an unaligned head
 or tail (the ends of the file range) goes through the buffered fd the same
 way, since direct I/O needs file offset, memory address and length aligned
-to the file system's logical block (4 KiB covers every one we meet).
+to the file system's (4 KiB covers every one we meet; source.py keeps the
+O_DIRECT fd only where statx says so). A piece the page cache holds whole
+(`cached`) goes through the buffered fd too: copying from memory beats
+reading the device again. Each function returns where its parts came from.
 
 Data never passes through Python objects: preadv() writes into a mapping
 of the destination, and sendfile(), splice() and copy_file_range() move it
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 from dmabufd.errors import FileChanged
 from dmabufd.heaps.backend import PAGE_SIZE, Allocation, BackendKind
-from dmabufd.loading.method import Method
+from dmabufd.loading.method import Method, PartSource
 from dmabufd_common import uapi
 
 DIO_ALIGN = 4096
@@ -103,17 +106,30 @@ def _memfd_of(target: Allocation) -> int:
     return target.backing_fd
 
 
-def _each_part(piece: Piece, source: Source) -> Iterator[tuple[int, Piece]]:
-    """(fd, part) for the piece's head, body and tail: the body on the
-    O_DIRECT fd when there is one."""
+# What a transfer function reports: each part it copied and where from.
+Parts = list[tuple[Piece, PartSource]]
+
+
+def _each_part(piece: Piece, source: Source, cached: bool) -> Iterator[tuple[int, Piece, PartSource]]:
+    """(fd, part, where from) for the piece's head, body and tail: the body
+    on the O_DIRECT fd when there is one, the whole piece on the buffered fd
+    when the page cache holds it."""
+    if cached:
+        yield source.buffered_fd, piece, PartSource.PAGE_CACHE
+        return
     head, body, tail = piece.split()
     for part, direct in ((head, False), (body, True), (tail, False)):
-        if part is not None:
-            yield (source.direct_fd if direct and source.direct_fd is not None else source.buffered_fd), part
+        if part is None:
+            continue
+        if direct and source.direct_fd is not None:
+            yield source.direct_fd, part, PartSource.DEVICE
+        else:
+            yield source.buffered_fd, part, PartSource.BUFFERED
 
 
-def direct_copy_file_range(source: Source, target: Allocation, piece: Piece) -> None:
-    for fd, part in _each_part(piece, source):
+def direct_copy_file_range(source: Source, target: Allocation, piece: Piece, cached: bool) -> Parts:
+    parts: Parts = []
+    for fd, part, where in _each_part(piece, source, cached):
         done = 0
         while done < part.length:
             count = os.copy_file_range(
@@ -122,18 +138,24 @@ def direct_copy_file_range(source: Source, target: Allocation, piece: Piece) -> 
             if count == 0:
                 raise _shrank(part, done)
             done += count
+        parts.append((part, where))
+    return parts
 
 
-def direct_read(source: Source, target: Allocation, piece: Piece) -> None:
+def direct_read(source: Source, target: Allocation, piece: Piece, cached: bool) -> Parts:
     memfd = _memfd_of(target)
-    for fd, part in _each_part(piece, source):
+    parts: Parts = []
+    for fd, part, where in _each_part(piece, source, cached):
         with _window(memfd, part, sync=False) as view:
             _pread_into(fd, part, view)
+        parts.append((part, where))
+    return parts
 
 
-def buffered_read(source: Source, target: Allocation, piece: Piece) -> None:
+def buffered_read(source: Source, target: Allocation, piece: Piece, cached: bool) -> Parts:
     with _window(target.fd, piece, sync=target.kind is not BackendKind.MEMFD) as view:
         _pread_into(source.buffered_fd, piece, view)
+    return [(piece, PartSource.PAGE_CACHE if cached else PartSource.BUFFERED)]
 
 
 def _reopen_for_writing(fd: int) -> int:
@@ -142,10 +164,11 @@ def _reopen_for_writing(fd: int) -> int:
     return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
 
 
-def sendfile(source: Source, target: Allocation, piece: Piece) -> None:
+def sendfile(source: Source, target: Allocation, piece: Piece, cached: bool) -> Parts:
     out = _reopen_for_writing(_memfd_of(target))
+    parts: Parts = []
     try:
-        for fd, part in _each_part(piece, source):
+        for fd, part, where in _each_part(piece, source, cached):
             os.lseek(out, part.buffer_offset, os.SEEK_SET)
             done = 0
             while done < part.length:
@@ -153,17 +176,20 @@ def sendfile(source: Source, target: Allocation, piece: Piece) -> None:
                 if count == 0:
                     raise _shrank(part, done)
                 done += count
+            parts.append((part, where))
     finally:
         os.close(out)
+    return parts
 
 
-def splice(source: Source, target: Allocation, piece: Piece) -> None:
+def splice(source: Source, target: Allocation, piece: Piece, cached: bool) -> Parts:
     memfd = _memfd_of(target)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    parts: Parts = []
     try:
         with contextlib.suppress(OSError):  # EPERM past pipe-max-size: keep the default
             fcntl.fcntl(write_end, F_SETPIPE_SZ, min(piece.length, 1 << 20))
-        for fd, part in _each_part(piece, source):
+        for fd, part, where in _each_part(piece, source, cached):
             done = 0
             while done < part.length:
                 moved = os.splice(fd, write_end, part.length - done, offset_src=part.file_offset + done)
@@ -175,9 +201,11 @@ def splice(source: Source, target: Allocation, piece: Piece) -> None:
                         read_end, memfd, moved - drained, offset_dst=part.buffer_offset + done + drained
                     )
                 done += moved
+            parts.append((part, where))
     finally:
         os.close(read_end)
         os.close(write_end)
+    return parts
 
 
 TRANSFERS = {

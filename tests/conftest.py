@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import dmabufd_client
 from dmabufd_common.fdwire import CONTROL_SOCKET_NAME, FD_SOCKET_NAME
 
-START_TIMEOUT_S = 20.0
+START_TIMEOUT_S = 60.0
 
 
 @dataclass

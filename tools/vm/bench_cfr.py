@@ -61,7 +61,7 @@ def guest_main(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO))
     from tests.vm.guest import dmabufd_vm_uapi as u
 
-    patched = os.environ.get("DMABUFD_VM_VARIANT") == "patched"
+    patched = os.environ.get("DMABUFD_VM_PATCHED") == "1"
     scratch = Path(os.environ.get("DMABUFD_VM_SCRATCH", "/mnt/scratch"))
     size = args.mib * MiB
     src = scratch / "bench-source.bin"
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--mib", type=int, default=256)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--variant", choices=("stock", "patched"), default="patched")
+    p.add_argument("--variant", default="patched", help="stock, patched, debug or a custom variant")
     p.add_argument("--mem", default="2G")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--quiet", action="store_true")

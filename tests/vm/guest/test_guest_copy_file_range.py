@@ -1,10 +1,14 @@
-"""copy_file_range from a file on the ext4 scratch disk into dma-bufs (system heap, udmabuf).
+"""copy_file_range between files on ext4 and f2fs and dma-bufs (system heap, udmabuf).
 
 On the patched kernel (kernel-patches/linux-6.12) the transfer is done by the exporter, direct
 when the source fd is O_DIRECT: contents must be byte-identical (sha256) for 4 KiB .. 256 MiB,
 with odd offsets and lengths loaded the documented way (aligned middle through the O_DIRECT fd,
-unaligned head/tail through a buffered fd of the same file), looping on short transfers.
-On the stock kernel the same call must fail with EINVAL: that is what the product's fallback
+unaligned head/tail through a buffered fd of the same file), looping on short transfers, on the
+ext4 scratch disk and on the f2fs disk alike. An O_DIRECT request the file system would quietly
+do through the page cache (f2fs: aligned to 512 bytes but not to its 4 KiB block) fails with
+EINVAL instead; files that are not on a block device (procfs, sysfs, debugfs, a memfd) are
+refused with EXDEV in both directions.
+On the stock kernel the same calls fail with EINVAL: that is what the product's fallback
 detection keys on.
 """
 
@@ -76,9 +80,8 @@ def expected_digest(off: int, length: int) -> str:
     return _digests[key]
 
 
-@pytest.fixture(scope="module")
-def source_file(scratch_dir: Path) -> Path:
-    path = scratch_dir / "cfr-source.bin"
+def _write_source(directory: Path) -> Path:
+    path = directory / "cfr-source.bin"
     with open(path, "wb") as fh:
         for piece in content(0, FILE_SIZE):
             fh.write(piece)
@@ -86,6 +89,43 @@ def source_file(scratch_dir: Path) -> Path:
         os.fsync(fh.fileno())
     drop_caches()
     return path
+
+
+def f2fs_dir() -> Path:
+    """The f2fs disk the harness attaches next to the ext4 scratch disk."""
+    mount = os.environ.get("DMABUFD_VM_F2FS")
+    if not mount or not Path(mount).is_dir():
+        pytest.fail("no f2fs disk in this guest (DMABUFD_VM_F2FS): the suite attaches one")
+    d = Path(mount) / f"guest-tests-{os.getpid()}"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def source_file(scratch_dir: Path) -> Path:
+    """The source on ext4, for the cases that do not depend on the file system."""
+    return _write_source(scratch_dir)
+
+
+@pytest.fixture(scope="module", params=["ext4", "f2fs"])
+def fs_source(request: pytest.FixtureRequest, source_file: Path) -> Iterator[Path]:
+    """The source on each file system Android loads weights from."""
+    if request.param == "ext4":
+        yield source_file
+        return
+    path = _write_source(f2fs_dir())
+    yield path
+    path.unlink()
+
+
+def dio_alignment(path: Path) -> int:
+    """STATX_DIOALIGN's offset alignment of the file (0: no direct I/O at all)."""
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    if _libc.statx(-100, os.fsencode(path), 0, STATX_DIOALIGN, buf) != 0:  # AT_FDCWD
+        raise OSError(ctypes.get_errno(), "statx")
+    mask, offset_align = int.from_bytes(buf.raw[0:4], "little"), int.from_bytes(buf.raw[156:160], "little")
+    assert mask & STATX_DIOALIGN, f"{path}: the file system reports no direct I/O alignment"
+    return offset_align
 
 
 # ---- destinations
@@ -195,28 +235,8 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-
-
-_libc.copy_file_range.restype = ctypes.c_ssize_t
-_libc.copy_file_range.argtypes = [
-    ctypes.c_int,
-    ctypes.POINTER(ctypes.c_int64),
-    ctypes.c_int,
-    ctypes.POINTER(ctypes.c_int64),
-    ctypes.c_size_t,
-    ctypes.c_uint,
-]
-COPY_FILE_SPLICE = 1
-
-
-def cfr_flags(src: int, src_off: int, dst: int, dst_off: int, count: int, *, flags: int) -> int:
-    """copy_file_range with `flags` (os.copy_file_range has no flags argument)."""
-    so, do = ctypes.c_int64(src_off), ctypes.c_int64(dst_off)
-    n = int(_libc.copy_file_range(src, ctypes.byref(so), dst, ctypes.byref(do), count, flags))
-    if n < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return n
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
+STATX_DIOALIGN = 0x2000
 
 
 def cached_pages(path: Path, off: int, length: int) -> int:
@@ -253,7 +273,8 @@ SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 32 * MiB, 256 * MiB]
 
 @pytest.mark.usefixtures("need_patched")
 @pytest.mark.parametrize("size", SIZES, ids=["4K", "64K", "1M", "32M", "256M"])
-def test_direct_copy_aligned(source_file: Path, make_target: TargetFactory, size: int) -> None:
+def test_direct_copy_aligned(fs_source: Path, make_target: TargetFactory, size: int) -> None:
+    source_file = fs_source
     file_off = 64 * KiB if size < 256 * MiB else 0
     t = make_target(size)
     drop_caches()
@@ -281,25 +302,63 @@ ODD = [
 @pytest.mark.usefixtures("need_patched")
 @pytest.mark.parametrize(("file_off", "dst_off", "length"), ODD, ids=[f"f{a}-b{b}-n{c}" for a, b, c in ODD])
 def test_copy_odd_offsets_and_lengths(
-    source_file: Path, make_target: TargetFactory, file_off: int, dst_off: int, length: int
+    fs_source: Path, make_target: TargetFactory, file_off: int, dst_off: int, length: int
 ) -> None:
     t = make_target(dst_off + length + 3 * KiB)
-    stats = load(source_file, file_off, t.fd, dst_off, length)
+    stats = load(fs_source, file_off, t.fd, dst_off, length)
     assert stats["direct"] + stats["buffered"] == length
     assert t.digest(dst_off, length) == expected_digest(file_off, length)
     assert t.zero_outside(dst_off, length), "bytes outside the copied range changed"
 
 
 @pytest.mark.usefixtures("need_patched")
-def test_direct_fd_unaligned_is_rejected(source_file: Path, make_target: TargetFactory) -> None:
+def test_direct_fd_unaligned_is_rejected(fs_source: Path, make_target: TargetFactory) -> None:
     t = make_target(1 * MiB)
-    dfd = os.open(source_file, os.O_RDONLY | os.O_DIRECT)
+    dfd = os.open(fs_source, os.O_RDONLY | os.O_DIRECT)
     try:
         for f_off, d_off, n in ((1, 0, 64 * KiB), (0, 1, 64 * KiB), (0, 0, 4097)):
             with expect_errno(errno.EINVAL):
                 os.copy_file_range(dfd, t.fd, n, f_off, d_off)
     finally:
         os.close(dfd)
+
+
+@pytest.mark.usefixtures("need_patched")
+def test_direct_fd_sub_block_alignment(fs_source: Path, make_target: TargetFactory) -> None:
+    """512-byte aligned, not 4 KiB: ext4 (direct I/O alignment: the disk's 512-byte block) does
+    it directly; f2fs (alignment: its 4 KiB block) would go through the page cache, so the copy
+    is refused. Neither touches the page cache."""
+    align = dio_alignment(fs_source)
+    file_off, dst_off, length = 3 * 512, 5 * 512, 64 * KiB + 512
+    t = make_target(1 * MiB)
+    drop_caches()
+    dfd = os.open(fs_source, os.O_RDONLY | os.O_DIRECT)
+    try:
+        if align <= 512:
+            assert copy_range_all(dfd, file_off, t.fd, dst_off, length) >= 1
+            assert t.digest(dst_off, length) == expected_digest(file_off, length)
+        else:
+            with expect_errno(errno.EINVAL):
+                os.copy_file_range(dfd, t.fd, length, file_off, dst_off)
+    finally:
+        os.close(dfd)
+    assert cached_pages(fs_source, 0, 1 * MiB) == 0, "an O_DIRECT copy went through the page cache"
+
+
+def test_f2fs_alignment_is_its_block(fs_source: Path) -> None:
+    """What the test above relies on: the two file systems report different alignments."""
+    expected = {"ext4": 512, "f2fs": 4096}[_fs_of(fs_source)]
+    assert dio_alignment(fs_source) == expected
+
+
+def _fs_of(path: Path) -> str:
+    """ext4 or f2fs, from /proc/mounts (longest mount point above the path)."""
+    best, fstype = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mnt, kind, *_ = line.split()
+        if str(path).startswith(mnt.rstrip("/") + "/") and len(mnt) > len(best):
+            best, fstype = mnt, kind
+    return fstype
 
 
 @pytest.mark.usefixtures("need_patched")
@@ -359,11 +418,11 @@ def _fill(t: Target, file_off: int) -> None:
 
 @pytest.mark.usefixtures("need_patched")
 @pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
-def test_save_buffer_to_file(scratch_dir: Path, make_target: TargetFactory, direct: bool) -> None:
+def test_save_buffer_to_file(fs_source: Path, make_target: TargetFactory, direct: bool) -> None:
     size = 4 * MiB
     t = make_target(size)
     _fill(t, 5 * MiB)
-    out = scratch_dir / f"save-{t.kind}-{int(direct)}.bin"
+    out = fs_source.parent / f"save-{t.kind}-{int(direct)}.bin"
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0), 0o600)
     try:
         copy_range_all(t.fd, 0, fd, 0, size)  # the dma-buf is the source
@@ -375,9 +434,9 @@ def test_save_buffer_to_file(scratch_dir: Path, make_target: TargetFactory, dire
 
 
 @pytest.mark.usefixtures("need_patched")
-def test_whole_file_with_partial_last_block(scratch_dir: Path, make_target: TargetFactory) -> None:
+def test_whole_file_with_partial_last_block(fs_source: Path, make_target: TargetFactory) -> None:
     size = 3 * MiB + 1234
-    path = scratch_dir / "odd-size.bin"
+    path = fs_source.parent / "odd-size.bin"
     with open(path, "wb") as fh:
         for piece in content(7 * MiB, size):
             fh.write(piece)
@@ -425,8 +484,6 @@ def test_rejected_combinations(source_file: Path, scratch_dir: Path, make_target
     dirfd = os.open(scratch_dir, os.O_RDONLY | os.O_DIRECTORY)
     r, w = os.pipe()
     try:
-        with expect_errno(errno.EINVAL):
-            cfr_flags(dfd, 0, t.fd, 0, MiB, flags=COPY_FILE_SPLICE)
         with expect_errno(errno.EBADF):  # source not open for reading
             os.copy_file_range(wfd, t.fd, BLOCK, 0, 0)
         with expect_errno(errno.EBADF):  # destination O_APPEND
@@ -443,6 +500,70 @@ def test_rejected_combinations(source_file: Path, scratch_dir: Path, make_target
     finally:
         for fd in (dfd, wfd, afd, dirfd, r, w):
             os.close(fd)
+
+
+# ---- files that are not on a block device: pseudo files and memory
+
+
+def _buffer_holding(make_target: TargetFactory, text: bytes) -> Target:
+    t = make_target(64 * KiB)
+    with map_buf(t.fd, t.size) as mm, cpu_access(t.fd, DMA_BUF_SYNC_WRITE):
+        mm[: len(text)] = text
+    return t
+
+
+PSEUDO_SOURCES = {
+    "procfs": Path("/proc/self/status"),
+    "sysfs": Path("/sys/module/udmabuf/parameters/list_limit"),
+    "debugfs": Path("/sys/kernel/debug/dma_buf/bufinfo"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PSEUDO_SOURCES))
+def test_pseudo_file_source_refused(make_target: TargetFactory, patched: bool, kind: str) -> None:
+    """v1 of the series read sysfs files and returned 0 (end of file) for proc and debugfs ones."""
+    path = PSEUDO_SOURCES[kind]
+    assert path.exists(), f"{path} missing in the guest"
+    t = make_target(64 * KiB)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with expect_errno(errno.EXDEV if patched else STOCK_ERRNO):
+            os.copy_file_range(fd, t.fd, 4 * KiB, 0, 0)
+    finally:
+        os.close(fd)
+    assert t.zero_outside(0, 0)
+
+
+@pytest.mark.parametrize(
+    ("path", "text"),
+    [(Path("/proc/sys/kernel/hostname"), b"dmabuf-wrote-this"), (PSEUDO_SOURCES["sysfs"], b"999\n")],
+    ids=["sysctl", "sysfs-parameter"],
+)
+def test_pseudo_file_destination_refused(make_target: TargetFactory, patched: bool, path: Path, text: bytes) -> None:
+    """v1 of the series changed the hostname and the module parameter from a dma-buf."""
+    before = path.read_bytes()
+    t = _buffer_holding(make_target, text)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        with expect_errno(errno.EXDEV if patched else STOCK_ERRNO):
+            os.copy_file_range(t.fd, fd, len(text), 0, 0)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == before
+
+
+def test_memfd_refused_both_ways(make_target: TargetFactory, patched: bool) -> None:
+    """tmpfs is not block-backed: a memfd on either side is refused (dmabufd's probe relies on
+    EXDEV here to tell the series' kernel from a stock one, which says EINVAL)."""
+    t = make_target(64 * KiB)
+    memfd = sealed_memfd(64 * KiB)
+    try:
+        with expect_errno(errno.EXDEV if patched else STOCK_ERRNO):
+            os.copy_file_range(memfd, t.fd, 4 * KiB, 0, 0)
+        with expect_errno(errno.EXDEV if patched else STOCK_ERRNO):
+            os.copy_file_range(t.fd, memfd, 4 * KiB, 0, 0)
+    finally:
+        os.close(memfd)
 
 
 # ---- stock kernel

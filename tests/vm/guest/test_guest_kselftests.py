@@ -1,8 +1,10 @@
 """Run the kernel selftests the harness built (env DMABUFD_VM_SELFTESTS) inside the VM.
 
 * upstream dmabuf-heaps (dmabuf-heap) and udmabuf selftests: must pass on both kernels;
-* our dmabuf_direct_io (kernel-patches/linux-6.12): must pass on the patched kernel; on the stock
-  kernel it must say clearly that the kernel lacks the feature (KSFT skip, no "not ok").
+* our dmabuf_direct_io (kernel-patches/linux-6.12): must pass on the patched and debug kernels,
+  on the ext4 scratch disk and the f2fs disk, with its lockdep case run wherever the kernel has
+  lockdep (the debug kernel); on
+  the stock kernel it must say clearly that the kernel lacks the feature (KSFT skip, no "not ok").
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ def test_udmabuf_selftest() -> None:
     assert len(tap_passes(out)) == 6, out
 
 
+# Cases of dmabuf_direct_io that skip by design here: Debian's system heap has no
+# system-uncached heap (Android kernels do), and the lockdep sequence needs PROVE_LOCKING,
+# which only a debug kernel has (it must run wherever /proc/lockdep_stats exists).
+UNCACHED_SKIP = "system-uncached: EOPNOTSUPP"
+LOCKDEP_SKIP = "lockdep sequence"
+LOCKDEP = Path("/proc/lockdep_stats")
+
+
 def _direct_io_binary(variant: str) -> Path:
     name = "dmabuf_direct_io"
     own = _selftests_dir() / "dmabuf-heaps" / name
@@ -88,20 +98,37 @@ def _direct_io_binary(variant: str) -> Path:
     pytest.skip("dmabuf_direct_io is built from the patched tree, which is not built yet")
 
 
-@pytest.mark.timeout(1500)
+def _f2fs_workdir() -> Path:
+    mount = os.environ.get("DMABUFD_VM_F2FS")
+    if not mount or not Path(mount).is_dir():
+        pytest.fail("no f2fs disk in this guest (DMABUFD_VM_F2FS): the suite attaches one")
+    workdir = Path(mount) / f"kselftest-direct-io-{os.getpid()}"
+    workdir.mkdir(exist_ok=True)
+    return workdir
+
+
+@pytest.mark.timeout(2400)
 def test_direct_io_selftest(vm_variant: str, scratch_dir: Path) -> None:
     binary = _direct_io_binary(vm_variant)
-    workdir = scratch_dir / "kselftest-direct-io"
-    workdir.mkdir(exist_ok=True)
-    rc, out = run_tap([str(binary), str(workdir)], timeout=1200)
+    ext4 = scratch_dir / "kselftest-direct-io"
+    ext4.mkdir(exist_ok=True)
+    # every file-system case runs on the ext4 scratch disk and on the f2fs disk
+    rc, out = run_tap([str(binary), str(ext4), str(_f2fs_workdir())], timeout=2100)
     assert not tap_failures(out), out
-    if vm_variant == "patched":
+    if vm_variant == "patched":  # this kernel carries the series (the patched or a debug build)
         assert rc == KSFT_PASS, out
         assert tap_passes(out), out
-        # the VM has everything the selftest can use (both exporters, the CMA heap, vivid for
-        # EBUSY, huge pages, ext4 for alignment): no case may be skipped
-        assert "# SKIP" not in out, out
-        assert re.search(r"Totals: pass:\d+ fail:0 .*skip:0", out), out
+        for fs in ("ext4", "f2fs"):
+            assert re.search(rf"^ok \d+ system on {fs}: O_DIRECT file -> dma-buf", out, re.M), out
+            assert re.search(rf"^ok \d+ udmabuf on {fs}: O_DIRECT file -> dma-buf", out, re.M), out
+        # the VM has everything else the selftest can use (both exporters, the CMA heap, vivid
+        # for EBUSY, huge pages, ext4 and f2fs, procfs/sysfs/debugfs): only the expected skips
+        expected = (UNCACHED_SKIP,) if LOCKDEP.exists() else (UNCACHED_SKIP, LOCKDEP_SKIP)
+        skipped = [ln for ln in out.splitlines() if "# SKIP" in ln]
+        unexpected = [ln for ln in skipped if not any(reason in ln for reason in expected)]
+        assert not unexpected, out
+        if LOCKDEP.exists():
+            assert len(re.findall(r"^ok \d+ .*lockdep: inode lock -> mmap_lock recorded", out, re.M)) == 4, out
     else:
         # unpatched: the selftest must notice and say so, as a skip, not pass silently
         assert rc == KSFT_SKIP, out

@@ -211,6 +211,7 @@ class LoadingApi(ServiceBase):
                 how = ModelLoad(
                     backend=backend,
                     method=choose_method(backend, requested, source),
+                    method_chosen=requested is Method.AUTO,
                     verify=request.verify,
                     largest=self._broker.largest_buffer(backend),
                     max_buffers=self._broker.max_batch,

@@ -14,6 +14,7 @@ every buffer it made. Nothing is booked or delivered until all bytes are in.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import mmap
@@ -28,7 +29,7 @@ from dmabufd.heaps.backend import PAGE_SIZE, Allocation, BackendKind, HeapBacken
 from dmabufd.loading.method import Method, PartSource
 from dmabufd.loading.methods import DIO_ALIGN, Piece, Source
 from dmabufd.loading.source import SourceFile
-from dmabufd.loading.transfer import CancelledFn, LandedFn, Lanes, ProgressFn, Transfer, chunks, merge
+from dmabufd.loading.transfer import CancelledFn, LandedFn, Lanes, Moved, ProgressFn, Transfer, chunks, merge
 from dmabufd.sessions.ledger import BufferRecord
 from dmabufd.sessions.session import Session
 from dmabufd_common import uapi
@@ -97,6 +98,9 @@ def plan_buffers(offset: int, length: int, largest: int) -> list[BufferPlan]:
         position += count
     return plans
 
+
+# What the kernel answers for an exporter without direct copy_file_range.
+EXPORTER_REFUSES = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP})
 
 # Fastest first: how auto ranks the heaps of a usage route for a load.
 SPEED_RANK = (Method.DIRECT_CFR, Method.DIRECT_READ, Method.SPLICE, Method.SENDFILE, Method.BUFFERED_READ)
@@ -181,29 +185,60 @@ class FileLoader:
     def transfer(
         self,
         source: SourceFile,
+        backend: HeapBackend,
         targets: list[tuple[Allocation, BufferPlan]],
         method: Method,
         *,
         progress: ProgressFn,
         cancelled: CancelledFn,
         verify: bool,
+        fallback: bool,
         landed: LandedFn | None = None,
     ) -> TransferReport:
-        """Copy every plan's bytes into its allocation (transfer.py says how)."""
-        kind = targets[0][0].kind if targets else BackendKind.MEMFD
-        lanes = self.lanes(kind)
+        """Copy every plan's bytes into its allocation (transfer.py says how).
+
+        The probe cannot tell an exporter without direct copy_file_range
+        from one with it (the kernel answers EXDEV for the probe's memfd
+        first), so the first load into such a heap meets EOPNOTSUPP: the
+        heap loses the method for good and the load runs again, whole, by
+        the next method (what was copied is simply copied over). Without
+        `fallback` (the client named the method) the load fails instead."""
+        lanes = self.lanes(backend.spec.kind)
         work = [(allocation, chunk) for allocation, plan in targets for chunk in chunks(plan.piece, lanes.chunk_bytes)]
-        copy = Transfer(
-            Source(source.buffered_fd, source.direct_fd),
-            work,
-            method,
-            lanes,
-            progress=progress,
-            cancelled=cancelled,
-            landed=landed,
-        )
+
+        def run(chosen: Method) -> tuple[Moved, int]:
+            copy = Transfer(
+                Source(source.buffered_fd, source.direct_fd),
+                work,
+                chosen,
+                lanes,
+                progress=progress,
+                cancelled=cancelled,
+                landed=landed,
+            )
+            return copy.run(), copy.depth
+
         started = time.monotonic()
-        moved = copy.run()
+        try:
+            moved, depth = run(method)
+        except OSError as error:
+            if method is not Method.DIRECT_CFR or error.errno not in EXPORTER_REFUSES:
+                raise
+            # One tuple store: loads reading load_methods at once see the old or the new one.
+            backend.load_methods = tuple(m for m in backend.load_methods if m is not Method.DIRECT_CFR)
+            if not fallback:
+                raise InvalidRequest(
+                    f"method {method.label} does not work into heap {backend.spec.name!r}: its exporter "
+                    f"refuses it ({os.strerror(error.errno)}); leave the method to the daemon"
+                ) from error
+            method = choose_method(backend, Method.AUTO, source)
+            log.warning(
+                "heap %s: its exporter refuses direct copy_file_range (%s); loads into it use %s",
+                backend.spec.name,
+                os.strerror(error.errno),
+                method.label,
+            )
+            moved, depth = run(method)
         wall = time.monotonic() - started
         needed = max((p.piece.file_offset + p.piece.length for _, p in targets), default=0)
         if os.fstat(source.buffered_fd).st_size < needed:
@@ -213,7 +248,7 @@ class FileLoader:
             began = time.thread_time()
             self.verify(source, targets)
             cpu += time.thread_time() - began
-        return TransferReport(method, wall, cpu, copy.depth, verify, merge(moved.parts))
+        return TransferReport(method, wall, cpu, depth, verify, merge(moved.parts))
 
     def lanes(self, kind: BackendKind) -> Lanes:
         profile = self._config.profile(kind.name.lower().replace("_", "-"))
@@ -265,11 +300,13 @@ class FileLoader:
             allocation_seconds = time.monotonic() - started
             report = self.transfer(
                 source,
+                backend,
                 [(buffer.allocation, plan) for buffer, plan in zip(provision.buffers, plans, strict=True)],
                 method,
                 progress=progress,
                 cancelled=cancelled,
                 verify=request.verify,
+                fallback=request.method is Method.AUTO,
             )
             records = self._broker.deliver(session, ticket, provision)
         # Wall time is creation plus I/O, as the seed benchmark counts it

@@ -63,6 +63,8 @@ class ModelLoad:
 
     backend: HeapBackend
     method: Method
+    # Whether the daemon chose the method (it may then change it, loader.py).
+    method_chosen: bool
     verify: bool
     largest: int
     # A call delivers at most this many buffers (heaps.max_batch).
@@ -292,11 +294,13 @@ class ModelCache:
             try:
                 report = self._loader.transfer(
                     source,
+                    backend,
                     [(buffer.allocation, plan) for buffer, plan in zip(buffers, plans, strict=True)],
                     how.method,
                     progress=progress,
                     cancelled=cancelled,
                     verify=how.verify,
+                    fallback=how.method_chosen,
                 )
                 enforced = backend.spec.kind is BackendKind.MEMFD
                 if enforced:

@@ -13,7 +13,10 @@ a fresh buffer of the heap. Three answers are possible:
 - the series' second version copies only with files on a block device and
   answers EXDEV for the memfd: that answer exists only on a kernel that
   has the path (per load, the loader then uses it only for files on a
-  block device; verify=True checks what a load moved).
+  block device; verify=True checks what a load moved). It gives that
+  answer before it asks the exporter, so a heap whose exporter has no
+  support (CMA) looks capable here: its first load meets EOPNOTSUPP and
+  the heap loses the method then (loader.py).
 """
 
 from __future__ import annotations
@@ -52,7 +55,10 @@ def copy_file_range_works(backend: HeapBackend) -> bool:
             copied = os.copy_file_range(source, allocation.fd, PROBE_BYTES, 0, 0)
         except OSError as error:
             if error.errno == NOT_BLOCK_BACKED:
-                log.info("probe: %s takes direct copy_file_range from files on block devices", backend.spec.name)
+                log.info(
+                    "probe: the kernel copies into %s directly from files on block devices (if its exporter can)",
+                    backend.spec.name,
+                )
                 return True
             if error.errno not in UNSUPPORTED_ERRNOS:
                 log.warning("probe: copy_file_range into %s: %s", backend.spec.name, error)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tools.vm.dmabufd_vm import VMError, ensure_dependencies
+
 FIO_PACKAGE = "fio"  # the Debian package
 ENGINES = ("io_uring", "libaio")
 RUN_TIMEOUT_S = 1800.0
@@ -55,17 +57,12 @@ class FioRun:
 
 
 def install_fio() -> bool:
-    """Make sure fio is on PATH. Installs the Debian package when root (through the VM harness's
-    ensure_dependencies, which waits for apt's lock if another install holds it); otherwise
-    raises FioMissing with the command. Returns whether it installed."""
+    """Make sure fio is on PATH. When it is not, install the Debian package the way the VM
+    harness installs its own (ensure_dependencies: apt-get as root, waiting for apt's lock if
+    another install holds it); not root, or the install fails: FioMissing with the command.
+    Returns whether it installed."""
     if shutil.which("fio") is not None:
         return False
-    try:
-        from tools.vm.dmabufd_vm import VMError, ensure_dependencies
-    except ImportError as error:
-        raise FioMissing(
-            f"fio is not installed ({error}); install it as root: apt-get update && apt-get install -y {FIO_PACKAGE}"
-        ) from None
     try:
         ensure_dependencies(sys.stderr, [FIO_PACKAGE])
     except (VMError, subprocess.CalledProcessError, OSError) as error:

@@ -109,7 +109,7 @@ protos: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(BIN)/python tools/bench_service.py
 
-## bench-load: dmabufd beside fio, a raw O_DIRECT reader and safetensors on 512 MiB, 5 alternating rounds (bench.compare; BENCH_ARGS="--json ..." adds options; installs fio as root).
+## bench-load: LoadFile and LoadModel beside fio, a raw O_DIRECT reader and safetensors, cold and warm (512 MiB, 5 paired rounds; BENCH_ARGS="--json" for JSON; installs fio as root). bench/README.md.
 bench-load: $(DEV_STAMP)
 	$(BIN)/python -m bench.compare $(BENCH_ARGS)
 

@@ -70,7 +70,8 @@ def header(report: dict[str, Any]) -> list[str]:
     before, after = machine["before"], machine["after"]
     lines = [
         f"{report['tool']} {report['date']}, kernel {report['kernel']}, {machine['cpus']} CPUs; load average "
-        f"{' '.join(f'{v:.2f}' for v in before['loadavg'])} at start, {after['loadavg'][0]:.2f} at end",
+        f"{' '.join(f'{v:.2f}' for v in before['loadavg'])} at start, {after['loadavg'][0]:.2f} at end; "
+        f"qemu-system processes {before['qemu_processes']} at start, {after['qemu_processes']} at end",
     ]
     files = report["files"]
     if files["raw"]:

@@ -2,12 +2,13 @@
 either ran or was skipped with a reason. A smoke test, not a timed assertion.
 
 The benchmark installs fio itself when it is missing (apt-get, as root); where it cannot, it
-exits 2 naming the install command: skipped here, but under CI that is a failure."""
+exits 2 naming the install command: skipped here, but under CI (CI=true) that is a failure."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import safetensors
 
 from bench import compare, fio
 from bench.modelfile import write_model
+from tools.vm.dmabufd_vm import MissingDependenciesError
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 16 << 20
@@ -50,7 +52,7 @@ def run_compare(tmp_path: Path, *extra: str) -> dict[str, Any]:
         timeout=900,  # a missing fio is installed first: apt-get update and install
         check=False,
     )
-    if result.returncode == 2 and "fio" in result.stderr and "--no-fio" not in extra:
+    if result.returncode == 2 and shutil.which("fio") is None and "--no-fio" not in extra:
         if under_ci():
             pytest.fail(f"fio is missing and could not be installed under CI: {result.stderr}", pytrace=False)
         pytest.skip(f"fio is missing and cannot be installed here: {result.stderr.strip()}")
@@ -191,8 +193,33 @@ def test_model_file_is_safetensors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--size", "1000"], ["--block", "3K"], ["--fio-depths", "0,8"], ["--groups", "gpu"]],
+    [["--size", "1000"], ["--block", "3K"], ["--fio-depths", "0,8"], ["--groups", "gpu"], ["--repeat", "0"]],
 )
 def test_rejects_bad_options(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         compare.parser().parse_args(argv)
+
+
+def test_install_fio_not_possible(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without fio and without a way to install it, the benchmark stops naming the command
+    (ensure_dependencies' message), it does not run without its reference."""
+    asked: list[list[str]] = []
+
+    def refuse(log: object, packages: list[str]) -> None:
+        asked.append(packages)
+        raise MissingDependenciesError("missing host packages: fio\ninstall them as root: apt-get install -y fio")
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(fio, "ensure_dependencies", refuse)
+    with pytest.raises(fio.FioMissing, match="apt-get install -y fio"):
+        fio.install_fio()
+    assert asked == [[fio.FIO_PACKAGE]]
+
+
+def test_install_fio_present_installs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(log: object, packages: list[str]) -> None:
+        raise AssertionError("fio is on PATH: nothing to install")
+
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/fio")
+    monkeypatch.setattr(fio, "ensure_dependencies", forbidden)
+    assert fio.install_fio() is False

@@ -93,8 +93,9 @@ def header(report: dict[str, Any]) -> list[str]:
     fio = report["fio"]
     fio_text = f"{fio['version']} ({fio['engine']})" if fio else f"not run ({report['fio_missing']})"
     lines.append(f"fio: {fio_text}; dmabufd: {report['daemon']}")
+    repeat = report["options"]["repeat"]
     lines.append(
-        f"{report['options']['repeat']} rounds, every row once per round in the order below; medians "
+        f"{repeat} round{'' if repeat == 1 else 's'}, every row once per round in the order below; medians "
         "[min-max]; ratio: the row's GB/s over its reference's in the same round"
     )
     return lines

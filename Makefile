@@ -109,9 +109,9 @@ protos: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(BIN)/python tools/bench_service.py
 
-## bench-load: the seed file-loading benchmark (eight raw modes and dmabufd) on a 1 GiB file.
+## bench-load: LoadFile and LoadModel beside fio, a raw O_DIRECT reader and safetensors, cold and warm (512 MiB, 5 paired rounds; BENCH_ARGS="--json" for JSON; installs fio as root). bench/README.md.
 bench-load: $(DEV_STAMP)
-	$(BIN)/python -m bench.load_modes --size 1G
+	$(BIN)/python -m bench.compare $(BENCH_ARGS)
 
 vm-build: $(DEV_STAMP)
 	$(BIN)/python tools/vm/dmabufd_vm.py build --all

@@ -248,7 +248,7 @@ def run_raw_row(mode: Mode, setup: Setup) -> Row:
 DMABUFD_ROW = (9, "dmabufd-load", "dmabufd load")
 
 
-def _map_placements(outcome: Outcome, stack: contextlib.ExitStack, size: int) -> list[Region]:
+def map_placements(outcome: Outcome, stack: contextlib.ExitStack, size: int) -> list[Region]:
     """Map each buffer once (read-only) and give a Region per placement, in file order; the
     placements must cover the file exactly."""
     views: dict[int, memoryview] = {}
@@ -308,7 +308,7 @@ def run_dmabufd_once(client: dmabufd_client.Client, daemon: Daemon, setup: Setup
     try:
         outcome = describe(loaded, source.size)
         with contextlib.ExitStack() as stack:
-            regions = _map_placements(outcome, stack, source.size)
+            regions = map_placements(outcome, stack, source.size)
             samples = sum(check_samples(source, fds.buffered_fd, region) for region in regions)
             sha256_ok = check_sha256(source, regions) if verify else None
             if sha256_ok is False:

@@ -123,9 +123,9 @@ def daemon_pid(runtime_dir: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def running_daemon(runtime_dir: Path | None) -> Iterator[Daemon]:
-    """The daemon at `runtime_dir`, or a private one started here (python -m dmabufd) and
-    stopped at the end."""
+def running_daemon(runtime_dir: Path | None, config: Path | None = None) -> Iterator[Daemon]:
+    """The daemon at `runtime_dir`, or a private one started here (python -m dmabufd, with
+    `config` if given) and stopped at the end."""
     if runtime_dir is not None:
         yield Daemon(runtime_dir, daemon_pid(runtime_dir), private=False)
         return
@@ -133,6 +133,8 @@ def running_daemon(runtime_dir: Path | None) -> Iterator[Daemon]:
         runtime = Path(tmp) / "rt"
         log_path = Path(tmp) / "dmabufd.log"
         command = [sys.executable, "-m", "dmabufd", "--runtime-dir", str(runtime), "--log-level", "warning"]
+        if config is not None:
+            command += ["--config", str(config)]
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import resource
 import threading
@@ -43,6 +45,52 @@ class CacheDropper:
                 self.enabled = False
                 self.how = f"fadvise DONTNEED on the file (writing {DROP_CACHES} failed: {errno_name(error)})"
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+_READ_BYTES = 8 << 20
+
+
+def read_through(path: Path) -> None:
+    """Read the whole file with buffered reads, so the page cache holds all of it."""
+    buffer = bytearray(_READ_BYTES)
+    with open(path, "rb", buffering=0) as handle:
+        while handle.readinto(buffer):
+            pass
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def cached_fraction(path: Path) -> float | None:
+    """The share of the file's pages in the page cache (mincore over a mapping that is never
+    touched), or None if it cannot be told: proof that cold is cold and warm is warm."""
+    size = path.stat().st_size
+    if size == 0:
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # mincore needs the mapping's address, which Python's mmap does not give for a
+        # read-only mapping (ctypes.from_buffer wants a writable one): libc's mmap it is.
+        address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address is None or address == _MAP_FAILED:
+            return None
+        try:
+            pages = -(-size // mmap.PAGESIZE)
+            vector = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(address, size, vector) != 0:
+                return None
+            # Bit 0 of each byte says whether that page is resident.
+            resident = sum(byte & 1 for byte in bytes(vector))
+            return resident / pages
+        finally:
+            _libc.munmap(address, size)
+    finally:
+        os.close(fd)
 
 
 def size_pipe(read_end: int, wanted: int) -> tuple[int, str | None]:

@@ -449,10 +449,14 @@ class Client:
         def cancel() -> None:
             call.cancel()  # type: ignore[no-untyped-call]
 
+        first: pb.LoadProgress | None = None
         try:
-            first = next(message for message in call if message.HasField("model") or message.HasField("result"))
-        except StopIteration:
-            raise ProtocolError("the load ended without describing its model") from None
+            for message in call:
+                if progress is not None:
+                    progress(message.bytes_done, message.bytes_total)
+                if message.HasField("model") or message.HasField("result"):
+                    first = message
+                    break
         except grpc.RpcError as error:
             self._fds.discard(ticket)
             raise from_rpc_error(error) from None
@@ -460,8 +464,9 @@ class Client:
             cancel()
             self._fds.discard(ticket)
             raise
-        if progress is not None:
-            progress(first.bytes_done, first.bytes_total)
+        if first is None:
+            self._fds.discard(ticket)
+            raise ProtocolError("the load ended without describing its model")
         if first.HasField("result"):
             return self._whole_model(first, ticket)
         info = first.model

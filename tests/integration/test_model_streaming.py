@@ -233,6 +233,22 @@ def test_a_stalled_streaming_client_blocks_nobody(slow: RunningDaemon, tmp_path:
             assert model["lm_head.weight"].tobytes() == raw(load_file(str(stalled_path))["lm_head.weight"])
 
 
+def test_a_streamed_model_without_tensor_bytes(daemon: RunningDaemon, tmp_path: Path) -> None:
+    path = tmp_path / "empty.safetensors"
+    header = json.dumps(
+        {"__metadata__": {"kind": "empty"}, "nothing": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]}}
+    ).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with daemon.connect() as client, client.load_model(path, stream=True) as model:
+        model.wait_all(timeout=30)
+        assert list(model.as_ready(timeout=5)) == ["nothing"]
+        assert model["nothing"].shape == (0, 3)
+        assert model.metadata == {"kind": "empty"}
+        stats = model.stats
+        assert stats.bytes == 0
+        assert stats.first_tensor_seconds == stats.wall_seconds, "nothing lands: the whole load"
+
+
 def test_one_lane_makes_tensors_ready_in_file_order(slow: RunningDaemon, tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     names = write_model(path, 64, seed=2)

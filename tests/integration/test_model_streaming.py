@@ -390,7 +390,7 @@ def _held_fd(model: Model) -> int:
 
 def test_streamed_memfd_is_read_only_for_clients_before_it_is_sealed(slow: RunningDaemon, tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
-    write_model(path, 256, seed=8)
+    write_model(path, 512, seed=8)
     with slow.connect() as client, client.load_model(path, stream=True, method="buffered-read") as model:
         fd = _held_fd(model)
         assert not model.complete
@@ -406,7 +406,7 @@ def test_another_uid_cannot_reopen_a_streamed_model_for_writing(daemon_factory: 
     with tempfile.TemporaryDirectory(prefix="dmabufd-stream-") as directory:
         os.chmod(directory, 0o755)
         path = Path(directory) / "m.safetensors"
-        write_model(path, 256, seed=9)
+        write_model(path, 512, seed=9)
         path.chmod(0o644)
         result = run_as_rootless_client(
             daemon,
@@ -421,7 +421,7 @@ def test_another_uid_cannot_reopen_a_streamed_model_for_writing(daemon_factory: 
             "m.wait_all(timeout=30)\n",
         )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["streaming", "denied"]
+    assert result.stdout.split() == ["streaming", "denied"], result.stdout + result.stderr
 
 
 @pytest.fixture

@@ -360,6 +360,36 @@ def test_a_second_client_gets_the_model_whole_when_the_first_finishes(slow: Runn
         assert observer.stats().models == 1, "it stays resident for the next client"
 
 
+def test_a_client_waiting_for_a_cancelled_stream_loads_the_model_itself(slow: RunningDaemon, tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    names = write_model(path, 512, seed=14)
+    with slow.connect() as first, slow.connect() as second:
+        streamed = first.load_model(path, stream=True, method="buffered-read")
+        assert not streamed.complete
+        waited: list[Model] = []
+        failed: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                waited.append(second.load_model(path, method="buffered-read"))
+            except BaseException as error:  # the assertion below says what it was
+                failed.append(error)
+
+        waiter = threading.Thread(target=load)
+        waiter.start()
+        time.sleep(0.1)  # it asks while the first load runs, and waits for it
+        streamed.close()  # cancels the first load
+        waiter.join(timeout=60)
+        assert not failed, failed
+        (model,) = waited
+        with model:
+            assert model.complete
+            assert not model.shared, "the cancelled load left nothing to share"
+            assert list(model) == names
+            assert model["lm_head.weight"].tobytes() == raw(load_file(str(path))["lm_head.weight"])
+        assert isinstance(streamed.error, dmabufd_client.DmabufdError)
+
+
 def test_first_tensor_seconds(slow: RunningDaemon, tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     write_model(path, 512, seed=7)

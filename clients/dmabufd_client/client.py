@@ -117,6 +117,10 @@ def _heap_info(heap: pb.Heap) -> HeapInfo:
     )
 
 
+def _is_dma_buf(result: pb.LoadResult) -> bool:
+    return any(Backend(b.backend) is not Backend.MEMFD for b in result.buffers)
+
+
 def buffer_info(message: pb.BufferInfo) -> BufferInfo:
     return BufferInfo(
         id=message.id,
@@ -332,6 +336,7 @@ class Client:
                 for part in result.parts
             ),
             bytes_from_cache=result.bytes_from_cache,
+            first_tensor_seconds=result.first_tensor_seconds,
         )
 
     def load_file(
@@ -391,37 +396,122 @@ class Client:
         progress: ProgressCallback | None = None,
         npu_buffer_type: NpuBufferTypeLike | None = None,
         npu_device: int | None = None,
+        stream: bool = False,
     ) -> Model:
         """Load a safetensors file (or share it, if another client loaded
         it already) and map its tensors as read-only numpy arrays. `usage`
-        and the NPU fields route as in load_file."""
+        and the NPU fields route as in load_file.
+
+        stream=True returns the Model as soon as the daemon has made its
+        buffers, while the file is still being read: each tensor can be
+        used once its bytes are in (Model.wait, Model.as_ready; model[name]
+        waits for it). A thread of the Model's own follows the load, and
+        calls `progress` from there. A model that is resident already, or
+        that another client is loading at the moment, comes back whole."""
         request = pb.LoadModelRequest(
             heap=heap,
             usage=_load_usage(usage, npu_buffer_type),
             method=pb.LoadMethod.ValueType(_method_value(method)),
             verify=verify,
+            stream=stream,
         )
         set_npu_fields(request, npu_buffer_type, npu_device)
         file_source, fd, opened = self._open_source(source, by_path)
         request.source.CopyFrom(file_source)
         try:
+            if stream:
+                return self._stream_model(request, fd, progress)
             last, ticket = self._stream(self._stub.LoadModel, request, fd, progress)
         finally:
             if opened and fd is not None:
                 os.close(fd)
+        return self._whole_model(last, ticket)
+
+    def _whole_model(self, last: pb.LoadProgress, ticket: bytes) -> Model:
         result, info = last.result, last.model
         fds = dict(self._fds.take(ticket, len(result.buffers)))
         try:
-            return self._model(info, result, fds)
+            return self._model(info, fds, _is_dma_buf(result), self._stats(result))
         except BaseException:
             for fd in fds.values():
                 os.close(fd)
             self._release_model(info.model_id)
             raise
 
-    def _model(self, info: pb.ModelInfo, result: pb.LoadResult, fds: dict[int, int]) -> Model:
+    def _stream_model(
+        self, request: pb.LoadModelRequest, file_fd: int | None, progress: ProgressCallback | None
+    ) -> Model:
+        """A streamed LoadModel: the Model from its first message (or from
+        its only one, for a model that comes whole); its thread takes the rest."""
+        ticket = self._fds.new_ticket(file_fd)
+        call = self._stub.LoadModel(request, metadata=self._metadata(ticket))
+
+        def cancel() -> None:
+            call.cancel()  # type: ignore[no-untyped-call]
+
+        first: pb.LoadProgress | None = None
+        try:
+            for message in call:
+                if progress is not None:
+                    progress(message.bytes_done, message.bytes_total)
+                if message.HasField("model") or message.HasField("result"):
+                    first = message
+                    break
+        except grpc.RpcError as error:
+            self._fds.discard(ticket)
+            raise from_rpc_error(error) from None
+        except BaseException:
+            cancel()
+            self._fds.discard(ticket)
+            raise
+        if first is None:
+            self._fds.discard(ticket)
+            raise ProtocolError("the load ended without describing its model")
+        if first.HasField("result"):
+            return self._whole_model(first, ticket)
+        info = first.model
+        # Every buffer holds a tensor; the fds came before this message.
+        buffer_ids = dict.fromkeys(t.buffer_id for t in info.tensors if t.buffer_id)
+        try:
+            fds = dict(self._fds.take(ticket, len(buffer_ids)))
+        except BaseException:
+            cancel()
+            self._fds.discard(ticket)
+            raise
+        try:
+            if fds.keys() != buffer_ids.keys():
+                raise ProtocolError("the fds dmabufd delivered do not match the model's buffers")
+            # Only a sealed memfd is read-only enforced; the buffers' own
+            # description comes with the result, at the end.
+            model = self._model(info, fds, not info.read_only_enforced, None, list(first.tensors_ready))
+        except BaseException:
+            cancel()
+            for fd in fds.values():
+                os.close(fd)
+            raise
+
+        def events() -> Iterator[tuple[list[int], LoadStats | None]]:
+            try:
+                for message in call:
+                    if progress is not None:
+                        progress(message.bytes_done, message.bytes_total)
+                    stats = self._stats(message.result) if message.HasField("result") else None
+                    yield list(message.tensors_ready), stats
+            except grpc.RpcError as error:
+                raise from_rpc_error(error) from None
+
+        model.follow(events(), cancel)
+        return model
+
+    def _model(
+        self,
+        info: pb.ModelInfo,
+        fds: dict[int, int],
+        dma_buf: bool,
+        stats: LoadStats | None,
+        ready: list[int] | None = None,
+    ) -> Model:
         tensors = [TensorInfo(t.name, t.dtype, tuple(t.shape), t.buffer_id, t.offset, t.nbytes) for t in info.tensors]
-        dma_buf = any(Backend(b.backend) is not Backend.MEMFD for b in result.buffers)
         return Model(
             info.model_id,
             fds,
@@ -430,8 +520,9 @@ class Client:
             shared=info.shared,
             read_only_enforced=info.read_only_enforced,
             dma_buf=dma_buf,
-            stats=self._stats(result),
+            stats=stats,
             release=self._release_model,
+            ready=ready or (),
         )
 
     def _release_model(self, model_id: int) -> None:

@@ -6,10 +6,16 @@ torch tensors over them (Model.torch, Model.state_dict), without copying.
 Both close deterministically (close(), or a `with` block); a Model whose
 arrays or tensors outlive close() lets go of the model when the last of
 them goes.
+
+A streamed Model (load_model(stream=True)) exists before its bytes are all
+in: a thread of its own follows the rest of the load, and each tensor
+becomes available once the daemon says its bytes have landed (wait(),
+as_ready(); model[name] waits too).
 """
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import threading
@@ -21,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dmabufd_client.buffer import Buffer
+from dmabufd_client.errors import ProtocolError
 from dmabufd_common import uapi
 
 if TYPE_CHECKING:
@@ -93,6 +100,16 @@ class LoadStats:
     parts: tuple[LoadedPart, ...] = ()
     # Bytes copied from the page cache (the "page-cache" parts).
     bytes_from_cache: int = 0
+    # load_model: seconds from the start of the load (as wall_seconds counts
+    # it) until the first tensor with bytes had them all in its buffer,
+    # streamed or not; for a shared model, the time to attach.
+    first_tensor_seconds: float = 0.0
+
+
+# What the rest of a streamed load says, message by message: the tensors
+# that became ready (indexes into the model's tensors, in the daemon's
+# order), and the load's statistics on the last message only.
+LoadEvents = Iterator[tuple[list[int], "LoadStats | None"]]
 
 
 class LoadedFile:
@@ -151,6 +168,10 @@ class _Holding:
         self._mappings = 0
         self._open = True
         self.released = False
+        # Whether the daemon holds the model for this session: a streamed
+        # model only once its load completed (a failed one is not there to
+        # release).
+        self.published = True
 
     def track(self, region: mmap.mmap) -> None:
         with self._lock:
@@ -181,7 +202,8 @@ class _Holding:
 
     def _let_go(self) -> None:
         try:
-            self._release(self.model_id)
+            if self.published:
+                self._release(self.model_id)
         finally:
             for fd in self.fds.values():
                 try:
@@ -202,6 +224,18 @@ class Model(Mapping[str, Any]):
     the file stores them. A zero-size tensor whose other dimensions are too
     large for numpy (safetensors allows up to 2**64-1) arrives flat.
 
+    Streamed (load_model(stream=True)): the Model comes back as soon as the
+    daemon has made the buffers, and its tensors become ready as their bytes
+    land. model[name], torch(name) and state_dict() wait for the tensors
+    they return (wait(name, timeout) bounds the wait); as_ready() yields
+    names as they complete; ready_fraction says how far the load is;
+    wait_all() waits for the whole load, and stats (which only the end of
+    the load knows) waits for it too. A thread of the Model's own follows
+    the load until its last message. If the load fails, `error` says why,
+    every wait raises it, and the Model closes itself (arrays taken before
+    stay valid); close() during the load cancels it, and the daemon frees
+    everything.
+
     Lifetime: the model (its mappings, its fds and its booking in the
     daemon, which keeps it resident and charged to this uid) stays until
     close() and, after it, while any array or tensor over it is still
@@ -218,15 +252,17 @@ class Model(Mapping[str, Any]):
         shared: bool,
         read_only_enforced: bool,
         dma_buf: bool,
-        stats: LoadStats,
+        stats: LoadStats | None,
         release: Callable[[int], None],
+        ready: Iterable[int] = (),
     ) -> None:
+        """`stats` None: a streamed load still running, whose tensors
+        `ready` (indexes into `tensors`) are in; follow() takes the rest."""
         self.id = model_id
         self.tensors = {tensor.name: tensor for tensor in tensors}
         self.metadata = metadata
         self.shared = shared
         self.read_only_enforced = read_only_enforced
-        self.stats = stats
         self._holding = _Holding(model_id, fds, dma_buf, release)
         self._fds = fds
         self._dma_buf = dma_buf
@@ -242,6 +278,27 @@ class Model(Mapping[str, Any]):
         self._private_maps: dict[int, mmap.mmap] = {}
         self._arrays: dict[str, Any] = {}
         self._closed = False
+        # What a streamed load has delivered so far; guarded by _changed,
+        # which waiters wait on. `_complete` is only ever set once (and read
+        # without the lock on fast paths).
+        self._changed = threading.Condition(threading.Lock())
+        self._infos = tensors
+        self._stats = stats
+        self._complete = stats is not None
+        self._error: BaseException | None = None
+        self._ready: set[str] = set()
+        self._order: list[str] = []  # names, in the order they became ready
+        self._ready_bytes = 0
+        self._total_bytes = sum(tensor.nbytes for tensor in tensors)
+        self._follower: threading.Thread | None = None
+        self._cancel: Callable[[], None] | None = None
+        if self._complete:
+            self._ready.update(self.tensors)
+            self._order.extend(self.tensors)
+            self._ready_bytes = self._total_bytes
+        else:
+            self._holding.published = False
+            self._arrive_locked(ready)
 
     def _map(self, buffer_id: int, flags: int, prot: int) -> mmap.mmap:
         region = mmap.mmap(self._fds[buffer_id], self._sizes[buffer_id], flags, prot)
@@ -250,34 +307,198 @@ class Model(Mapping[str, Any]):
 
     def _check_open(self) -> None:
         if self._closed:
+            if self._error is not None:
+                raise self._error
             raise ValueError(f"model {self.id} is closed")
 
     def __getitem__(self, name: str) -> Any:
         array = self._arrays.get(name)
         if array is None:
-            self._check_open()
-            tensor = self.tensors[name]
-            dtype = np.dtype(NUMPY_DTYPES[tensor.dtype])
-            shape = (tensor.nbytes,) if tensor.dtype in PACKED_DTYPES else tensor.shape
-            if tensor.nbytes == 0:  # holds no bytes, so it may have no buffer either
-                try:
-                    array = np.empty(shape, dtype)
-                except ValueError:  # dimensions past numpy's limits, beside a 0
-                    array = np.empty(0, dtype)
-                array.flags.writeable = False
-            else:
-                region = self._maps[tensor.buffer_id]
-                array = np.frombuffer(
-                    region, dtype=dtype, count=tensor.nbytes // dtype.itemsize, offset=tensor.offset
-                ).reshape(shape)
-            self._arrays[name] = array
+            array = self._array(name) if self._complete else self.wait(name)
         return array
+
+    def _array(self, name: str) -> Any:
+        array = self._arrays.get(name)
+        if array is not None:
+            return array
+        self._check_open()
+        tensor = self.tensors[name]
+        dtype = np.dtype(NUMPY_DTYPES[tensor.dtype])
+        shape = (tensor.nbytes,) if tensor.dtype in PACKED_DTYPES else tensor.shape
+        if tensor.nbytes == 0:  # holds no bytes, so it may have no buffer either
+            try:
+                array = np.empty(shape, dtype)
+            except ValueError:  # dimensions past numpy's limits, beside a 0
+                array = np.empty(0, dtype)
+            array.flags.writeable = False
+        else:
+            region = self._maps[tensor.buffer_id]
+            array = np.frombuffer(
+                region, dtype=dtype, count=tensor.nbytes // dtype.itemsize, offset=tensor.offset
+            ).reshape(shape)
+        self._arrays[name] = array
+        return array
+
+    def __contains__(self, name: object) -> bool:
+        # Mapping's own would fetch the array, and so wait for the tensor.
+        return name in self.tensors
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
 
     def __len__(self) -> int:
         return len(self.tensors)
+
+    # -- streaming ----------------------------------------------------------
+
+    @property
+    def stats(self) -> LoadStats:
+        """The load's statistics; for a streamed model, once the whole load
+        is done (this waits for it, and raises its error)."""
+        if self._stats is None:
+            self.wait_all()
+        assert self._stats is not None
+        return self._stats
+
+    @property
+    def complete(self) -> bool:
+        """Whether every tensor is in and the load is over (always true
+        unless streamed)."""
+        return self._complete
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why a streamed load failed (or was cancelled), once it has."""
+        return self._error
+
+    @property
+    def ready_fraction(self) -> float:
+        """How much of the model's bytes can be used now, from 0 to 1."""
+        with self._changed:
+            if not self._total_bytes:
+                return 1.0 if len(self._order) == len(self._infos) else 0.0
+            return self._ready_bytes / self._total_bytes
+
+    def is_ready(self, name: str) -> bool:
+        if name not in self.tensors:
+            raise KeyError(name)
+        with self._changed:
+            return name in self._ready
+
+    def wait(self, name: str, timeout: float | None = None) -> Any:
+        """The array of tensor `name`, once its bytes are in (at once unless
+        streamed). Raises KeyError for a name the model lacks, TimeoutError
+        when `timeout` seconds pass first, and the load's error if it failed."""
+        self._await(name, timeout)
+        return self._array(name)
+
+    def _await(self, name: str, timeout: float | None) -> None:
+        if name not in self.tensors:
+            raise KeyError(name)
+        if self._complete:
+            return
+        with self._changed:
+            if not self._changed.wait_for(
+                lambda: name in self._ready or self._error is not None or self._closed, timeout
+            ):
+                raise TimeoutError(f"tensor {name!r} of model {self.id} was not ready within {timeout:g} s")
+
+    def wait_all(self, timeout: float | None = None) -> None:
+        """Wait until the whole load is over. Raises TimeoutError when
+        `timeout` seconds pass first, and the load's error if it failed."""
+        if self._complete:
+            return
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._complete or self._error is not None or self._closed, timeout):
+                raise TimeoutError(f"model {self.id} was not loaded within {timeout:g} s")
+        if not self._complete:
+            self._check_open()
+            raise ValueError(f"model {self.id} was closed before its load completed")
+
+    def as_ready(self, timeout: float | None = None) -> Iterator[str]:
+        """Each tensor's name once, in the order the tensors became ready
+        (those ready already first), until every one has been given.
+        Raises TimeoutError when `timeout` seconds pass without a new one,
+        and the load's error if it failed."""
+        given = 0
+        while True:
+            with self._changed:
+                if not self._changed.wait_for(functools.partial(self._news_after, given), timeout):
+                    raise TimeoutError(f"no tensor of model {self.id} became ready within {timeout:g} s")
+                batch = self._order[given:]
+            if batch:
+                given += len(batch)
+                yield from batch
+                continue
+            if given == len(self._infos):
+                return
+            self._check_open()
+            raise ValueError(f"model {self.id} was closed before its load completed")
+
+    def _news_after(self, given: int) -> bool:
+        """Whether as_ready() has more to say after `given` names (caller holds _changed)."""
+        return len(self._order) > given or given == len(self._infos) or self._error is not None or self._closed
+
+    def follow(self, events: LoadEvents, cancel: Callable[[], None]) -> None:
+        """Take the rest of a streamed load from `events` on a thread of
+        the Model's own; `cancel` stops the load (close() calls it)."""
+        self._cancel = cancel
+        self._follower = threading.Thread(
+            target=self._follow, args=(events,), name=f"dmabufd-model-{self.id}", daemon=True
+        )
+        self._follower.start()
+
+    def _follow(self, events: LoadEvents) -> None:
+        try:
+            for ready, stats in events:
+                self._arrive(ready)
+                if stats is not None:
+                    self._finish(stats)
+                    return
+            raise ProtocolError("the load ended without a result")
+        except BaseException as error:  # whatever it is, the waiters must hear of it
+            self._fail(error)
+
+    def _arrive(self, indexes: list[int]) -> None:
+        if not indexes:
+            return
+        if self._dma_buf:
+            # The bytes landed after the bracket began: make this CPU see them.
+            for buffer_id in {self._infos[index].buffer_id for index in indexes} & self._fds.keys():
+                uapi.dma_buf_sync(self._fds[buffer_id], uapi.SyncFlags.START | uapi.SyncFlags.READ)
+        with self._changed:
+            self._arrive_locked(indexes)
+            self._changed.notify_all()
+
+    def _arrive_locked(self, indexes: Iterable[int]) -> None:
+        for index in indexes:
+            tensor = self._infos[index]
+            if tensor.name not in self._ready:
+                self._ready.add(tensor.name)
+                self._order.append(tensor.name)
+                self._ready_bytes += tensor.nbytes
+
+    def _finish(self, stats: LoadStats) -> None:
+        with self._changed:
+            # The daemon reports every tensor before its result; this only
+            # covers a daemon that would not.
+            self._arrive_locked(range(len(self._infos)))
+            self._stats = stats
+            self._holding.published = True
+            self._complete = True
+            self._changed.notify_all()
+
+    def _fail(self, error: BaseException) -> None:
+        with self._changed:
+            closing = not self._closed
+        # Shut before telling anyone: whoever hears of the error finds the
+        # model let go already (close() shuts it itself, after this thread).
+        if closing:
+            self._shut()
+        with self._changed:
+            self._error = error
+            self._closed = True
+            self._changed.notify_all()
 
     # -- torch ------------------------------------------------------------
 
@@ -337,11 +558,13 @@ class Model(Mapping[str, Any]):
         .to(device), .contiguous() of a transposed view) are not views:
         torch copies into memory of its own (a conversion to the dtype the
         tensor has already returns the view itself). The tensor keeps the
-        model alive (see close())."""
+        model alive (see close()). A streamed model's tensor is waited for
+        (as wait() does, without a timeout)."""
         from dmabufd_client import torch_view
 
         torch_view.require_torch()
         info = self.tensors[name]
+        self._await(name, None)
         self._check_open()
         mode = self._writes(writes)
         buffer = self._torch_buffer(info.buffer_id, mode) if info.nbytes else None
@@ -376,10 +599,23 @@ class Model(Mapping[str, Any]):
         referenced elsewhere defer all of that until the last of them goes
         (the model stays resident and charged to this uid until then), so
         none of them ever reads unmapped or evicted memory. Further calls to
-        model[name], torch() or state_dict() raise ValueError."""
-        if self._closed:
-            return
-        self._closed = True
+        model[name], torch() or state_dict() raise ValueError. A streamed
+        load still running is cancelled first (the daemon frees it)."""
+        with self._changed:
+            if self._closed:
+                return
+            self._closed = True
+            self._changed.notify_all()
+        follower = self._follower
+        if follower is not None and follower is not threading.current_thread():
+            if not self._complete and self._cancel is not None:
+                self._cancel()
+            # Until it is over, the load may still complete (and then the
+            # daemon holds the model for this session, to be released).
+            follower.join()
+        self._shut()
+
+    def _shut(self) -> None:
         self._arrays.clear()
         # Mappings no array or tensor holds go now (munmap on the last
         # reference); the others go with the last of those.

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 from typing import cast
 
@@ -9,7 +11,7 @@ from dmabufd.config import Config, Quota
 from dmabufd.errors import BufferBusy, BufferNotFound, QuotaExceeded, SessionInvalid
 from dmabufd.heaps.buffer import Buffer
 from dmabufd.heaps.memfd import MEMFD_SPEC, MemfdBackend
-from dmabufd.sessions.ledger import Ledger
+from dmabufd.sessions.ledger import Ledger, Usage
 from dmabufd.sessions.session import Peer, Session
 from dmabufd.transport.outbox import Outbox
 
@@ -133,3 +135,27 @@ def test_pool_buffers_are_released_only_with_their_pool() -> None:
     assert [r.id for r in kept] == [r.id for r in records], "nobody holds them: handed back for recycling"
     for record in kept:
         record.buffer.put()
+
+
+def test_linger_keeps_charged_only_what_a_client_process_still_holds() -> None:
+    books = ledger()
+    uid = os.geteuid()  # its own uid: the ledger looks at the client's pid alone
+    books.hold(uid, 3 * 4096, 3)
+    buffers = [buffer for buffer, _ in allocations(3)]
+    for buffer in buffers:
+        buffer.entitle(7)
+    # A client process that kept one of the fds it was sent.
+    client = subprocess.Popen(["sleep", "60"], pass_fds=[buffers[0].fd])
+    try:
+        books.linger(uid, client.pid, buffers)
+        assert not any(buffer.entitles(7) for buffer in buffers), "nobody may receive them any more"
+        assert books.usage_of(uid) == Usage(bytes=4096, buffers=1)
+        assert books.totals().lingering == 1
+        assert [buffer.allocation.fd == -1 for buffer in buffers] == [False, True, True]
+        assert books.reap() == 0, "still held"
+    finally:
+        client.kill()
+        client.wait()
+    assert books.reap() == 1
+    assert books.usage_of(uid) == Usage()
+    assert buffers[0].allocation.fd == -1

@@ -26,17 +26,36 @@ model: it is what that uid can reach), so no uid can take more of the
 budget than its quota allows. The header is parsed within
 loading.max_header_bytes and loading.max_tensors.
 
+Streaming: a load may hand the model's buffers to its caller before their
+bytes are in (StreamSink.opened), then say which tensors are complete as
+the loader reports landed chunks (Readiness). The model is published (and
+shared) only once the load completed; until then it is nobody's but the
+streaming session's, and a failed load takes back what it gave: buffers
+that session still holds stay charged to its uid as lingering buffers, as
+released ones do (sessions/ledger.py). A memfd's fds go out read-only, and
+no other uid may reopen it for writing, before it is sealed.
+
+Timing: a load's wall time counts allocation and I/O, as the loader's own
+loads do; every load, streamed or not, also notes when its first tensor
+with bytes had them all in (ResidentModel.first_tensor_seconds), from the
+same start.
+
 Locking: _lock guards the tables, holders and charges. A load runs outside
 it; concurrent requests for the same model wait for the first one's load
-(_loading).
+(_loading). Readiness._lock guards one load's per-tensor counts (a leaf).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import os
+import stat
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dmabufd.broker import allocate_all
 from dmabufd.config import LoadingConfig
@@ -86,7 +105,12 @@ class ResidentModel:
     buffer_ids: list[int]
     # Sealed memfds: every client gets the buffers' O_RDONLY fds.
     read_only_enforced: bool
-    report: TransferReport
+    # Set when the bytes are in; a published model always has it.
+    report: TransferReport | None = None
+    # From the start of the load (as report.wall_seconds counts it) until
+    # the first tensor with bytes had them all in its buffer; a model with
+    # no tensor bytes: its wall time.
+    first_tensor_seconds: float = 0.0
     holders: dict[int, int] = field(default_factory=dict)  # session id -> references
     # uid -> sessions of it holding the model; each such uid is charged its bytes.
     charged: dict[int, int] = field(default_factory=dict)
@@ -145,6 +169,114 @@ def plan_model(header: Header, largest: int) -> tuple[list[BufferPlan], dict[str
 MODEL_SEALS = uapi.F_SEAL_WRITE | uapi.F_SEAL_FUTURE_WRITE
 
 
+class StreamSink(Protocol):
+    """Where a streamed load reports (the API's side of the stream)."""
+
+    @property
+    def pid(self) -> int:
+        """The streaming client's process: if the load fails, what it
+        holds of the buffers stays charged to its uid until it lets go."""
+
+    def opened(self, model: ResidentModel) -> None:
+        """The buffers exist, entitle the session and are booked nowhere
+        else: send their fds. Runs on the load's thread; raising fails the
+        load (and frees everything)."""
+
+    def ready(self, indexes: list[int]) -> None:
+        """These tensors (indexes into header.tensors) have all their bytes
+        in their buffer. Called from the load's I/O threads, at most once
+        per tensor; must not block."""
+
+
+ReadyFn = Callable[[list[int]], None]
+
+
+class Readiness:
+    """Which tensors are complete, from the loader's landed(offset, length)
+    calls: a tensor is ready when landed chunks cover all its bytes. Chunks
+    land in any order, several at once, and never overlap; a chunk may land
+    twice (the loader runs a load again by another method when an exporter
+    refuses the first, loader.py), so a landed chunk is counted once, by
+    its file offset. A count of the bytes still missing per tensor then
+    suffices.
+
+    Every load keeps one, for first_at; only a streamed one reports. With
+    `hold_back` (a verified load) nothing is reported before finish(): a
+    tensor is usable only once its bytes are checked.
+
+    Cost: a bisect per chunk plus one step per tensor it touches; memory is
+    one int and one flag per tensor and one int per chunk. Locking: _lock (a
+    leaf) guards the counts; `report` is called after it is dropped."""
+
+    def __init__(self, tensors: tuple[TensorEntry, ...], report: ReadyFn | None, *, hold_back: bool) -> None:
+        self._tensors = tensors
+        self._begins = [tensor.begin for tensor in tensors]
+        self._missing = [tensor.nbytes for tensor in tensors]
+        self._reported = [False] * len(tensors)
+        self._landed: set[int] = set()
+        self._report = report
+        self._hold_back = hold_back
+        self._lock = threading.Lock()
+        self.first_at: float | None = None
+
+    def start(self) -> None:
+        """Report the zero-size tensors: they hold no bytes to wait for."""
+        with self._lock:
+            ready = self._take([index for index, missing in enumerate(self._missing) if missing == 0])
+        self._emit(ready)
+
+    def landed(self, file_offset: int, length: int) -> None:
+        end = file_offset + length
+        complete: list[int] = []
+        with self._lock:
+            if file_offset in self._landed:
+                return
+            self._landed.add(file_offset)
+            index = max(bisect.bisect_right(self._begins, file_offset) - 1, 0)
+            while index < len(self._tensors) and self._begins[index] < end:
+                tensor = self._tensors[index]
+                overlap = min(end, tensor.end) - max(file_offset, tensor.begin)
+                if overlap > 0 and self._missing[index] > 0:
+                    self._missing[index] -= overlap
+                    if self._missing[index] == 0:
+                        complete.append(index)
+                index += 1
+            if complete and self.first_at is None:
+                self.first_at = time.monotonic()
+            ready = [] if self._hold_back else self._take(complete)
+        self._emit(ready)
+
+    def finish(self) -> None:
+        """The load completed (and was verified, if asked): whatever was not
+        reported yet is ready now."""
+        with self._lock:
+            ready = self._take(range(len(self._tensors)))
+        self._emit(ready)
+
+    def _take(self, indexes: Iterable[int]) -> list[int]:
+        """The indexes not reported yet, now marked reported (caller holds _lock)."""
+        if self._report is None:
+            return []
+        taken = [index for index in indexes if not self._reported[index]]
+        for index in taken:
+            self._reported[index] = True
+        return taken
+
+    def _emit(self, ready: list[int]) -> None:
+        if ready and self._report is not None:
+            self._report(ready)
+
+
+def _forbid_other_writers(buffer: Buffer) -> None:
+    """Only the daemon's uid may open the memfd for writing: a streamed
+    model's O_RDONLY fds go out before the seals are on, and anyone holding
+    one could otherwise reopen it read-write through /proc/<pid>/fd. The
+    execute bits stay as they are (a memfd with F_SEAL_EXEC refuses a mode
+    change that touches them)."""
+    mode = stat.S_IMODE(os.fstat(buffer.fd).st_mode)
+    os.fchmod(buffer.fd, mode & ~(stat.S_IWGRP | stat.S_IWOTH))
+
+
 class ModelCache:
     """Locking: _lock guards the tables and every model's holders and
     charges; it is held across no syscall and no call into another
@@ -174,10 +306,15 @@ class ModelCache:
         *,
         progress: ProgressFn,
         cancelled: CancelledFn,
+        stream: StreamSink | None = None,
     ) -> tuple[ResidentModel, bool]:
         """The model in `source`, loaded now or already resident; the
         session holds a reference (and its uid is charged the model's
-        bytes) until release(). Returns (model, shared)."""
+        bytes) until release(). Returns (model, shared).
+
+        With `stream`, a load made by this call reports to it as it goes
+        (StreamSink); a model that is resident, or that another session is
+        loading, is returned whole, as without it."""
         key = self._key(source, how.backend, uid)
         while True:
             mine: threading.Event | None = None
@@ -191,7 +328,15 @@ class ModelCache:
                     pending = mine = self._loading[key] = threading.Event()
             if mine is not None:  # this call loads it; the lock is not held meanwhile
                 model = self._load_and_publish(
-                    key, session_id, uid, source, how, loading=mine, progress=progress, cancelled=cancelled
+                    key,
+                    session_id,
+                    uid,
+                    source,
+                    how,
+                    loading=mine,
+                    progress=progress,
+                    cancelled=cancelled,
+                    stream=stream,
                 )
                 return model, False
             pending.wait()  # another session is loading it: share its result
@@ -242,11 +387,12 @@ class ModelCache:
         loading: threading.Event,
         progress: ProgressFn,
         cancelled: CancelledFn,
+        stream: StreamSink | None,
     ) -> ResidentModel:
         """Load the model, make it resident held by the session, and wake
         whoever waited for it (also when the load failed: they retry)."""
         try:
-            model = self._load(key, uid, source, how, progress=progress, cancelled=cancelled)
+            model = self._load(key, session_id, uid, source, how, progress=progress, cancelled=cancelled, stream=stream)
             with self._lock:
                 self._models[key] = model
                 self._by_id[model.id] = model
@@ -264,12 +410,14 @@ class ModelCache:
     def _load(
         self,
         key: ModelKey,
+        session_id: int,
         uid: int,
         source: SourceFile,
         how: ModelLoad,
         *,
         progress: ProgressFn,
         cancelled: CancelledFn,
+        stream: StreamSink | None,
     ) -> ResidentModel:
         backend = how.backend
         header = read_header(
@@ -289,41 +437,58 @@ class ModelCache:
         # Charged before allocating, like any allocation; kept by the caller
         # (the model's first holder) if the load succeeds.
         self._ledger.hold(uid, needed, len(plans))
+        began = time.monotonic()
         try:
             buffers = allocate_all(backend, [plan.size for plan in plans], "dmabufd:model")
-            try:
-                report = self._loader.transfer(
-                    source,
-                    backend,
-                    [(buffer.allocation, plan) for buffer, plan in zip(buffers, plans, strict=True)],
-                    how.method,
-                    progress=progress,
-                    cancelled=cancelled,
-                    verify=how.verify,
-                    fallback=how.method_chosen,
-                )
-                enforced = backend.spec.kind is BackendKind.MEMFD
-                if enforced:
-                    for buffer in buffers:
-                        buffer.seal_read_only(MODEL_SEALS)
-            except BaseException:
-                for buffer in buffers:
-                    buffer.put()
-                raise
         except BaseException:
             self._ledger.unhold(uid, needed, len(plans))
             raise
-        model = ResidentModel(
-            id=self._take_id(),
-            key=key,
-            header=header,
-            buffers=buffers,
-            plans=plans,
-            placement=placement,
-            buffer_ids=self._ledger.new_ids(len(buffers)),
-            read_only_enforced=enforced,
-            report=report,
-        )
+        enforced = backend.spec.kind is BackendKind.MEMFD
+        readiness = Readiness(header.tensors, stream.ready if stream else None, hold_back=how.verify)
+        try:
+            model = ResidentModel(
+                id=self._take_id(),
+                key=key,
+                header=header,
+                buffers=buffers,
+                plans=plans,
+                placement=placement,
+                buffer_ids=self._ledger.new_ids(len(buffers)),
+                read_only_enforced=enforced,
+            )
+            if stream is not None:
+                self._open_stream(model, session_id, stream)
+                readiness.start()
+            transferring = time.monotonic()
+            model.report = report = self._loader.transfer(
+                source,
+                backend,
+                [(buffer.allocation, plan) for buffer, plan in zip(buffers, plans, strict=True)],
+                how.method,
+                progress=progress,
+                cancelled=cancelled,
+                verify=how.verify,
+                fallback=how.method_chosen,
+                landed=readiness.landed,
+            )
+            if enforced:
+                for buffer in buffers:
+                    buffer.seal_read_only(MODEL_SEALS)
+        except BaseException:
+            if stream is None:
+                for buffer in buffers:
+                    buffer.put()
+                self._ledger.unhold(uid, needed, len(plans))
+            else:
+                # Their fds may be out: the uid pays for what it still holds.
+                self._ledger.linger(uid, stream.pid, buffers)
+            raise
+        # Until the last byte landed (verification not included), from the allocation.
+        report.wall_seconds += transferring - began
+        first = report.wall_seconds if readiness.first_at is None else readiness.first_at - began
+        # min(): the loader starts its clock a little after `transferring`.
+        model.first_tensor_seconds = min(first, report.wall_seconds)
+        readiness.finish()
         log.info(
             "model %d resident: %d tensors, %s in %d %s buffer(s), %s",
             model.id,
@@ -334,6 +499,19 @@ class ModelCache:
             "read-only enforced" if enforced else f"shared with uid {key[2]} only",
         )
         return model
+
+    @staticmethod
+    def _open_stream(model: ResidentModel, session_id: int, stream: StreamSink) -> None:
+        """Give the session the model's buffers before their bytes are in."""
+        if model.read_only_enforced:
+            for buffer in model.buffers:
+                _forbid_other_writers(buffer)
+                # No seal yet (the loader still writes): only the O_RDONLY
+                # fd that every read-only delivery sends.
+                buffer.seal_read_only(0)
+        for buffer in model.buffers:
+            buffer.entitle(session_id)
+        stream.opened(model)
 
     def _take_id(self) -> int:
         with self._lock:

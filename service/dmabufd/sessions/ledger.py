@@ -192,6 +192,27 @@ class Ledger:
         with self._lock:
             self._uncharge(uid, count, nbytes)
 
+    def linger(self, uid: int, pid: int, buffers: list[Buffer]) -> None:
+        """Buffers charged with hold() whose fds may have gone out without
+        ever being booked (a streamed model whose load failed) end as
+        released ones do: nobody may receive them any more, those a process
+        of `uid` still holds stay charged (lingering) until reap() finds
+        them gone, and the rest are uncharged and freed. Takes over the
+        caller's reference on each."""
+        if not buffers:
+            return
+        for buffer in buffers:
+            buffer.revoke()
+        held = procfs.still_held(self._holders(uid, pid), (buffer.identity for buffer in buffers))
+        gone = [buffer for buffer in buffers if buffer.identity not in held]
+        with self._lock:
+            for buffer in buffers:
+                if buffer.identity in held:
+                    self._lingering.append(_Lingering(uid, pid, buffer.size, buffer))
+            self._uncharge(uid, len(gone), sum(buffer.size for buffer in gone))
+        for buffer in gone:
+            buffer.put()
+
     def commit(
         self,
         reservation: Reservation,

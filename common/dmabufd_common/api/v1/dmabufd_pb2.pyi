@@ -1173,8 +1173,12 @@ class LoadResult(_message.Message):
     (the LOAD_SOURCE_PAGE_CACHE parts).
     """
     first_tensor_seconds: _builtins.float
-    """LoadModel: seconds from the start of the call until the first tensor
-    was usable (streamed), or until the whole model was.
+    """LoadModel: seconds from the start of the load (as wall_seconds counts
+    it) until the first tensor with bytes had them all in its buffer,
+    streamed or not (streamed, it was usable from then on, unless verify
+    held every tensor back to the end). A model with no tensor bytes: its
+    wall_seconds; a shared model: the time to attach (wall_seconds), the
+    whole model being usable then.
     """
     @_builtins.property
     def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]:

@@ -171,8 +171,6 @@ class Client:
         except grpc.RpcError as error:
             self._fds.discard(ticket)
             raise from_rpc_error(error) from None
-        finally:
-            self._fds.replenish()
 
     # -- heaps ----------------------------------------------------------
 

@@ -6,6 +6,18 @@ before the call returns. Several threads may make calls at once: whoever
 reads a frame for another call's ticket files it under that ticket, so
 every caller ends up with exactly its own fds.
 
+Tickets go out ahead of the calls that name them, TICKET_BURST at a time:
+the daemon has read a call's ticket long before the call reaches it (so the
+call never waits for it), reads a burst in one wake-up, and most calls send
+nothing at all. A spare older than SPARE_MAX_AGE_S is never used: the
+daemon expires tickets 60 s after they arrive (fd-protocol.md 3.4), and a
+client may sit idle for longer than that.
+
+The socket is non-blocking: a send or a read that can go ahead at once (as
+reading a call's fds after its response always can) costs one system call,
+not a poll() first; poll() with the channel's timeout runs only when the
+socket is not ready.
+
 Ownership: fds received here belong to the caller of take() from the
 moment take() returns them; frames nobody claims (a failed call's) are
 closed by discard().
@@ -14,17 +26,26 @@ closed by discard().
 from __future__ import annotations
 
 import collections
+import errno
 import os
-import secrets
+import select
 import socket
 import threading
+import time
 from pathlib import Path
 
 from dmabufd_client.errors import ProtocolError, Unavailable, from_status_value
 from dmabufd_common import fdwire
 
-# Tickets sent ahead of need (the daemon allows 256 outstanding per session).
-SPARE_TICKETS = 4
+# Tickets sent at once when none is left (the daemon allows 256 outstanding
+# per session, and reads up to 16 frames of one session per wake-up).
+TICKET_BURST = 16
+# Spare tickets older than this are dropped unused: well inside the
+# daemon's 60 s ticket lifetime, leaving a call up to 30 s (its timeout,
+# a reconnect) to get from taking its ticket to the daemon claiming it.
+SPARE_MAX_AGE_S = 30.0
+# A plain int: MsgFlag's | and & run enum code in Python, for every frame.
+_TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
 
 
 class FdChannel:
@@ -36,6 +57,8 @@ class FdChannel:
         except OSError as error:
             self._sock.close()
             raise Unavailable(f"cannot reach dmabufd's fd socket {path}: {error.strerror or error}") from None
+        self._sock.setblocking(False)
+        self._timeout_ms = max(1, round(timeout_s * 1000))
         self._read_lock = threading.Lock()  # one reader at a time
         # Guarded by _read_lock: fds read for calls that have not taken them
         # yet, and tickets of failed calls whose late fds are closed on sight.
@@ -49,56 +72,89 @@ class FdChannel:
             self.close()
             raise ProtocolError(f"expected HELLO from dmabufd, got {type(frame).__name__}")
         self.hello = frame
-        self._spares_lock = threading.Lock()  # guards _spares
+        self.token_hex = frame.token.hex()
+        self._spares_lock = threading.Lock()  # guards _spares and _spares_sent
         self._spares: collections.deque[bytes] = collections.deque()
-        self.replenish()
-
-    @property
-    def token_hex(self) -> str:
-        return self.hello.token.hex()
+        self._spares_sent = 0.0  # time.monotonic() when the spares went out
 
     def new_ticket(self, file_fd: int | None = None) -> bytes:
-        """A ticket for the next call to name in its metadata: one sent
-        ahead by replenish() if there is one (the daemon has most likely
-        read it already, so the call never waits for it), else a fresh one
-        sent now (always fresh when it carries a file)."""
-        if file_fd is None:
-            with self._spares_lock:
-                if self._spares:
-                    return self._spares.popleft()
-        ticket = secrets.token_bytes(fdwire.TICKET_BYTES)
-        try:
-            if file_fd is None:
-                self._sock.send(fdwire.encode(fdwire.Ticket(ticket)))
+        """A ticket for the next call to name in its metadata: a spare sent
+        ahead if a fresh enough one is left, else the first of a new burst
+        (always a ticket of its own, sent now, when it carries a file)."""
+        if file_fd is not None:
+            ticket = os.urandom(fdwire.TICKET_BYTES)
+            self._send(fdwire.encode(fdwire.FileTicket(ticket)), [file_fd])
+            return ticket
+        with self._spares_lock:
+            if self._spares and time.monotonic() - self._spares_sent > SPARE_MAX_AGE_S:
+                # Spares the daemon may expire before the call that takes one reaches it.
+                self._spares.clear()
+            if not self._spares:
+                self._send_burst()
+            return self._spares.popleft()
+
+    def _send_burst(self) -> None:
+        """Send TICKET_BURST tickets, keeping those that went out (caller
+        holds _spares_lock). The first may wait for room in the socket
+        within the timeout; the rest are sent only while there is room."""
+        randomness = os.urandom(fdwire.TICKET_BYTES * TICKET_BURST)
+        self._spares_sent = time.monotonic()
+        for index in range(TICKET_BURST):
+            ticket = randomness[index * fdwire.TICKET_BYTES : (index + 1) * fdwire.TICKET_BYTES]
+            frame = fdwire.encode(fdwire.Ticket(ticket))
+            if index == 0:
+                self._send(frame, [])
             else:
-                socket.send_fds(self._sock, [fdwire.encode(fdwire.FileTicket(ticket))], [file_fd])
+                try:
+                    self._sock.send(frame)
+                except OSError:
+                    return  # full (the rest can wait), or gone (the call reports it)
+            self._spares.append(ticket)
+
+    def _send(self, frame: bytes, fds: list[int]) -> None:
+        """Send one frame, waiting up to the timeout for room."""
+        try:
+            while True:
+                try:
+                    if fds:
+                        socket.send_fds(self._sock, [frame], fds)
+                    else:
+                        self._sock.send(frame)
+                    return
+                except BlockingIOError:
+                    if not self._wait(select.POLLOUT):
+                        raise Unavailable("dmabufd has not read its fd socket within the timeout") from None
         except OSError as error:
             raise Unavailable(f"dmabufd's fd socket is gone: {error.strerror or error}") from None
-        return ticket
 
-    def replenish(self) -> None:
-        """Send tickets ahead of the calls that will use them, off the
-        calls' critical path."""
-        with self._spares_lock:
-            missing = SPARE_TICKETS - len(self._spares)
-            for _ in range(missing):
-                ticket = secrets.token_bytes(fdwire.TICKET_BYTES)
-                try:
-                    self._sock.send(fdwire.encode(fdwire.Ticket(ticket)))
-                except OSError:
-                    return  # the next call reports the dead socket
-                self._spares.append(ticket)
+    def _wait(self, events: int) -> bool:
+        """Wait until the socket is ready for `events` (or has failed);
+        False on timeout."""
+        fd = self._sock.fileno()
+        if fd < 0:  # closed by another thread: fail as a blocking call on it would
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        poller = select.poll()
+        poller.register(fd, events)
+        return bool(poller.poll(self._timeout_ms))
+
+    def _receive(self) -> tuple[bytes, list[int], int]:
+        while True:
+            try:
+                return fdwire.receive(self._sock)
+            except BlockingIOError:
+                if not self._wait(select.POLLIN):
+                    raise TimeoutError from None
 
     def _read_frame(self) -> tuple[fdwire.Frame, list[int]]:
         try:
-            data, fds, flags = fdwire.receive(self._sock)
+            data, fds, flags = self._receive()
         except TimeoutError:
             raise Unavailable("timed out waiting for fds from dmabufd") from None
         except OSError as error:
             raise Unavailable(f"dmabufd's fd socket failed: {error.strerror or error}") from None
         if not data and not fds:
             raise Unavailable("dmabufd closed the fd socket (daemon stopped, or this session was ended)")
-        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        if flags & _TRUNCATED:
             for fd in fds:
                 os.close(fd)
             raise ProtocolError("a frame from dmabufd was truncated")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import threading
+from types import FrameType
 
 from rich.table import Table
 
@@ -106,13 +108,23 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
     """Until Ctrl-C, --count events or --timeout seconds, whichever comes
     first; each ends it with exit code 0. The time limit holds with no
     events at all: it ends the stream by closing the session."""
-    expired = threading.Event()
+    stopped = threading.Event()
 
-    def expire() -> None:
-        expired.set()
+    def stop() -> None:
+        stopped.set()
         client.close()  # cancels the stream: watch_heaps() then just ends
 
-    timer = threading.Timer(args.timeout, expire) if args.timeout is not None else None
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        # Not KeyboardInterrupt: raised wherever the main thread happens to
+        # be (inside grpc's or the fd channel's locks), it can leave the
+        # client unable to close, and the command hangs. Ctrl-C stops the
+        # stream the way the time limit does, from another thread.
+        threading.Thread(target=stop, name="watch-interrupt", daemon=True).start()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts outright
+
+    timer = threading.Timer(args.timeout, stop) if args.timeout is not None else None
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
     seen = 0
     try:
         if timer is not None:
@@ -130,12 +142,14 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
                 seen += 1
             if args.count and seen >= args.count:
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread's handler
         pass
     except DmabufdError:
-        if not expired.is_set():  # the time ran out just as the stream started
+        if not stopped.is_set():  # Ctrl-C or the time limit just as the stream started
             raise
     finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
         if timer is not None:
             timer.cancel()
     return 0

@@ -20,17 +20,25 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dmabufd_client.buffer import Backend, Buffer, BufferInfo
-from dmabufd_client.errors import DmabufdError, InvalidArgument, ProtocolError, Unavailable, from_rpc_error
+from dmabufd_client.errors import (
+    DmabufdError,
+    InvalidArgument,
+    ProtocolError,
+    Unavailable,
+    from_rpc_error,
+    from_status_bytes,
+)
 from dmabufd_client.fdchannel import FdChannel
 from dmabufd_client.loading import LoadedFile, LoadedPart, LoadStats, Model, ProgressCallback, Segment, TensorInfo
 from dmabufd_client.npu import NpuBufferTypeLike, NpuRouting, npu_routing, set_npu_fields
 from dmabufd_client.pools import Grant, GrantOffer, PlanePlacement, Pool, Redeemed
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 from dmabufd_common.api.v1 import dmabufd_pb2_grpc as pb_grpc
-from dmabufd_common.fdwire import SESSION_METADATA_KEY, TICKET_METADATA_KEY
+from dmabufd_common.fdwire import MAX_REQUEST_BYTES, SESSION_METADATA_KEY, TICKET_METADATA_KEY
 from dmabufd_common.paths import default_runtime_dir, socket_paths
 from dmabufd_common.units import parse_size
 
@@ -153,6 +161,7 @@ class Client:
             self._fds.close()
             raise Unavailable(f"dmabufd's control socket {sockets.control} did not answer in {timeout_s:g} s") from None
         self._stub = pb_grpc.BufferServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._closed = threading.Event()
 
     @property
@@ -233,18 +242,40 @@ class Client:
             raise InvalidArgument(f"count must be at least 1, not {count}")
         request = pb.AllocateRequest(size=nbytes, count=count, heap=heap, usage=usage, name=name)
         set_npu_fields(request, npu_buffer_type, npu_device)
-        response, ticket = self._call(self._stub.Allocate, request)
-        try:
-            pairs = self._fds.take(ticket, len(response.buffers))
-        except DmabufdError:
-            self._fds.discard(ticket)
-            raise
+        if count == 1 and request.ByteSize() <= MAX_REQUEST_BYTES:
+            response, pairs = self._allocate_one(request)
+        else:
+            response, ticket = self._call(self._stub.Allocate, request)
+            try:
+                pairs = self._fds.take(ticket, len(response.buffers))
+            except DmabufdError:
+                self._fds.discard(ticket)
+                raise
         fds = dict(pairs)
         if set(fds) != {message.id for message in response.buffers}:
             for fd in fds.values():
                 os.close(fd)
             raise ProtocolError("the fds dmabufd delivered do not match the buffers it reported")
         return [Buffer(fds[message.id], buffer_info(message), self._release_one) for message in response.buffers]
+
+    def _allocate_one(self, request: pb.AllocateRequest) -> tuple[pb.AllocateResponse, list[tuple[int, int]]]:
+        """One buffer over the fd socket alone (an ALLOCATE frame): the
+        daemon answers with its fd and a REPLY, no gRPC round trip. The
+        answer and the errors are those of the Allocate call, which serves
+        batches and requests too long for a frame (a name of 100 KB gets
+        its INVALID_ARGUMENT from there)."""
+        reply, pairs = self._fds.allocate(request.SerializeToString())
+        try:
+            if reply.code:
+                raise from_status_bytes(reply.body)
+            try:
+                return pb.AllocateResponse.FromString(reply.body), pairs
+            except DecodeError:
+                raise ProtocolError("dmabufd sent a REPLY that is not an AllocateResponse") from None
+        except DmabufdError:
+            for _, fd in pairs:
+                os.close(fd)
+            raise
 
     def allocate(
         self,
@@ -626,9 +657,8 @@ class Client:
 
     def health(self) -> bool:
         """The standard gRPC health check (no session needed)."""
-        stub = health_pb2_grpc.HealthStub(self._channel)
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout_s)
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout_s)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

@@ -28,7 +28,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 import grpc
-from google.rpc import error_details_pb2  # type: ignore[import-untyped]
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 
 from dmabufd_common.reasons import DOMAIN, Reason
@@ -264,6 +265,10 @@ def _rich_details(call: grpc.Call) -> tuple[str | None, dict[str, str], tuple[tu
         return None, {}, ()
     if status is None:
         return None, {}, ()
+    return _details_of(status)
+
+
+def _details_of(status: status_pb2.Status) -> tuple[str | None, dict[str, str], tuple[tuple[str, str], ...]]:
     reason: str | None = None
     metadata: dict[str, str] = {}
     violations: list[tuple[str, str]] = []
@@ -278,6 +283,20 @@ def _rich_details(call: grpc.Call) -> tuple[str | None, dict[str, str], tuple[tu
             detail.Unpack(failure)
             violations += [(violation.subject, violation.description) for violation in failure.violations]
     return reason, metadata, tuple(violations)
+
+
+def from_status_bytes(data: bytes) -> DmabufdError:
+    """The typed error for a serialized google.rpc.Status (a REPLY frame's
+    body): the same class, reason and details a gRPC call's trailer gives."""
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(data)
+    except DecodeError:
+        return ProtocolError("dmabufd sent a REPLY whose status does not parse")
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+    reason, metadata, violations = _details_of(status)
+    error = error_class(code, reason)
+    return error(status.message, code, reason=reason, metadata=metadata, quota_violations=violations)
 
 
 def from_status_value(value: int, message: str) -> DmabufdError:

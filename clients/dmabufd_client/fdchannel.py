@@ -26,12 +26,14 @@ closed by discard().
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import os
 import select
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dmabufd_client.errors import ProtocolError, Unavailable, from_status_value
@@ -59,11 +61,16 @@ class FdChannel:
             raise Unavailable(f"cannot reach dmabufd's fd socket {path}: {error.strerror or error}") from None
         self._sock.setblocking(False)
         self._timeout_ms = max(1, round(timeout_s * 1000))
-        self._read_lock = threading.Lock()  # one reader at a time
-        # Guarded by _read_lock: fds read for calls that have not taken them
-        # yet, and tickets of failed calls whose late fds are closed on sight.
+        # One thread reads the socket at a time (_reading), without holding
+        # _filing; it files each frame under its ticket and wakes the others.
+        # Guarded by _filing: fds and REPLYs read for calls that have not
+        # taken them yet, tickets of failed calls whose late frames are
+        # dropped on sight, and whether a thread is reading.
+        self._filing = threading.Condition(threading.Lock())
         self._filed: dict[bytes, list[tuple[int, int]]] = {}
+        self._replies: dict[bytes, fdwire.Reply] = {}
         self._abandoned: set[bytes] = set()
+        self._reading = False
         frame, _ = self._read_frame()  # HELLO and ERROR carry no fds
         if isinstance(frame, fdwire.ErrorFrame):
             self.close()
@@ -169,39 +176,80 @@ class FdChannel:
         """The (buffer id, fd) pairs of the call that used `ticket`, in order.
         The daemon sent them before it answered the call, so they are
         already queued; reading never waits for the daemon to act."""
-        with self._read_lock:
-            while len(self._filed.get(ticket, [])) < count:
-                frame, fds = self._read_frame()
-                if isinstance(frame, fdwire.ErrorFrame):
-                    # The daemon rejected something this client sent earlier.
-                    for fd in fds:
-                        os.close(fd)
-                    raise from_status_value(frame.code, frame.message)
-                if not isinstance(frame, fdwire.FdBatch) or len(fds) != len(frame.buffer_ids):
-                    for fd in fds:
-                        os.close(fd)
-                    raise ProtocolError("dmabufd sent a frame whose fds do not match its buffer ids")
-                if frame.ticket in self._abandoned:
-                    for fd in fds:
-                        os.close(fd)
-                    continue
-                self._filed.setdefault(frame.ticket, []).extend(zip(frame.buffer_ids, fds, strict=True))
+        with self._filing:
+            self._read_until(lambda: len(self._filed.get(ticket, ())) >= count)
             return self._filed.pop(ticket, [])
+
+    def allocate(self, request: bytes) -> tuple[fdwire.Reply, list[tuple[int, int]]]:
+        """Send an ALLOCATE frame (a serialized AllocateRequest of one
+        buffer) and wait for its REPLY: (the reply, the (buffer id, fd)
+        pairs of the FDS frame before it). The caller owns the fds."""
+        ticket = os.urandom(fdwire.TICKET_BYTES)
+        self._send(fdwire.encode(fdwire.AllocateFrame(ticket, request)), [])
+        try:
+            with self._filing:
+                self._read_until(lambda: ticket in self._replies)
+                return self._replies.pop(ticket), self._filed.pop(ticket, [])
+        except BaseException:
+            self.discard(ticket)
+            raise
+
+    def _read_until(self, done: Callable[[], bool]) -> None:
+        """Read and file frames until done() (caller holds _filing). While
+        another thread reads, wait for it to file a frame instead."""
+        while not done():
+            if self._reading:
+                self._filing.wait()
+                continue
+            self._reading = True
+            self._filing.release()
+            try:
+                frame, fds = self._read_frame()
+            finally:
+                self._filing.acquire()
+                self._reading = False
+                self._filing.notify_all()
+            self._file(frame, fds)
+
+    def _file(self, frame: fdwire.Frame, fds: list[int]) -> None:
+        """Keep a frame for the call it names (caller holds _filing)."""
+        if isinstance(frame, fdwire.ErrorFrame):
+            # The daemon rejected something this client sent earlier.
+            _close_all(fds)
+            raise from_status_value(frame.code, frame.message)
+        if isinstance(frame, fdwire.Reply) and not fds:
+            if frame.ticket not in self._abandoned:
+                self._replies[frame.ticket] = frame
+            return
+        if not isinstance(frame, fdwire.FdBatch) or len(fds) != len(frame.buffer_ids):
+            _close_all(fds)
+            raise ProtocolError("dmabufd sent a frame whose fds do not match its buffer ids")
+        if frame.ticket in self._abandoned:
+            _close_all(fds)
+            return
+        self._filed.setdefault(frame.ticket, []).extend(zip(frame.buffer_ids, fds, strict=True))
 
     def discard(self, ticket: bytes) -> None:
         """Close whatever fds arrived for a call that failed."""
-        with self._read_lock:
+        with self._filing:
             self._abandoned.add(ticket)
-            for _, fd in self._filed.pop(ticket, []):
-                os.close(fd)
+            self._replies.pop(ticket, None)
+            _close_all(fd for _, fd in self._filed.pop(ticket, []))
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
     def close(self) -> None:
-        with self._read_lock:
+        with self._filing:
             for pairs in self._filed.values():
-                for _, fd in pairs:
-                    os.close(fd)
+                _close_all(fd for _, fd in pairs)
             self._filed.clear()
+            self._replies.clear()
+        with contextlib.suppress(OSError):  # wakes a thread waiting in poll() on it
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)

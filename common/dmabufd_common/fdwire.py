@@ -28,6 +28,9 @@ MAX_FDS_PER_FRAME = 253
 MAX_FRAME_BYTES = HEADER.size + 24 + 8 * MAX_FDS_PER_FRAME
 TOKEN_BYTES = 32
 TICKET_BYTES = 16
+# The protobuf an ALLOCATE frame carries, and a REPLY's body, fill the rest
+# of a largest frame: neither side ever needs a bigger receive buffer.
+MAX_REQUEST_BYTES = MAX_FRAME_BYTES - HEADER.size - TICKET_BYTES
 
 
 class FrameType(IntEnum):
@@ -36,6 +39,8 @@ class FrameType(IntEnum):
     FDS = 3  # daemon -> client, buffers created by the call with that ticket
     ERROR = 4  # daemon -> client only: a frame of the client's was rejected, or it was refused
     FILE = 5  # client -> daemon: a ticket with one file fd attached (LoadFile/LoadModel)
+    ALLOCATE = 6  # client -> daemon: an AllocateRequest of one buffer, served without gRPC
+    REPLY = 7  # daemon -> client: the answer to the ALLOCATE with that ticket, after its FDS frame
 
 
 class FrameError(ValueError):
@@ -45,6 +50,8 @@ class FrameError(ValueError):
 _HELLO = struct.Struct(f"<Q{TOKEN_BYTES}siii")  # session id, token, pid, uid, gid
 _FDS = struct.Struct(f"<{TICKET_BYTES}sII")  # ticket, index of first fd, total fds
 _ERROR = struct.Struct("<I")  # gRPC status code, then a UTF-8 message
+_REPLY = struct.Struct(f"<{TICKET_BYTES}sI")  # ticket, gRPC status code, then the body
+MAX_REPLY_BODY_BYTES = MAX_FRAME_BYTES - HEADER.size - _REPLY.size
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,28 @@ class ErrorFrame:
     message: str
 
 
-Frame = Hello | Ticket | FileTicket | FdBatch | ErrorFrame
+@dataclass(frozen=True)
+class AllocateFrame:
+    """A serialized AllocateRequest (one buffer), and the ticket its FDS
+    and REPLY frames will carry. The ticket is the client's own name for
+    the request: it proves nothing, since the frame arrives on the session."""
+
+    ticket: bytes
+    request: bytes
+
+
+@dataclass(frozen=True)
+class Reply:
+    """code 0: `body` is the serialized AllocateResponse; else a serialized
+    google.rpc.Status (code, message, and the details a gRPC call's
+    grpc-status-details-bin trailer would carry)."""
+
+    ticket: bytes
+    code: int
+    body: bytes
+
+
+Frame = Hello | Ticket | FileTicket | FdBatch | ErrorFrame | AllocateFrame | Reply
 
 
 def _header(kind: FrameType) -> bytes:
@@ -106,6 +134,18 @@ def encode(frame: Frame) -> bytes:
             raise FrameError(f"at most {MAX_FDS_PER_FRAME} fds fit in one frame")
         ids = struct.pack(f"<{len(frame.buffer_ids)}Q", *frame.buffer_ids)
         return _header(FrameType.FDS) + _FDS.pack(frame.ticket, frame.first_index, frame.total) + ids
+    if isinstance(frame, AllocateFrame):
+        if len(frame.ticket) != TICKET_BYTES:
+            raise FrameError(f"a ticket is {TICKET_BYTES} bytes")
+        if len(frame.request) > MAX_REQUEST_BYTES:
+            raise FrameError(f"an ALLOCATE request is at most {MAX_REQUEST_BYTES} bytes, not {len(frame.request)}")
+        return _header(FrameType.ALLOCATE) + frame.ticket + frame.request
+    if isinstance(frame, Reply):
+        if len(frame.ticket) != TICKET_BYTES:
+            raise FrameError(f"a ticket is {TICKET_BYTES} bytes")
+        if len(frame.body) > MAX_REPLY_BODY_BYTES:
+            raise FrameError(f"a REPLY body is at most {MAX_REPLY_BODY_BYTES} bytes, not {len(frame.body)}")
+        return _header(FrameType.REPLY) + _REPLY.pack(frame.ticket, frame.code) + frame.body
     message = frame.message.encode("utf-8")[:1024]
     return _header(FrameType.ERROR) + _ERROR.pack(frame.code) + message
 
@@ -140,6 +180,13 @@ def decode(data: bytes) -> Frame:
         if kind == FrameType.ERROR:
             (code,) = _ERROR.unpack_from(body)
             return ErrorFrame(code, body[_ERROR.size :].decode("utf-8", "replace"))
+        if kind == FrameType.ALLOCATE:
+            if len(body) < TICKET_BYTES:
+                raise FrameError(f"an ALLOCATE frame starts with a {TICKET_BYTES}-byte ticket")
+            return AllocateFrame(body[:TICKET_BYTES], body[TICKET_BYTES:])
+        if kind == FrameType.REPLY:
+            ticket, code = _REPLY.unpack_from(body)
+            return Reply(ticket, code, body[_REPLY.size :])
     except struct.error as error:
         raise FrameError(f"truncated {FrameType(kind).name} frame: {error}") from None
     raise FrameError(f"unknown frame type {kind}")

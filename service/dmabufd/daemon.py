@@ -79,7 +79,7 @@ class Daemon:
             calls=ThreadPoolExecutor(max_workers=CALL_WORKERS, thread_name_prefix="call"),
             loads=ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="load"),
         )
-        servicer = BufferService(
+        self.servicer = servicer = BufferService(
             sessions=self.sessions,
             registry=self.registry,
             ledger=self.ledger,
@@ -93,6 +93,7 @@ class Daemon:
             limits=self.limits,
             executors=self.executors,
         )
+        self.fd_server.serve_requests(servicer.serve_frame)
         self.control = ControlServer(
             inherited.control if inherited is not None else self._runtime().control_socket, servicer
         )
@@ -200,6 +201,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.stop()
         self.fd_server.stop()
+        await self.servicer.finish_frames()
         self.discovery.stop()
         # Waits for the session clean-ups fd_server.stop() queued.
         self.executors.calls.shutdown(wait=True)

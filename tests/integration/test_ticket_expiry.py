@@ -36,6 +36,14 @@ SHORT_TTL_LAUNCHER = (
 )
 
 
+def ticketed_allocation(client: dmabufd_client.Client) -> None:
+    """Two buffers: a batch goes through the Allocate call, which names a
+    ticket (one buffer would go over the fd socket alone, with none)."""
+    for buffer in client.allocate_batch(4096, 2):
+        assert buffer.size == 4096
+        buffer.close()
+
+
 @pytest.fixture
 def short_ttl_daemon(daemon_factory: DaemonFactory) -> RunningDaemon:
     return daemon_factory(wrapper=SHORT_TTL_LAUNCHER)
@@ -56,20 +64,19 @@ def test_a_spare_ticket_kept_past_the_lifetime_expires(
     the daemon under test really expires tickets after TICKET_TTL_S)."""
     monkeypatch.setattr(fdchannel, "SPARE_MAX_AGE_S", float("inf"))
     with short_ttl_daemon.connect() as client:
-        client.allocate(4096).close()
+        ticketed_allocation(client)
         time.sleep(TICKET_TTL_S * 1.5)
         with pytest.raises(dmabufd_client.Unauthenticated, match="ticket expired"):
-            client.allocate(4096)
+            ticketed_allocation(client)
 
 
 @pytest.mark.usefixtures("spare_max_age")
 def test_a_client_idle_past_the_ticket_lifetime_still_calls(short_ttl_daemon: RunningDaemon) -> None:
     with short_ttl_daemon.connect() as client:
-        client.allocate(4096).close()
+        ticketed_allocation(client)
         for _ in range(2):
             time.sleep(TICKET_TTL_S * 1.5)
-            with client.allocate(4096) as buffer:
-                assert buffer.size == 4096
+            ticketed_allocation(client)
             assert client.buffers() == []
 
 
@@ -81,7 +88,7 @@ def test_spares_used_within_the_bound_are_accepted(short_ttl_daemon: RunningDaem
         deadline = time.monotonic() + TICKET_TTL_S * 3
         calls = 0
         while time.monotonic() < deadline:
-            client.allocate(4096).close()
+            ticketed_allocation(client)
             calls += 1
             time.sleep(TICKET_TTL_S / 8)
         assert calls >= 16, "more calls than one burst of tickets"

@@ -656,6 +656,56 @@ def unread_allocations(link: Link, *, runtime_dir: str, calls: int, buffers: int
     )
 
 
+@actor
+def allocate_frame_flood(link: Link, *, runtime_dir: str, requests: int, stall_s: float) -> None:
+    """ALLOCATE frames straight on the fd socket, as a C client could send
+    them. First `requests` the daemon must refuse (bytes that are no
+    protobuf, a batch, an absurd size), reading each REPLY; then as many
+    valid ones as the socket takes, never reading the fds and REPLYs they
+    bring; then wait (without reading) for the daemon to hang up."""
+    session = RawSession(runtime_dir)
+    sock = session.sock
+    bodies = [
+        b"\xff\xff\xff\xff",
+        pb.AllocateRequest(size=4096, count=2).SerializeToString(),
+        pb.AllocateRequest(size=2**62).SerializeToString(),
+    ]
+    refused: collections.Counter[str] = collections.Counter()
+    others = 0
+    for index in range(requests):
+        ticket = secrets.token_bytes(fdwire.TICKET_BYTES)
+        sock.send(fdwire.encode(fdwire.AllocateFrame(ticket, bodies[index % len(bodies)])))
+        while True:
+            data, fds, _ = fdwire.receive(sock)
+            for fd in fds:
+                os.close(fd)
+            frame = fdwire.decode(data)
+            if isinstance(frame, fdwire.Reply) and frame.ticket == ticket:
+                refused[next(code.name for code in grpc.StatusCode if code.value[0] == frame.code)] += 1
+                break
+            others += 1
+    sock.setblocking(False)
+    valid = pb.AllocateRequest(size=4096).SerializeToString()
+    sent = 0
+    began = time.monotonic()
+    while sent < requests * 10:
+        try:
+            sock.send(fdwire.encode(fdwire.AllocateFrame(secrets.token_bytes(fdwire.TICKET_BYTES), valid)))
+        except BlockingIOError:
+            break  # the daemon stopped reading: it has ended the session or will
+        except OSError:
+            break  # it hung up already
+        sent += 1
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP | select.POLLHUP)
+    hangup_after: float | None = None
+    while time.monotonic() < began + stall_s + 6:
+        if poller.poll(50):
+            hangup_after = time.monotonic() - began
+            break
+    link.emit("result", refused=dict(refused), others=others, sent=sent, hangup_after_s=hangup_after)
+
+
 def _drain(sock: socket.socket, frames: collections.Counter[str]) -> None:
     """Read (and close) whatever the daemon sends until it hangs up."""
     sock.settimeout(None)

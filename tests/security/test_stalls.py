@@ -108,3 +108,39 @@ def test_calls_whose_ticket_never_arrives(daemon_factory: DaemonFactory, spawn: 
     assert sum(result["statuses"].values()) == 300
     assert_served(served)
     assert_recovered(daemon, before)
+
+
+def test_allocate_frames_flooded_and_never_read(
+    daemon_factory: DaemonFactory, spawn: Spawn, victim_of: VictimOf
+) -> None:
+    """Attack: uid 12345 sends 300 ALLOCATE frames the daemon must refuse
+    (garbage, a batch, an absurd size), then valid ALLOCATE frames as fast
+    as its socket takes them, never reading the fds and REPLYs they bring.
+    Defence: every refusal is a REPLY with INVALID_ARGUMENT (no protocol
+    error, no crash); the flood is served at the pace of one uid's calls
+    while the victim's p99 stays < 100 ms; once 64 frames wait unread (or
+    one waits outbox_stall_s) the session ends, and every buffer it got is
+    released: fds and RSS back to where they were."""
+    daemon = daemon_factory(
+        limits(outbox_frames=64, outbox_stall_s=OUTBOX_STALL_S, calls_per_uid=CALLS_PER_UID)
+        + "[quota.uids.12345]\nmax_buffers = 16384\n",
+        public=True,
+    )
+    before = footprint(daemon)
+    victim = victim_of(daemon)
+    attacker = spawn("allocate_frame_flood", runtime_dir=str(daemon.runtime_dir), requests=300, stall_s=OUTBOX_STALL_S)
+    victim.start()
+    attacker.go()
+    result = attacker.result(timeout_s=60)
+    served = victim.stop()
+    print(
+        f"refused: {result['refused']}; then {result['sent']} valid frames sent; "
+        f"hung up after {result['hangup_after_s']} s"
+    )
+    assert result["refused"] == {"INVALID_ARGUMENT": 300}, result
+    assert result["others"] == 0, "nothing but the REPLYs came back for refused requests"
+    assert result["sent"] > 64, "the flood got past the outbox limit"
+    assert result["hangup_after_s"] is not None, "the daemon kept the session of a client that never reads"
+    assert result["hangup_after_s"] <= OUTBOX_STALL_S + 4
+    assert_served(served)
+    assert_recovered(daemon, before)

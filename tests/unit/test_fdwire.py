@@ -14,6 +14,10 @@ def test_roundtrip_every_frame() -> None:
         fdwire.Ticket(b"k" * 16),
         fdwire.FdBatch(b"k" * 16, 253, 300, (1, 2, 3)),
         fdwire.ErrorFrame(3, "bad thing: ü"),
+        fdwire.AllocateFrame(b"k" * 16, b"\x08\x80\x20"),
+        fdwire.AllocateFrame(b"k" * 16, b""),
+        fdwire.Reply(b"k" * 16, 0, b"response"),
+        fdwire.Reply(b"k" * 16, 8, b""),
     ]
     for frame in frames:
         assert fdwire.decode(fdwire.encode(frame)) == frame
@@ -37,6 +41,8 @@ def test_batches_split_at_scm_max_fd() -> None:
         (b"DBFD\x01\x01\x00\x00" + bytes(5), "truncated HELLO"),
         (b"DBFD\x01\x03\x00\x00" + bytes(24) + bytes(5), "whole number"),
         (b"DBFD" + bytes(5000), "exceeds"),
+        (b"DBFD\x01\x06\x00\x00" + bytes(15), "16-byte ticket"),
+        (b"DBFD\x01\x07\x00\x00" + bytes(19), "truncated REPLY"),
     ],
 )
 def test_decode_rejects_with_a_reason(data: bytes, reason: str) -> None:
@@ -47,6 +53,16 @@ def test_decode_rejects_with_a_reason(data: bytes, reason: str) -> None:
 def test_too_many_fds_for_one_frame() -> None:
     with pytest.raises(fdwire.FrameError, match="253"):
         fdwire.encode(fdwire.FdBatch(b"k" * 16, 0, 254, tuple(range(254))))
+
+
+def test_the_largest_allocate_and_reply_are_the_largest_frame() -> None:
+    request = fdwire.encode(fdwire.AllocateFrame(b"k" * 16, bytes(fdwire.MAX_REQUEST_BYTES)))
+    reply = fdwire.encode(fdwire.Reply(b"k" * 16, 0, bytes(fdwire.MAX_REPLY_BODY_BYTES)))
+    assert len(request) == len(reply) == fdwire.MAX_FRAME_BYTES == 2056
+    with pytest.raises(fdwire.FrameError, match="at most 2032"):
+        fdwire.encode(fdwire.AllocateFrame(b"k" * 16, bytes(fdwire.MAX_REQUEST_BYTES + 1)))
+    with pytest.raises(fdwire.FrameError, match="at most 2028"):
+        fdwire.encode(fdwire.Reply(b"k" * 16, 0, bytes(fdwire.MAX_REPLY_BODY_BYTES + 1)))
 
 
 def test_receive_marks_fds_close_on_exec() -> None:

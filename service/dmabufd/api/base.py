@@ -38,6 +38,7 @@ from typing import NoReturn, Protocol, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 
@@ -53,6 +54,7 @@ from dmabufd.sessions.grants import GrantTable
 from dmabufd.sessions.ledger import BufferRecord, Ledger
 from dmabufd.sessions.limits import UidLimits
 from dmabufd.sessions.session import Session, SessionTable
+from dmabufd_common import fdwire
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 from dmabufd_common.api.v1 import dmabufd_pb2_grpc as pb_grpc
 from dmabufd_common.fdwire import SESSION_METADATA_KEY, TICKET_METADATA_KEY
@@ -160,25 +162,42 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
         self._broker = broker
         self._limits = limits
         self._executors = executors
+        # Loop only: the ALLOCATE frames being served (buffers.py).
+        self._frame_tasks: set[asyncio.Task[None]] = set()
+
+    async def finish_frames(self) -> None:
+        """At stop, once the sessions have ended: cancel what is left."""
+        for task in list(self._frame_tasks):
+            task.cancel()
+        await asyncio.gather(*self._frame_tasks, return_exceptions=True)
 
     # -- plumbing -------------------------------------------------------
 
-    async def _abort(self, context: grpc.aio.ServicerContext[object, object], error: DmabufdError) -> NoReturn:
+    def _failure(self, error: DmabufdError, uid: int | None) -> status_pb2.Status:
+        """Count a failed call and build its status. Only a quota denial
+        names the uid: it comes from a handler, so the caller proved its
+        session. Earlier errors may come from a leaked token, whose owner's
+        uid is none of the caller's business."""
         if error.status in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED):
             self._ledger.count_denial()
-        # Only a quota denial names the uid: it comes from a handler, so the
-        # caller proved its session with the ticket. Earlier errors may come
-        # from a leaked token, whose owner's uid is none of the caller's business.
-        uid = self._caller_uid(context) if isinstance(error, QuotaExceeded) else None
+        uid = uid if isinstance(error, QuotaExceeded) else None
         metrics.count_error(error.reason or "UNSPECIFIED", error.status, uid)
-        status = status_of(error.status, str(error), error.reason, uid, error.metadata)
+        return status_of(error.status, str(error), error.reason, uid, error.metadata)
+
+    @staticmethod
+    def _internal_failure() -> status_pb2.Status:
+        log.exception("internal error")
+        metrics.count_error(Reason.INTERNAL, grpc.StatusCode.INTERNAL, None)
+        return status_of(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, Reason.INTERNAL, None)
+
+    async def _abort(self, context: grpc.aio.ServicerContext[object, object], error: DmabufdError) -> NoReturn:
+        uid = self._caller_uid(context) if isinstance(error, QuotaExceeded) else None
+        status = self._failure(error, uid)
         await cast(_AbortsWithStatus, context).abort_with_status(rpc_status.to_status(status))
         raise AssertionError("abort returned")  # pragma: no cover - abort always raises
 
     async def _internal(self, context: grpc.aio.ServicerContext[object, object]) -> NoReturn:
-        log.exception("internal error")
-        metrics.count_error(Reason.INTERNAL, grpc.StatusCode.INTERNAL, None)
-        status = status_of(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, Reason.INTERNAL, None)
+        status = self._internal_failure()
         await cast(_AbortsWithStatus, context).abort_with_status(rpc_status.to_status(status))
         raise AssertionError("abort returned")  # pragma: no cover
 
@@ -258,6 +277,34 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
             raise
         except Exception:
             await self._internal(context)
+
+    async def _serve_frame(
+        self,
+        session: Session,
+        ticket: bytes,
+        handler: Callable[[Session, bytes], Message],
+        *,
+        blocks: Callable[[Session], bool],
+    ) -> fdwire.Reply:
+        """A request read from the session's own fd socket (an ALLOCATE
+        frame): _serve's steps without gRPC. There is no token or ticket to
+        check, the socket being the session's; the call slot, where the
+        handler runs and the wait for its fds are the same. Returns the
+        REPLY, to be queued after the fds."""
+        try:
+            with self._limits.call(session.peer.uid):
+                executor = self._executors.calls if blocks(session) else None
+                response = await self._run(executor, handler, Claimed(session, ticket))
+            return fdwire.Reply(ticket, 0, response.SerializeToString())
+        except DmabufdError as error:
+            status = self._failure(error, session.peer.uid)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            status = self._internal_failure()
+        if status.ByteSize() > fdwire.MAX_REPLY_BODY_BYTES:  # a long message: its details stay whole
+            status.message = status.message[: fdwire.MAX_REPLY_BODY_BYTES // 4]
+        return fdwire.Reply(ticket, status.code, status.SerializeToString())
 
     async def _serve_public(
         self, context: grpc.aio.ServicerContext[object, object], handler: Callable[[Session | None], T]

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from google.protobuf.message import DecodeError
+
 from dmabufd.api.base import ServiceBase, buffer_info, never_blocks
 from dmabufd.api.routing import route_of
-from dmabufd.errors import DmabufdError, Overloaded
+from dmabufd.errors import DeliveryFailed, DmabufdError, InvalidRequest, Overloaded
 from dmabufd.heaps.backend import PAGE_SIZE, HeapSpec
 from dmabufd.heaps.registry import Caller, HeapEvent, HeapEventKind
 from dmabufd.sessions import procfs
 from dmabufd.sessions.session import Session
+from dmabufd_common import fdwire
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -125,29 +129,70 @@ class BuffersApi(ServiceBase):
         except DmabufdError as error:
             await self._abort(context, error)
 
-    async def Allocate(self, request: pb.AllocateRequest, context: Context) -> pb.AllocateResponse:
-        def handle(session: Session, ticket: bytes) -> pb.AllocateResponse:
+    def _allocate(self, session: Session, ticket: bytes, request: pb.AllocateRequest) -> pb.AllocateResponse:
+        usage, npu_device = route_of(request)
+        records = self._broker.allocate(
+            session,
+            ticket,
+            size=request.size,
+            count=request.count or 1,
+            heap=request.heap,
+            usage=usage,
+            label=request.name,
+            npu_device=npu_device,
+        )
+        return pb.AllocateResponse(buffers=[buffer_info(record) for record in records])
+
+    def _allocation_blocks(self, session: Session, request: pb.AllocateRequest) -> bool:
+        try:
             usage, npu_device = route_of(request)
-            records = self._broker.allocate(
-                session,
-                ticket,
-                size=request.size,
-                count=request.count or 1,
-                heap=request.heap,
-                usage=usage,
-                label=request.name,
-                npu_device=npu_device,
-            )
-            return pb.AllocateResponse(buffers=[buffer_info(record) for record in records])
+        except DmabufdError:
+            return False  # the handler fails as fast
+        return not self._broker.never_blocks(session, request.heap, usage, request.count or 1, npu_device)
+
+    async def Allocate(self, request: pb.AllocateRequest, context: Context) -> pb.AllocateResponse:
+        return await self._serve(
+            context,
+            lambda session, ticket: self._allocate(session, ticket, request),
+            blocks=lambda session: self._allocation_blocks(session, request),
+        )
+
+    def serve_frame(self, session: Session, frame: fdwire.AllocateFrame) -> None:
+        """An ALLOCATE frame, read on the loop: served by a task, whose
+        REPLY follows the buffer's FDS frame on the same socket. The task
+        is bounded by the uid's call slots like a gRPC call; a refused one
+        costs a REPLY, and unread REPLYs count against the outbox."""
+        task = asyncio.get_running_loop().create_task(self._allocate_frame(session, frame))
+        self._frame_tasks.add(task)
+        task.add_done_callback(self._frame_tasks.discard)
+
+    async def _allocate_frame(self, session: Session, frame: fdwire.AllocateFrame) -> None:
+        parsed = pb.AllocateRequest()
+        try:
+            parsed.ParseFromString(frame.request)
+            request: pb.AllocateRequest | None = parsed
+        except DecodeError:
+            request = None
+
+        def handle(session: Session, ticket: bytes) -> pb.AllocateResponse:
+            if request is None:
+                raise InvalidRequest("the ALLOCATE frame does not hold an AllocateRequest")
+            if request.count > 1:
+                raise InvalidRequest(
+                    f"an ALLOCATE frame asks for one buffer, not {request.count}: use the Allocate call for batches"
+                )
+            response = self._allocate(session, ticket, request)
+            if response.ByteSize() > fdwire.MAX_REPLY_BODY_BYTES:  # names the config made too long
+                self._ledger.release(session, [info.id for info in response.buffers])
+                raise InvalidRequest("the answer does not fit in a REPLY frame: use the Allocate call")
+            return response
 
         def blocks(session: Session) -> bool:
-            try:
-                usage, npu_device = route_of(request)
-            except DmabufdError:
-                return False  # handle() fails as fast
-            return not self._broker.never_blocks(session, request.heap, usage, request.count or 1, npu_device)
+            return request is not None and request.count <= 1 and self._allocation_blocks(session, request)
 
-        return await self._serve(context, handle, blocks=blocks)
+        reply = await self._serve_frame(session, frame.ticket, handle, blocks=blocks)
+        with contextlib.suppress(DeliveryFailed):  # the session ended meanwhile
+            session.outbox.control(reply)
 
     async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
         def handle(session: Session, _ticket: bytes) -> pb.ReleaseResponse:

@@ -56,6 +56,9 @@ _PEERCRED = struct.Struct("3i")
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 Admission = Callable[[Peer], str | None]
+# Takes an ALLOCATE frame on the loop and answers it later with a REPLY on
+# the session's outbox (api/buffers.py); never blocks.
+RequestSink = Callable[[Session, fdwire.AllocateFrame], None]
 
 
 def _peer_of(sock: socket.socket) -> Peer:
@@ -82,6 +85,7 @@ class FdServer:
         self._sessions = sessions
         self._admit = admit
         self._limits = limits
+        self._requests: RequestSink | None = None
         self._path: Path | None = None
         if isinstance(listen_on, socket.socket):
             self._listener = listen_on
@@ -93,6 +97,10 @@ class FdServer:
         self._backoff_s = 0.0
         self._stall_timer: asyncio.TimerHandle | None = None
         self._resume_timer: asyncio.TimerHandle | None = None
+
+    def serve_requests(self, sink: RequestSink) -> None:
+        """Where ALLOCATE frames go (set once, before start)."""
+        self._requests = sink
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -241,6 +249,9 @@ class FdServer:
                 return f"unexpected fds ({len(fds)} closed): only FILE frames carry fds"
             if isinstance(frame, fdwire.Ticket):
                 return self._sessions.add_ticket(session, frame.ticket)
+            if isinstance(frame, fdwire.AllocateFrame) and self._requests is not None:
+                self._requests(session, frame)
+                return None
             return f"a client may not send {type(frame).__name__} frames"
         finally:
             for fd in fds:

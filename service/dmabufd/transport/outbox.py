@@ -114,8 +114,8 @@ class Outbox:
         ]
         self._queue_frames(ticket, frames)
 
-    def control(self, frame: fdwire.Hello | fdwire.ErrorFrame) -> None:
-        """Queue a frame without fds (HELLO, ERROR)."""
+    def control(self, frame: fdwire.Hello | fdwire.ErrorFrame | fdwire.Reply) -> None:
+        """Queue a frame without fds (HELLO, ERROR, REPLY)."""
         self._queue_frames(None, [(fdwire.encode(frame), [])])
 
     def _queue_frames(self, ticket: bytes | None, frames: list[tuple[bytes, list[Outgoing]]]) -> None:

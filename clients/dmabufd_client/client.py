@@ -264,18 +264,21 @@ class Client:
         answer and the errors are those of the Allocate call, which serves
         batches and requests too long for a frame (a name of 100 KB gets
         its INVALID_ARGUMENT from there)."""
-        reply, pairs = self._fds.allocate(request.SerializeToString())
+        reply, fds = self._fds.allocate(request.SerializeToString())
         try:
             if reply.code:
                 raise from_status_bytes(reply.body)
             try:
-                return pb.AllocateResponse.FromString(reply.body), pairs
+                response = pb.AllocateResponse.FromString(reply.body)
             except DecodeError:
                 raise ProtocolError("dmabufd sent a REPLY that is not an AllocateResponse") from None
+            if len(fds) != len(response.buffers):
+                raise ProtocolError("dmabufd sent a REPLY whose fds do not match its buffers")
         except DmabufdError:
-            for _, fd in pairs:
+            for fd in fds:
                 os.close(fd)
             raise
+        return response, [(message.id, fd) for message, fd in zip(response.buffers, fds, strict=True)]
 
     def allocate(
         self,

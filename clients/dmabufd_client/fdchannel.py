@@ -68,7 +68,7 @@ class FdChannel:
         # dropped on sight, and whether a thread is reading.
         self._filing = threading.Condition(threading.Lock())
         self._filed: dict[bytes, list[tuple[int, int]]] = {}
-        self._replies: dict[bytes, fdwire.Reply] = {}
+        self._replies: dict[bytes, tuple[fdwire.Reply, list[int]]] = {}
         self._abandoned: set[bytes] = set()
         self._reading = False
         frame, _ = self._read_frame()  # HELLO and ERROR carry no fds
@@ -180,16 +180,16 @@ class FdChannel:
             self._read_until(lambda: len(self._filed.get(ticket, ())) >= count)
             return self._filed.pop(ticket, [])
 
-    def allocate(self, request: bytes) -> tuple[fdwire.Reply, list[tuple[int, int]]]:
+    def allocate(self, request: bytes) -> tuple[fdwire.Reply, list[int]]:
         """Send an ALLOCATE frame (a serialized AllocateRequest of one
-        buffer) and wait for its REPLY: (the reply, the (buffer id, fd)
-        pairs of the FDS frame before it). The caller owns the fds."""
+        buffer) and wait for its REPLY: (the reply, the fds it carries, one
+        per buffer of its AllocateResponse). The caller owns the fds."""
         ticket = os.urandom(fdwire.TICKET_BYTES)
         self._send(fdwire.encode(fdwire.AllocateFrame(ticket, request)), [])
         try:
             with self._filing:
                 self._read_until(lambda: ticket in self._replies)
-                return self._replies.pop(ticket), self._filed.pop(ticket, [])
+                return self._replies.pop(ticket)
         except BaseException:
             self.discard(ticket)
             raise
@@ -217,9 +217,11 @@ class FdChannel:
             # The daemon rejected something this client sent earlier.
             _close_all(fds)
             raise from_status_value(frame.code, frame.message)
-        if isinstance(frame, fdwire.Reply) and not fds:
-            if frame.ticket not in self._abandoned:
-                self._replies[frame.ticket] = frame
+        if isinstance(frame, fdwire.Reply):
+            if frame.ticket in self._abandoned:
+                _close_all(fds)
+            else:
+                self._replies[frame.ticket] = (frame, fds)
             return
         if not isinstance(frame, fdwire.FdBatch) or len(fds) != len(frame.buffer_ids):
             _close_all(fds)
@@ -233,7 +235,8 @@ class FdChannel:
         """Close whatever fds arrived for a call that failed."""
         with self._filing:
             self._abandoned.add(ticket)
-            self._replies.pop(ticket, None)
+            _, fds = self._replies.pop(ticket, (None, []))
+            _close_all(fds)
             _close_all(fd for _, fd in self._filed.pop(ticket, []))
 
     def fileno(self) -> int:
@@ -244,6 +247,8 @@ class FdChannel:
             for pairs in self._filed.values():
                 _close_all(fd for _, fd in pairs)
             self._filed.clear()
+            for _, fds in self._replies.values():
+                _close_all(fds)
             self._replies.clear()
         with contextlib.suppress(OSError):  # wakes a thread waiting in poll() on it
             self._sock.shutdown(socket.SHUT_RDWR)

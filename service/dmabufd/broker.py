@@ -197,6 +197,14 @@ class BufferBroker:
             raise InvalidRequest(f"count must be between 1 and {self._config.heaps.max_batch}, not {count}")
         with self.provision(session, backend, [rounded] * count, usage=usage, label=label) as provision:
             records = self.deliver(session, ticket, provision)
+        if log.isEnabledFor(logging.DEBUG):  # every allocation passes here: skip building the fields
+            self._log_allocated(session, backend, count, rounded, records)
+        return records
+
+    @staticmethod
+    def _log_allocated(
+        session: Session, backend: HeapBackend, count: int, rounded: int, records: list[BufferRecord]
+    ) -> None:
         log.debug(
             "session %d: %d x %d bytes from %s",
             session.id,
@@ -213,4 +221,3 @@ class BufferBroker:
                 "buffer_ids": [record.id for record in records],
             },
         )
-        return records

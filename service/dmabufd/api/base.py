@@ -29,6 +29,7 @@ that hands out an fd is served that way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
@@ -44,7 +45,7 @@ from grpc_status import rpc_status
 
 from dmabufd.broker import BufferBroker
 from dmabufd.config import AccessRule, LoadingConfig
-from dmabufd.errors import DmabufdError, Overloaded, QuotaExceeded
+from dmabufd.errors import DeliveryFailed, DmabufdError, Overloaded, QuotaExceeded
 from dmabufd.heaps.registry import HeapRegistry
 from dmabufd.loading.loader import FileLoader
 from dmabufd.loading.models import ModelCache
@@ -125,6 +126,17 @@ def status_of(
         packed.Pack(failure)
         status.details.append(packed)
     return status
+
+
+# What an ALLOCATE is answered with when its buffer was released (by
+# another thread of the client) before the REPLY carrying its fd went out.
+_RELEASED_MEANWHILE = status_of(
+    grpc.StatusCode.NOT_FOUND,
+    "the buffer was released before its fd could be sent",
+    Reason.BUFFER_NOT_FOUND,
+    None,
+)
+_RELEASED_MEANWHILE_BODY = _RELEASED_MEANWHILE.SerializeToString()
 
 
 class _AbortsWithStatus(Protocol):
@@ -278,33 +290,51 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
         except Exception:
             await self._internal(context)
 
-    async def _serve_frame(
-        self,
-        session: Session,
-        ticket: bytes,
-        handler: Callable[[Session, bytes], Message],
-        *,
-        blocks: Callable[[Session], bool],
-    ) -> fdwire.Reply:
-        """A request read from the session's own fd socket (an ALLOCATE
-        frame): _serve's steps without gRPC. There is no token or ticket to
-        check, the socket being the session's; the call slot, where the
-        handler runs and the wait for its fds are the same. Returns the
-        REPLY, to be queued after the fds."""
+    def _answer_frame(self, session: Session, ticket: bytes, handler: Callable[[Session, bytes], Message]) -> None:
+        """Serve a request read from the session's own fd socket (an
+        ALLOCATE frame) right here on the loop: _serve's steps without
+        gRPC, for a handler that cannot block. There is no token or ticket
+        to check, the socket being the session's; the call slot and the
+        handler are the same. The REPLY carries the buffers' fds."""
+        session.outbox.park(ticket)
         try:
             with self._limits.call(session.peer.uid):
-                executor = self._executors.calls if blocks(session) else None
-                response = await self._run(executor, handler, Claimed(session, ticket))
-            return fdwire.Reply(ticket, 0, response.SerializeToString())
+                response = handler(session, ticket)
+            reply = fdwire.Reply(ticket, 0, response.SerializeToString())
         except DmabufdError as error:
-            status = self._failure(error, session.peer.uid)
-        except asyncio.CancelledError:
-            raise
+            reply = self._failed_reply(ticket, self._failure(error, session.peer.uid))
         except Exception:
-            status = self._internal_failure()
+            reply = self._failed_reply(ticket, self._internal_failure())
+        self._send_reply(session, reply)
+
+    async def _answer_frame_later(
+        self, session: Session, ticket: bytes, handler: Callable[[Session, bytes], Message]
+    ) -> None:
+        """_answer_frame for a handler that may block: it runs on the
+        `calls` executor, within the uid's share of its threads."""
+        session.outbox.park(ticket)
+        try:
+            with self._limits.call(session.peer.uid):
+                async with self._limits.thread(session.peer.uid):
+                    loop = asyncio.get_running_loop()
+                    response = await loop.run_in_executor(self._executors.calls, handler, session, ticket)
+            reply = fdwire.Reply(ticket, 0, response.SerializeToString())
+        except DmabufdError as error:
+            reply = self._failed_reply(ticket, self._failure(error, session.peer.uid))
+        except Exception:
+            reply = self._failed_reply(ticket, self._internal_failure())
+        self._send_reply(session, reply)
+
+    @staticmethod
+    def _failed_reply(ticket: bytes, status: status_pb2.Status) -> fdwire.Reply:
         if status.ByteSize() > fdwire.MAX_REPLY_BODY_BYTES:  # a long message: its details stay whole
             status.message = status.message[: fdwire.MAX_REPLY_BODY_BYTES // 4]
         return fdwire.Reply(ticket, status.code, status.SerializeToString())
+
+    def _send_reply(self, session: Session, reply: fdwire.Reply) -> None:
+        undeliverable = fdwire.Reply(reply.ticket, _RELEASED_MEANWHILE.code, _RELEASED_MEANWHILE_BODY)
+        with contextlib.suppress(DeliveryFailed):  # the session ended meanwhile: nobody to answer
+            session.outbox.reply(reply, undeliverable)
 
     async def _serve_public(
         self, context: grpc.aio.ServicerContext[object, object], handler: Callable[[Session | None], T]

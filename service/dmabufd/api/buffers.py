@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -12,7 +11,7 @@ from google.protobuf.message import DecodeError
 
 from dmabufd.api.base import ServiceBase, buffer_info, never_blocks
 from dmabufd.api.routing import route_of
-from dmabufd.errors import DeliveryFailed, DmabufdError, InvalidRequest, Overloaded
+from dmabufd.errors import DmabufdError, InvalidRequest, Overloaded
 from dmabufd.heaps.backend import PAGE_SIZE, HeapSpec
 from dmabufd.heaps.registry import Caller, HeapEvent, HeapEventKind
 from dmabufd.sessions import procfs
@@ -158,15 +157,12 @@ class BuffersApi(ServiceBase):
         )
 
     def serve_frame(self, session: Session, frame: fdwire.AllocateFrame) -> None:
-        """An ALLOCATE frame, read on the loop: served by a task, whose
-        REPLY follows the buffer's FDS frame on the same socket. The task
-        is bounded by the uid's call slots like a gRPC call; a refused one
-        costs a REPLY, and unread REPLYs count against the outbox."""
-        task = asyncio.get_running_loop().create_task(self._allocate_frame(session, frame))
-        self._frame_tasks.add(task)
-        task.add_done_callback(self._frame_tasks.discard)
-
-    async def _allocate_frame(self, session: Session, frame: fdwire.AllocateFrame) -> None:
+        """An ALLOCATE frame, read on the loop, answered by a REPLY that
+        carries the buffer's fd: right away for a memfd (a few microsecond
+        syscalls), by a task whose handler runs on the `calls` executor for
+        a device heap. Either takes one of the uid's call slots, as a gRPC
+        call does; a refused one costs a REPLY, and unread REPLYs count
+        against the outbox."""
         parsed = pb.AllocateRequest()
         try:
             parsed.ParseFromString(frame.request)
@@ -187,12 +183,12 @@ class BuffersApi(ServiceBase):
                 raise InvalidRequest("the answer does not fit in a REPLY frame: use the Allocate call")
             return response
 
-        def blocks(session: Session) -> bool:
-            return request is not None and request.count <= 1 and self._allocation_blocks(session, request)
-
-        reply = await self._serve_frame(session, frame.ticket, handle, blocks=blocks)
-        with contextlib.suppress(DeliveryFailed):  # the session ended meanwhile
-            session.outbox.control(reply)
+        if request is None or request.count > 1 or not self._allocation_blocks(session, request):
+            self._answer_frame(session, frame.ticket, handle)
+            return
+        task = asyncio.get_running_loop().create_task(self._answer_frame_later(session, frame.ticket, handle))
+        self._frame_tasks.add(task)
+        task.add_done_callback(self._frame_tasks.discard)
 
     async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
         def handle(session: Session, _ticket: bytes) -> pb.ReleaseResponse:

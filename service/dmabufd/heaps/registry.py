@@ -78,6 +78,8 @@ class Caller:
 
 
 Probe = Callable[[HeapBackend], tuple[Method, ...]]
+# eligible()'s memo starts over past this many (request, caller) pairs.
+ELIGIBLE_MEMO_ENTRIES = 256
 EventSink = Callable[["HeapEvent | None"], None]
 
 
@@ -89,6 +91,12 @@ class HeapRegistry:
         self._lock = threading.Lock()
         self._backends: dict[str, HeapBackend] = {}
         self._watchers: set[EventSink] = set()
+        # Guarded by _lock: eligible()'s answers since the heaps last changed
+        # (everything else it reads is config), and which change that was.
+        # Every allocation asks; the answer depends on a few strings and
+        # the caller, so a few entries serve every client.
+        self._eligible_memo: dict[tuple[str, str, Caller, int | None], tuple[HeapBackend, ...]] = {}
+        self._generation = 0
         routes = config.npu.routes() if config.npu is not None else {}
         self._npu_routes = [
             NpuRoute(kind, device, npu.USAGES[kind], heaps)
@@ -119,6 +127,9 @@ class HeapRegistry:
                     backend.load_methods = self._probe(backend)
                 self._backends[name] = backend
                 events.append(HeapEvent(HeapEventKind.ADDED, spec))
+            if events:
+                self._generation += 1
+                self._eligible_memo.clear()
             for event in events:
                 for sink in self._watchers:
                     sink(event)
@@ -224,8 +235,24 @@ class HeapRegistry:
         it, else of its own route, that is present and allowed; `npu_device`
         narrows dma_heap.json's route to one NPU). Never empty: raises as
         resolve() does."""
+        key = (heap, usage, caller, npu_device)
         with self._lock:
+            known = self._eligible_memo.get(key)
+            if known is not None:
+                return list(known)
             present = dict(self._backends)
+            generation = self._generation
+        found = self._eligible(heap, usage, caller, npu_device, present)
+        with self._lock:
+            if generation == self._generation:
+                if len(self._eligible_memo) >= ELIGIBLE_MEMO_ENTRIES:
+                    self._eligible_memo.clear()
+                self._eligible_memo[key] = tuple(found)
+        return found
+
+    def _eligible(
+        self, heap: str, usage: str, caller: Caller, npu_device: int | None, present: dict[str, HeapBackend]
+    ) -> list[HeapBackend]:
         if heap:
             # A present heap by that exact name wins over an alias of it.
             candidates = (heap,) if heap in present else self._candidates(heap)

@@ -7,6 +7,7 @@ died, or hidepid), because accounting must never fail a call.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -102,30 +103,33 @@ def open_files(pid: int, wanted: Iterable[FileIdentity]) -> ProcHoldings:
 MAX_MAPS_BYTES = 1 << 20
 
 
+# The dev and inode of each line of /proc/<pid>/maps ("address perms
+# offset major:minor inode [path]", hex device numbers); lines with inode 0
+# (anonymous memory) do not match.
+_MAPS_FILE = re.compile(rb"^\S+ \S+ \S+ ([0-9a-f]+):([0-9a-f]+) ([1-9][0-9]*)", re.MULTILINE)
+
+
 def _mapped(pid: int, wanted: frozenset[FileIdentity]) -> set[FileIdentity]:
     """Which `wanted` files /proc/<pid>/maps shows mapped (a mapping keeps
     a buffer alive after its last fd is closed)."""
     try:
-        with open(f"/proc/{pid}/maps", encoding="ascii", errors="replace") as maps:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
             text = maps.read(MAX_MAPS_BYTES + 1)
     except OSError:
         return set()
     if len(text) > MAX_MAPS_BYTES:
         return set(wanted)
-    by_dev_ino = {(os.major(dev), os.minor(dev), ino): (dev, ino) for dev, ino in wanted}
+    # Every release asks, and a Python client maps hundreds of files: the
+    # regex finds the candidates, and only lines naming a wanted inode are
+    # looked at further.
+    by_inode: dict[bytes, list[FileIdentity]] = {}
+    for identity in wanted:
+        by_inode.setdefault(str(identity[1]).encode(), []).append(identity)
     found: set[FileIdentity] = set()
-    for line in text.splitlines():
-        # address perms offset dev inode [path]; dev is "major:minor" in hex.
-        fields = line.split(None, 5)
-        if len(fields) < 5 or fields[4] == "0":
-            continue
-        major, _, minor = fields[3].partition(":")
-        try:
-            key = (int(major, 16), int(minor, 16), int(fields[4]))
-        except ValueError:
-            continue
-        if key in by_dev_ino:
-            found.add(by_dev_ino[key])
+    for major, minor, inode in _MAPS_FILE.findall(text):
+        for identity in by_inode.get(inode, ()):
+            if os.makedev(int(major, 16), int(minor, 16)) == identity[0]:
+                found.add(identity)
     return found
 
 

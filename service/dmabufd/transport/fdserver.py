@@ -54,6 +54,9 @@ ACCEPT_BACKOFF_MAX_S = 1.0
 STALL_CHECK_S = 0.5
 _PEERCRED = struct.Struct("3i")
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# Plain ints: MsgFlag's & runs enum code in Python, for every frame.
+_CTRUNC = int(socket.MSG_CTRUNC)
+_TRUNC = int(socket.MSG_TRUNC)
 
 Admission = Callable[[Peer], str | None]
 # Takes an ALLOCATE frame on the loop and answers it later with a REPLY on
@@ -230,9 +233,9 @@ class FdServer:
         Every fd received is kept (a FILE frame's one) or closed here."""
         kept: int | None = None
         try:
-            if flags & socket.MSG_CTRUNC:
+            if flags & _CTRUNC:
                 return "control data truncated: too many fds in one message"
-            if flags & socket.MSG_TRUNC:
+            if flags & _TRUNC:
                 return f"frame longer than {fdwire.MAX_FRAME_BYTES} bytes"
             try:
                 frame = fdwire.decode(data)

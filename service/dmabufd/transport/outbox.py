@@ -20,7 +20,8 @@ nothing it does makes another client wait, and no daemon thread ever
 blocks on its socket (it is non-blocking; a full socket arms a writer
 callback instead).
 
-Threads: deliver(), control() and forget() may be called from any thread;
+Threads: deliver(), control(), park(), reply() and forget() may be called
+from any thread;
 _flush(), flushed(), stalled_for() and close() run on the event loop.
 _lock guards the queue, the per-ticket counts and the closed state; it is
 a leaf lock, never held across a syscall.
@@ -63,6 +64,8 @@ class _Frame:
     items: list[Outgoing]  # each holds a reference of this frame's
     ticket: bytes | None
     queued_at: float
+    # A REPLY's stand-in, sent without fds if its own fds may not go out.
+    fallback: bytes | None = None
 
 
 class Outbox:
@@ -86,6 +89,9 @@ class Outbox:
         self._queue: collections.deque[_Frame] = collections.deque()
         self._pending: dict[bytes, int] = {}  # ticket -> frames not written yet
         self._failed: dict[bytes, DmabufdError] = {}  # ticket -> why its frames were dropped
+        # ticket of an ALLOCATE frame -> the buffers its REPLY will carry
+        # (each holds a reference of the outbox's until the REPLY is queued).
+        self._parked: dict[bytes, list[Outgoing]] = {}
         self._closed: str | None = None
         # Loop only: calls waiting for their ticket's frames to be written.
         self._waiters: dict[bytes, asyncio.Future[None]] = {}
@@ -106,7 +112,17 @@ class Outbox:
         """Queue `items` for the client, tagged with the call's ticket. The
         outbox takes its own reference on each buffer; the caller keeps
         its own. Raises DeliveryFailed if the session is closed or would
-        pass its backlog (the session is then ended)."""
+        pass its backlog (the session is then ended). For a parked ticket
+        the items wait for its REPLY instead (park)."""
+        with self._lock:
+            parked = self._parked.get(ticket)
+            if parked is not None:
+                if self._closed is not None:
+                    raise DeliveryFailed(f"the client's fd socket is closed ({self._closed})")
+                for item in items:
+                    item.buffer.get()
+                parked.extend(items)
+                return
         ids = [item.buffer_id for item in items]
         frames = [
             (fdwire.encode(batch), list(items[batch.first_index : batch.first_index + len(batch.buffer_ids)]))
@@ -114,13 +130,44 @@ class Outbox:
         ]
         self._queue_frames(ticket, frames)
 
-    def control(self, frame: fdwire.Hello | fdwire.ErrorFrame | fdwire.Reply) -> None:
-        """Queue a frame without fds (HELLO, ERROR, REPLY)."""
+    def control(self, frame: fdwire.Hello | fdwire.ErrorFrame) -> None:
+        """Queue a frame without fds (HELLO, ERROR)."""
         self._queue_frames(None, [(fdwire.encode(frame), [])])
+
+    def park(self, ticket: bytes) -> None:
+        """What deliver() gets for `ticket` from now on goes out with the
+        REPLY that answers it (reply()), as one message: an ALLOCATE is
+        answered by one sendmsg, not an FDS frame and then a REPLY."""
+        with self._lock:
+            self._parked.setdefault(ticket, [])
+
+    def reply(self, reply: fdwire.Reply, undeliverable: fdwire.Reply) -> None:
+        """Queue the REPLY of a parked ticket: with the buffers delivered
+        for it when it reports success, else alone (the buffers are let go).
+        If, when it is written, one of its buffers no longer entitles the
+        session, `undeliverable` (a failure, no fds) goes instead."""
+        with self._lock:
+            items = self._parked.pop(reply.ticket, [])
+        if reply.code != 0:
+            for item in items:
+                item.buffer.put()
+            items = []
+        frame = _Frame(fdwire.encode(reply), items, None, 0.0, fdwire.encode(undeliverable))
+        try:
+            self._enqueue(None, [frame], taken=True)
+        except BaseException:
+            for item in items:
+                item.buffer.put()
+            raise
 
     def _queue_frames(self, ticket: bytes | None, frames: list[tuple[bytes, list[Outgoing]]]) -> None:
         if not frames:  # a delivery of no buffers (a model of zero-size tensors)
             return
+        self._enqueue(ticket, [_Frame(data, items, ticket, 0.0) for data, items in frames], taken=False)
+
+    def _enqueue(self, ticket: bytes | None, frames: list[_Frame], *, taken: bool) -> None:
+        """Queue frames; `taken`: their references are taken already
+        (given back by the caller if this raises)."""
         overflow = None
         with self._lock:
             if self._closed is not None:
@@ -129,10 +176,12 @@ class Outbox:
                 overflow = f"more than {self._max_frames} frames left unread on its fd socket (limits.outbox_frames)"
             else:
                 now = time.monotonic()
-                for data, items in frames:
-                    for item in items:
-                        item.buffer.get()
-                    self._queue.append(_Frame(data, items, ticket, now))
+                for frame in frames:
+                    if not taken:
+                        for item in frame.items:
+                            item.buffer.get()
+                    frame.queued_at = now
+                    self._queue.append(frame)
                 if ticket is not None:
                     self._pending[ticket] = self._pending.get(ticket, 0) + len(frames)
         if overflow is not None:
@@ -157,6 +206,10 @@ class Outbox:
                     break
                 frame = self._queue[0]
             problem = self._undeliverable(frame)
+            if problem is not None and frame.fallback is not None:
+                for item in frame.items:
+                    item.buffer.put()
+                frame.items, frame.data, frame.fallback, problem = [], frame.fallback, None, None
             if problem is None:
                 try:
                     self._send(frame)
@@ -262,6 +315,8 @@ class Outbox:
             self._closed = reason
             dropped = list(self._queue)
             self._queue.clear()
+            dropped += [_Frame(b"", items, None, 0.0) for items in self._parked.values()]
+            self._parked.clear()
             failure = DeliveryFailed(f"the session ended before its fds were sent ({reason})")
             for ticket in self._pending:
                 self._failed[ticket] = failure

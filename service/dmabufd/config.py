@@ -116,8 +116,9 @@ class LoadingConfig:
     roots: tuple[Path, ...] = ()
     # I/O requests kept in flight per load, and the size of each, for every
     # kind of buffer without a profile of its own in `kinds`. A request into
-    # memory maps its chunk while it runs, so the daemon's resident memory
-    # peaks at parallelism x chunk_bytes of the buffers' own pages.
+    # memory maps its chunk while it runs (or, O_DIRECT into a memfd, goes
+    # through a 2 MiB bounce buffer), so the daemon's resident memory peaks
+    # at parallelism x chunk_bytes at most.
     parallelism: int = 8
     chunk_bytes: int = 16 << 20
     # Per kind of buffer (LOAD_KINDS): its own parallelism and chunk_bytes.
@@ -126,7 +127,9 @@ class LoadingConfig:
     # of reading them from the device again.
     page_cache: bool = True
     # Allocate a memfd buffer's fresh pages in a lane of their own, ahead
-    # of the reads, so the other core pays for them while the device works.
+    # of the reads, so the other core pays for them while the device works
+    # (buffered-read only: the one method that reads into a mapping of a
+    # memfd; the others write into it, which allocates pages without faults).
     populate: bool = True
     # Ask for transparent huge pages on memfd buffers (effective where the
     # kernel's shmem_enabled is "advise" or more): 512 times fewer faults.

@@ -7,14 +7,19 @@ Two kinds of lane run at once, on threads of the load's own pool:
   cachestat says the cache holds the whole chunk already, else from the
   device (O_DIRECT) with the unaligned ends buffered. Taking chunks from a
   shared cursor keeps `depth` requests in flight without a future per chunk.
-- a populate lane, for memfd buffers only: it allocates the buffers' fresh
-  pages ahead of the I/O lanes (MADV_POPULATE_WRITE on a window of the
-  memfd, with MADV_HUGEPAGE first where huge pages are wanted), so that the
-  cost of a fresh page (allocation, zeroing, the page-table entry of the
-  fault) is paid on the other core while the I/O lanes wait for the device.
-  udmabuf's memfd pages exist from its creation and heap buffers are the
-  kernel's; neither needs it. An I/O lane that overtakes it faults the pages
-  itself, as before: the lane only moves work, it is never needed.
+- a populate lane, for memfd buffers filled through a mapping (the
+  buffered-read method): it allocates the buffers' fresh pages ahead of the
+  I/O lanes (MADV_POPULATE_WRITE on a window of the memfd, with
+  MADV_HUGEPAGE first where huge pages are wanted), so that the cost of a
+  fresh page (allocation, zeroing, the page-table entry of the fault) is
+  paid on the other core while the I/O lanes wait for the device. The
+  other methods write into the memfd (direct-read through a lane's bounce
+  buffer, cached chunks with sendfile), which allocates each page as it
+  fills it, with no zeroing or fault to move elsewhere; udmabuf's memfd
+  pages exist from its creation and heap buffers are the kernel's. An I/O
+  lane that overtakes it faults the pages itself: the lane only moves
+  work, it is never needed. It does not run when the page cache holds the
+  whole file.
 
 Locking: the cursor, the parts list and the CPU total each sit under the
 one `_lock`, taken for a few instructions, never across a syscall.
@@ -37,7 +42,7 @@ from dmabufd.errors import LoadCancelled
 from dmabufd.heaps.backend import Allocation, BackendKind
 from dmabufd.loading import page_cache
 from dmabufd.loading.method import Method, PartSource
-from dmabufd.loading.methods import TRANSFERS, Piece, Source
+from dmabufd.loading.methods import MAPS_MEMFD_PAGES, TRANSFERS, Piece, Source
 from dmabufd_common import uapi
 
 ProgressFn = Callable[[int], None]
@@ -101,6 +106,7 @@ class Transfer:
         self._source = source
         self._work = work
         self._copy = TRANSFERS[method]
+        self._method = method
         self._lanes = lanes
         self._progress = progress
         self._cancelled = cancelled
@@ -172,13 +178,22 @@ class Transfer:
     # -- the populate lane
 
     def _populate_targets(self) -> list[Allocation]:
-        if not self._lanes.populate:
+        if not self._lanes.populate or self._method not in MAPS_MEMFD_PAGES or self._all_cached():
             return []
         seen: dict[int, Allocation] = {}
         for allocation, _ in self._work:
             if allocation.kind is BackendKind.MEMFD:
                 seen.setdefault(id(allocation), allocation)
         return list(seen.values())
+
+    def _all_cached(self) -> bool:
+        """Whether the page cache holds every chunk now: then the I/O
+        lanes write every page themselves (methods._write_buffered), and
+        faulting pages in ahead of them would only add work."""
+        return self._lanes.page_cache and all(
+            page_cache.fully_cached(self._source.buffered_fd, piece.file_offset, piece.length)
+            for _, piece in self._work
+        )
 
     def _populate_lane(self, targets: list[Allocation]) -> None:
         """Fault in every page of the memfd buffers, in file order, while the

@@ -35,6 +35,7 @@ BENCH = Schema(
         ("pool_8x_nv12_1080p_recycled_ms", "the same from the recycled pool"),
         ("allocs_per_s_1_client", "allocations per second (release included), 1 process"),
         ("allocs_per_s_n_clients", "the same from `clients` processes at once"),
+        ("clients_speedup", "allocs_per_s_n_clients / allocs_per_s_1_client"),
     ),
 )
 
@@ -77,6 +78,7 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         pool_8x_nv12_1080p_recycled_ms=pool_recycled_s * 1e3,
         allocs_per_s_1_client=single_rate,
         allocs_per_s_n_clients=multi_rate,
+        clients_speedup=multi_rate / single_rate,
     )
     if args.json:
         output.emit_json(result)
@@ -98,6 +100,7 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
     table.add_row("pool 8 x NV12 1080p, recycled", f"{pool_recycled_s * 1e3:.2f} ms")
     table.add_row("allocations/s, 1 client", f"{single_rate:.0f}")
     table.add_row(f"allocations/s, {args.clients} clients", f"{multi_rate:.0f}")
+    table.add_row(f"{args.clients} clients / 1 client", f"{multi_rate / single_rate:.2f}x")
     output.stdout.print(table)
     return 0
 

@@ -300,12 +300,10 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
         try:
             with self._limits.call(session.peer.uid):
                 response = handler(session, ticket)
-            reply = fdwire.Reply(ticket, 0, response.SerializeToString())
-        except DmabufdError as error:
-            reply = self._failed_reply(ticket, self._failure(error, session.peer.uid))
-        except Exception:
-            reply = self._failed_reply(ticket, self._internal_failure())
-        self._send_reply(session, reply)
+        except Exception as error:
+            self._send_reply(session, self._refusal(ticket, error, session.peer.uid))
+            return
+        self._send_reply(session, fdwire.Reply(ticket, 0, response.SerializeToString()))
 
     async def _answer_frame_later(
         self, session: Session, ticket: bytes, handler: Callable[[Session, bytes], Message]
@@ -318,15 +316,15 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
                 async with self._limits.thread(session.peer.uid):
                     loop = asyncio.get_running_loop()
                     response = await loop.run_in_executor(self._executors.calls, handler, session, ticket)
-            reply = fdwire.Reply(ticket, 0, response.SerializeToString())
-        except DmabufdError as error:
-            reply = self._failed_reply(ticket, self._failure(error, session.peer.uid))
-        except Exception:
-            reply = self._failed_reply(ticket, self._internal_failure())
-        self._send_reply(session, reply)
+        except Exception as error:
+            self._send_reply(session, self._refusal(ticket, error, session.peer.uid))
+            return
+        self._send_reply(session, fdwire.Reply(ticket, 0, response.SerializeToString()))
 
-    @staticmethod
-    def _failed_reply(ticket: bytes, status: status_pb2.Status) -> fdwire.Reply:
+    def _refusal(self, ticket: bytes, error: Exception, uid: int) -> fdwire.Reply:
+        """The REPLY for a request that failed (called in its except block,
+        so that an unexpected error is logged with its traceback)."""
+        status = self._failure(error, uid) if isinstance(error, DmabufdError) else self._internal_failure()
         if status.ByteSize() > fdwire.MAX_REPLY_BODY_BYTES:  # a long message: its details stay whole
             status.message = status.message[: fdwire.MAX_REPLY_BODY_BYTES // 4]
         return fdwire.Reply(ticket, status.code, status.SerializeToString())

@@ -40,7 +40,7 @@ class FrameType(IntEnum):
     ERROR = 4  # daemon -> client only: a frame of the client's was rejected, or it was refused
     FILE = 5  # client -> daemon: a ticket with one file fd attached (LoadFile/LoadModel)
     ALLOCATE = 6  # client -> daemon: an AllocateRequest of one buffer, served without gRPC
-    REPLY = 7  # daemon -> client: the answer to the ALLOCATE with that ticket, after its FDS frame
+    REPLY = 7  # daemon -> client: the answer to the ALLOCATE with that ticket, its fd attached
 
 
 class FrameError(ValueError):
@@ -94,9 +94,9 @@ class ErrorFrame:
 
 @dataclass(frozen=True)
 class AllocateFrame:
-    """A serialized AllocateRequest (one buffer), and the ticket its FDS
-    and REPLY frames will carry. The ticket is the client's own name for
-    the request: it proves nothing, since the frame arrives on the session."""
+    """A serialized AllocateRequest (one buffer), and the ticket its REPLY
+    will carry. The ticket is the client's own name for the request: it
+    proves nothing, since the frame arrives on the session."""
 
     ticket: bytes
     request: bytes
@@ -104,8 +104,8 @@ class AllocateFrame:
 
 @dataclass(frozen=True)
 class Reply:
-    """code 0: `body` is the serialized AllocateResponse; else a serialized
-    google.rpc.Status (code, message, and the details a gRPC call's
+    """code 0: `body` is the serialized AllocateResponse, and the frame
+    carries one fd per buffer of it; else a serialized google.rpc.Status (code, message, and the details a gRPC call's
     grpc-status-details-bin trailer would carry)."""
 
     ticket: bytes

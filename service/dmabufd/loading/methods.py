@@ -188,8 +188,8 @@ def _read_through_bounce(source: Source, fd: int, memfd: int, part: Piece) -> No
     memfd instead makes every page cost a zeroing and a fault; written,
     the page is allocated and filled at once. Here that cut the CPU of a
     cold 512 MiB load by about a fifth (0.73-0.81 to 0.57-0.65 CPU-s/GiB
-    over 4 paired runs) with the same or better wall time, for one copy
-    out of the bounce buffer, which stays in the CPU's cache."""
+    over 4 paired runs) with the same or better wall time, for one more
+    copy, out of the bounce buffer."""
     view = _bounce()
     done = 0
     while done < part.length:

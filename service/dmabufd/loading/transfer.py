@@ -18,8 +18,7 @@ Two kinds of lane run at once, on threads of the load's own pool:
   fills it, with no zeroing or fault to move elsewhere; udmabuf's memfd
   pages exist from its creation and heap buffers are the kernel's. An I/O
   lane that overtakes it faults the pages itself: the lane only moves
-  work, it is never needed. It does not run when the page cache holds the
-  whole file.
+  work, it is never needed.
 
 Locking: the cursor, the parts list and the CPU total each sit under the
 one `_lock`, taken for a few instructions, never across a syscall.
@@ -178,22 +177,13 @@ class Transfer:
     # -- the populate lane
 
     def _populate_targets(self) -> list[Allocation]:
-        if not self._lanes.populate or self._method not in MAPS_MEMFD_PAGES or self._all_cached():
+        if not self._lanes.populate or self._method not in MAPS_MEMFD_PAGES:
             return []
         seen: dict[int, Allocation] = {}
         for allocation, _ in self._work:
             if allocation.kind is BackendKind.MEMFD:
                 seen.setdefault(id(allocation), allocation)
         return list(seen.values())
-
-    def _all_cached(self) -> bool:
-        """Whether the page cache holds every chunk now: then the I/O
-        lanes write every page themselves (methods._write_buffered), and
-        faulting pages in ahead of them would only add work."""
-        return self._lanes.page_cache and all(
-            page_cache.fully_cached(self._source.buffered_fd, piece.file_offset, piece.length)
-            for _, piece in self._work
-        )
 
     def _populate_lane(self, targets: list[Allocation]) -> None:
         """Fault in every page of the memfd buffers, in file order, while the

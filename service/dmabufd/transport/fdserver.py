@@ -59,8 +59,8 @@ _CTRUNC = int(socket.MSG_CTRUNC)
 _TRUNC = int(socket.MSG_TRUNC)
 
 Admission = Callable[[Peer], str | None]
-# Takes an ALLOCATE frame on the loop and answers it later with a REPLY on
-# the session's outbox (api/buffers.py); never blocks.
+# Takes an ALLOCATE frame on the loop and answers it with a REPLY on the
+# session's outbox, at once or from a task (api/buffers.py); never blocks.
 RequestSink = Callable[[Session, fdwire.AllocateFrame], None]
 
 

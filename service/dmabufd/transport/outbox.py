@@ -147,27 +147,21 @@ class Outbox:
         If, when it is written, one of its buffers no longer entitles the
         session, `undeliverable` (a failure, no fds) goes instead."""
         with self._lock:
-            items = self._parked.pop(reply.ticket, [])
-        if reply.code != 0:
-            for item in items:
-                item.buffer.put()
-            items = []
-        frame = _Frame(fdwire.encode(reply), items, None, 0.0, fdwire.encode(undeliverable))
+            parked = self._parked.pop(reply.ticket, [])
+        carried = parked if reply.code == 0 else []
         try:
-            self._enqueue(None, [frame], taken=True)
-        except BaseException:
-            for item in items:
+            self._enqueue(None, [_Frame(fdwire.encode(reply), carried, None, 0.0, fdwire.encode(undeliverable))])
+        finally:
+            for item in parked:  # the park's references; a queued frame holds its own
                 item.buffer.put()
-            raise
 
     def _queue_frames(self, ticket: bytes | None, frames: list[tuple[bytes, list[Outgoing]]]) -> None:
         if not frames:  # a delivery of no buffers (a model of zero-size tensors)
             return
-        self._enqueue(ticket, [_Frame(data, items, ticket, 0.0) for data, items in frames], taken=False)
+        self._enqueue(ticket, [_Frame(data, items, ticket, 0.0) for data, items in frames])
 
-    def _enqueue(self, ticket: bytes | None, frames: list[_Frame], *, taken: bool) -> None:
-        """Queue frames; `taken`: their references are taken already
-        (given back by the caller if this raises)."""
+    def _enqueue(self, ticket: bytes | None, frames: list[_Frame]) -> None:
+        """Queue frames, each taking its own reference on its buffers."""
         overflow = None
         with self._lock:
             if self._closed is not None:
@@ -177,9 +171,8 @@ class Outbox:
             else:
                 now = time.monotonic()
                 for frame in frames:
-                    if not taken:
-                        for item in frame.items:
-                            item.buffer.get()
+                    for item in frame.items:
+                        item.buffer.get()
                     frame.queued_at = now
                     self._queue.append(frame)
                 if ticket is not None:

@@ -10,7 +10,7 @@ import os
 import secrets
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -42,6 +42,24 @@ def exchange(raw: RawSession, body: bytes) -> tuple[fdwire.Reply, list[int]]:
     assert isinstance(frame, fdwire.Reply), frame
     assert frame.ticket == ticket
     return frame, fds
+
+
+def in_threads(work: Callable[[], None], count: int) -> list[BaseException]:
+    """Run `work` in `count` threads at once; what they raised."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as error:  # returned to the test
+            failures.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return failures
 
 
 def test_answers_what_the_call_answers(client: dmabufd_client.Client) -> None:
@@ -127,29 +145,20 @@ def test_threads_sharing_a_session_each_get_their_own_fds(daemon: RunningDaemon)
     thread that reads the socket files every other thread's fds and REPLYs."""
     before = daemon.settled_fd_count()
     with daemon.connect() as client:
-        failures: list[BaseException] = []
         inodes: list[int] = []
         lock = threading.Lock()
 
         def work() -> None:
-            try:
-                for index in range(40):
-                    with client.allocate(4096 * (1 + index % 3)) as buffer:
-                        assert os.fstat(buffer.fileno()).st_ino == buffer.info.inode
-                        assert buffer.size == 4096 * (1 + index % 3)
-                        with lock:
-                            inodes.append(buffer.info.inode)
-                    if index % 10 == 0:
-                        client.buffers()
-            except BaseException as error:  # reported below
-                failures.append(error)
+            for index in range(40):
+                with client.allocate(4096 * (1 + index % 3)) as buffer:
+                    assert os.fstat(buffer.fileno()).st_ino == buffer.info.inode
+                    assert buffer.size == 4096 * (1 + index % 3)
+                    with lock:
+                        inodes.append(buffer.info.inode)
+                if index % 10 == 0:
+                    client.buffers()
 
-        threads = [threading.Thread(target=work) for _ in range(16)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert not failures, failures
+        assert not in_threads(work, 16)
         assert len(inodes) == 16 * 40
         assert client.buffers() == []
     assert daemon.wait_for_fd_count(before) == before, "no fd left in the daemon"
@@ -192,22 +201,13 @@ def test_allocations_that_may_block_are_served_on_the_executor(daemon_factory: D
         warmup.allocate(4096).close()
     before = daemon.settled_fd_count()
     with daemon.connect() as client:
-        failures: list[BaseException] = []
 
         def work() -> None:
-            try:
-                for _ in range(30):
-                    with client.allocate(8192) as buffer:
-                        assert os.fstat(buffer.fileno()).st_ino == buffer.info.inode
-            except BaseException as error:  # reported below
-                failures.append(error)
+            for _ in range(30):
+                with client.allocate(8192) as buffer:
+                    assert os.fstat(buffer.fileno()).st_ino == buffer.info.inode
 
-        threads = [threading.Thread(target=work) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert not failures, failures
+        assert not in_threads(work, 8)
         with pytest.raises(client_errors.HeapNotFound):
             client.allocate(4096, heap="no-such-heap")
         with pytest.raises(dmabufd_client.InvalidArgument, match="at least 1 byte"):

@@ -17,6 +17,11 @@ from tests.security.conftest import (
 OUTBOX_STALL_S = 2.0
 WATCHES_PER_UID = 16
 CALLS_PER_UID = 32
+# For the clients that do not read: a short stall limit, and a quota that
+# lets the attacker's buffers pile up to it.
+UNREAD_CONFIG = limits(outbox_frames=64, outbox_stall_s=OUTBOX_STALL_S, calls_per_uid=CALLS_PER_UID) + (
+    "[quota.uids.12345]\nmax_buffers = 16384\n"
+)
 
 
 def test_client_that_never_reads_its_fd_socket(
@@ -32,11 +37,7 @@ def test_client_that_never_reads_its_fd_socket(
     + 4 s of its first unread frame (or as soon as more than outbox_frames
     = 64 are queued) the attacker's session is ended: the daemon hangs up
     its fd socket and the next call gets UNAUTHENTICATED or UNAVAILABLE."""
-    daemon = daemon_factory(
-        limits(outbox_frames=64, outbox_stall_s=OUTBOX_STALL_S, calls_per_uid=CALLS_PER_UID)
-        + "[quota.uids.12345]\nmax_buffers = 16384\n",
-        public=True,
-    )
+    daemon = daemon_factory(UNREAD_CONFIG, public=True)
     before = footprint(daemon)
     victim = victim_of(daemon)
     attacker = spawn(
@@ -121,11 +122,7 @@ def test_allocate_frames_flooded_and_never_read(
     while the victim's p99 stays < 100 ms; once 64 frames wait unread (or
     one waits outbox_stall_s) the session ends, and every buffer it got is
     released: fds and RSS back to where they were."""
-    daemon = daemon_factory(
-        limits(outbox_frames=64, outbox_stall_s=OUTBOX_STALL_S, calls_per_uid=CALLS_PER_UID)
-        + "[quota.uids.12345]\nmax_buffers = 16384\n",
-        public=True,
-    )
+    daemon = daemon_factory(UNREAD_CONFIG, public=True)
     before = footprint(daemon)
     victim = victim_of(daemon)
     attacker = spawn("allocate_frame_flood", runtime_dir=str(daemon.runtime_dir), requests=300, stall_s=OUTBOX_STALL_S)

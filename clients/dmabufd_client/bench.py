@@ -78,7 +78,7 @@ class _Job:
     runtime_dir: str | None
     size: int
     heap: str
-    count: int
+    seconds: float
 
 
 def pool_times(client: Client, heap: str, rounds: int = 5) -> tuple[float, float]:
@@ -95,32 +95,43 @@ def pool_times(client: Client, heap: str, rounds: int = 5) -> tuple[float, float
     return statistics.median(fresh), statistics.median(warm)
 
 
-def _worker(job: _Job, start: Any, results: Any) -> None:
+def _worker(job: _Job, ready: Any, start: Any, results: Any) -> None:
     with connect(job.runtime_dir) as client:
         client.health()
+        ready.put(os.getpid())
         start.wait()
         held: list[Buffer] = []
+        count = 0
         began = time.perf_counter()
-        for _ in range(job.count):
+        deadline = began + job.seconds
+        while time.perf_counter() < deadline:
             held.append(client.allocate(job.size, heap=job.heap, name="bench"))
+            count += 1
             if len(held) >= RELEASE_EVERY:
                 _drop(client, held)
         _drop(client, held)
-        results.put((began, time.perf_counter(), job.count))
+        results.put((began, time.perf_counter(), count))
 
 
-def throughput(runtime_dir: Path | None, size: int, heap: str, clients: int, per_client: int) -> float:
-    """Allocations per second (release included) from `clients` processes."""
+def throughput(runtime_dir: Path | None, size: int, heap: str, clients: int, seconds: float) -> float:
+    """Allocations per second (release included) from `clients` processes,
+    each allocating for `seconds`.
+
+    The clock starts once every process has connected: spawning and
+    importing eight Pythons costs more CPU than the run itself on a small
+    machine, and must not overlap it."""
     context = multiprocessing.get_context("spawn")  # a forked gRPC runtime is not safe
+    ready = context.Queue()
     start = context.Event()
     results = context.Queue()
-    job = _Job(str(runtime_dir) if runtime_dir else None, size, heap, per_client)
-    workers = [context.Process(target=_worker, args=(job, start, results)) for _ in range(clients)]
+    job = _Job(str(runtime_dir) if runtime_dir else None, size, heap, seconds)
+    workers = [context.Process(target=_worker, args=(job, ready, start, results)) for _ in range(clients)]
     for worker in workers:
         worker.start()
-    time.sleep(1.0)  # let every worker connect before the clock starts
+    for _ in workers:
+        ready.get(timeout=120)
     start.set()
-    spans = [results.get(timeout=300) for _ in workers]
+    spans = [results.get(timeout=120 + seconds) for _ in workers]
     for worker in workers:
         worker.join()
     total = sum(int(count) for _, _, count in spans)

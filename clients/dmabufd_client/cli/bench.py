@@ -23,6 +23,7 @@ BENCH = Schema(
         ("heap", "the heap asked for; null: chosen by usage"),
         ("iterations", "allocations timed"),
         ("clients", "client processes of the concurrent run"),
+        ("throughput_seconds", "how long each throughput run allocates"),
         ("alloc_fd_p50_us", "allocate until the fd is in hand, median, microseconds"),
         ("alloc_fd_p99_us", "the same, 99th percentile"),
         ("grpc_health_p50_us", "a bare gRPC health check on the same channel, median"),
@@ -53,11 +54,11 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         batch_s, singles_s = bench.batch_vs_singles(client, size, heap, rounds=20)
         update(completed=3, description="image pools, fresh and recycled")
         pool_fresh_s, pool_recycled_s = bench.pool_times(client, heap)
-        per_client = max(100, iterations // 4)
+        seconds = args.seconds
         update(completed=4, description="throughput, 1 client process")
-        single_rate = bench.throughput(client.runtime_dir, size, heap, 1, per_client)
+        single_rate = bench.throughput(client.runtime_dir, size, heap, 1, seconds)
         update(completed=5, description=f"throughput, {args.clients} client processes")
-        multi_rate = bench.throughput(client.runtime_dir, size, heap, args.clients, per_client)
+        multi_rate = bench.throughput(client.runtime_dir, size, heap, args.clients, seconds)
         update(completed=6)
     alloc_p50, health_p50 = bench.percentile(alloc_s, 0.5), bench.percentile(health_s, 0.5)
     result: dict[str, Any] = output.versioned(
@@ -66,6 +67,7 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         heap=heap or None,
         iterations=iterations,
         clients=args.clients,
+        throughput_seconds=seconds,
         alloc_fd_p50_us=alloc_p50 * 1e6,
         alloc_fd_p99_us=bench.percentile(alloc_s, 0.99) * 1e6,
         grpc_health_p50_us=health_p50 * 1e6,
@@ -120,5 +122,12 @@ def register(add: AddCommand) -> None:
     )
     command.add_argument(
         "--clients", type=output.positive_int, default=8, metavar="N", help="concurrent client processes (default 8)"
+    )
+    command.add_argument(
+        "--seconds",
+        type=output.positive_seconds,
+        default=3.0,
+        metavar="S",
+        help="how long each throughput run allocates, once every client has connected (default 3)",
     )
     command.add_argument("--heap", default="", help="heap name or alias (default: chosen by usage)")

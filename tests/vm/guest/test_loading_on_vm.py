@@ -115,3 +115,41 @@ def test_model_into_the_system_heap(client: dmabufd_client.Client, scratch_dir: 
         assert not model.read_only_enforced, "a heap dma-buf cannot be made read-only"
         for name, expected in tensors.items():
             assert np.array_equal(model[name], expected)
+
+
+def _drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("heap", ["system", "udmabuf"])
+def test_cached_bytes_come_from_the_page_cache_into_each_heap(
+    client: dmabufd_client.Client, scratch_dir: Path, heap: str
+) -> None:
+    """The kernel has cachestat, so a load asks it which chunks the page
+    cache holds: a warm file is copied from there by every method, into
+    real heap and udmabuf buffers, and a cold one is not."""
+    path = scratch_dir / f"warm-{heap}.bin"
+    size = (24 << 20) + 4097
+    make_file(path, size)
+    with open(path, "rb") as handle:
+        expected = hashlib.sha256(handle.read()[5:]).hexdigest()  # and the file is cached now
+    methods = next(h.load_methods for h in client.heaps() if h.name == heap)
+    for method in methods:
+        with client.load_file(path, offset=5, heap=heap, method=method) as loaded:
+            assert digest_of(loaded) == expected, f"{method} into {heap}, warm"
+            assert loaded.stats.bytes_from_cache == size - 5, (method, loaded.stats.parts)
+            assert {part.source for part in loaded.stats.parts} == {"page-cache"}, method
+        _drop_cache(path)
+        with client.load_file(path, offset=5, heap=heap, method=method) as loaded:
+            assert digest_of(loaded) == expected, f"{method} into {heap}, cold"
+            assert loaded.stats.bytes_from_cache == 0, (method, loaded.stats.parts)
+            if method.startswith("direct-"):
+                assert "device" in {part.source for part in loaded.stats.parts}, method
+        with open(path, "rb") as handle:
+            while handle.read(8 << 20):
+                pass

@@ -688,11 +688,19 @@ def allocate_frame_flood(link: Link, *, runtime_dir: str, requests: int, stall_s
     valid = pb.AllocateRequest(size=4096).SerializeToString()
     sent = 0
     began = time.monotonic()
+    writable = select.poll()
+    writable.register(sock, select.POLLOUT)
+    # Until the daemon stops reading for good: a full socket only means it
+    # is behind. Its REPLYs first fill its own send buffer (a few hundred
+    # fit), and only then wait unread in its outbox, so the flood must
+    # outlast that buffer for the outbox limit to be reached at all.
     while sent < requests * 10:
         try:
             sock.send(fdwire.encode(fdwire.AllocateFrame(secrets.token_bytes(fdwire.TICKET_BYTES), valid)))
         except BlockingIOError:
-            break  # the daemon stopped reading: it has ended the session or will
+            if not writable.poll(1000):
+                break  # the daemon stopped reading: it has ended the session or will
+            continue
         except OSError:
             break  # it hung up already
         sent += 1

@@ -124,6 +124,23 @@ def test_tensors_never_straddle_buffers(daemon_factory: DaemonFactory, tmp_path:
             assert np.array_equal(model[name], expected)
 
 
+def test_a_large_memfd_model_is_spread_over_buffers_the_lanes_write_at_once(
+    client: dmabufd_client.Client, tmp_path: Path
+) -> None:
+    """Past 128 MiB of tensors, a model bound for memfds comes in several
+    buffers (a memfd takes one write at a time); each tensor is still whole
+    in one of them, and verify checks every buffer."""
+    rng = np.random.default_rng(17)
+    tensors = {f"layer.{i}": rng.integers(0, 255, 24 << 20, dtype=np.uint8) for i in range(7)}  # 168 MiB
+    save_file(tensors, str(tmp_path / "big.safetensors"))
+    with client.load_model(tmp_path / "big.safetensors", verify=True) as model:
+        assert model.stats.verified
+        assert model.stats.method == "direct-read"
+        assert len(model._fds) == 2, "two shares of about 84 MiB"
+        for name, expected in tensors.items():
+            assert np.array_equal(model[name], expected), name
+
+
 @pytest.mark.parametrize(
     ("header", "message"),
     [

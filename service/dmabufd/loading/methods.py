@@ -69,12 +69,20 @@ class Piece:
 class Source:
     buffered_fd: int
     direct_fd: int | None
-    # One lane at a time writes into a load's memfds: shmem takes the
-    # inode's lock for each write, and lanes that queue on it spin. Held
-    # across the pwrite or sendfile it serializes (memory copies, never a
-    # device read: only parts the page cache holds and bounce buffers are
-    # written), by this load's lanes only.
-    shmem_writer: threading.Lock = field(default_factory=threading.Lock, compare=False)
+    # One lane at a time writes into each of a load's memfds: shmem takes
+    # the file's inode lock for each write, and lanes that queue on it
+    # spin. A writer lock is held across the pwrite or sendfile it
+    # serializes (memory copies, never a device read: only parts the page
+    # cache holds and bounce buffers are written), by this load's lanes
+    # only; lanes writing into different memfds do not wait for each other.
+    _writers: dict[int, threading.Lock] = field(default_factory=dict, compare=False)
+    # Guards _writers (a lookup, or adding a lock).
+    _writers_lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
+
+    def shmem_writer(self, memfd: int) -> threading.Lock:
+        """The lock a lane holds while it writes into `memfd`."""
+        with self._writers_lock:
+            return self._writers.setdefault(memfd, threading.Lock())
 
 
 def _shrank(piece: Piece, done: int) -> FileChanged:
@@ -197,7 +205,7 @@ def _read_through_bounce(source: Source, fd: int, memfd: int, part: Piece) -> No
         got = os.preadv(fd, [view[:want]], part.file_offset + done)
         if got == 0:
             raise _shrank(part, done)
-        with source.shmem_writer:
+        with source.shmem_writer(memfd):
             written = 0
             while written < got:
                 written += os.pwrite(memfd, view[written:got], part.buffer_offset + done + written)
@@ -210,12 +218,12 @@ def _write_buffered(source: Source, memfd: int, part: Piece) -> None:
     allocates each shmem page and fills it in one pass: no zeroing first,
     no page-table entry, no fault per page, which is most of what a fresh
     page costs. Here that halves the CPU of copying a cached file (about
-    0.45 against 0.9 CPU-s/GiB, `make bench-load`). One lane writes at a
-    time (Source.shmem_writer); the others carry on with their device reads
-    meanwhile. If the pages left the cache since cachestat counted them,
-    this write reads them from the device under that lock: rare, and only
-    slower."""
-    with source.shmem_writer:
+    0.45 against 0.9 CPU-s/GiB, `make bench-load`). One lane at a time
+    writes into a memfd (Source.shmem_writer); the others carry on with
+    their device reads, or their writes into other memfds, meanwhile. If
+    the pages left the cache since cachestat counted them, this write reads
+    them from the device under that lock: rare, and only slower."""
+    with source.shmem_writer(memfd):
         out = _reopen_for_writing(memfd)
         try:
             os.lseek(out, part.buffer_offset, os.SEEK_SET)
@@ -297,6 +305,11 @@ TRANSFERS = {
 # pages a populate lane can fault in ahead (transfer.py); the others write
 # into the memfd, which allocates its pages without faults.
 MAPS_MEMFD_PAGES = frozenset({Method.BUFFERED_READ})
+
+# Methods that write into memfds (pwrite, sendfile), one lane at a time per
+# memfd (Source.shmem_writer): a load by them gains from lanes spread over
+# several memfds (transfer.py's order, models.py's split).
+WRITES_INTO_MEMFDS = frozenset({Method.DIRECT_READ})
 
 # Which methods can write into which kind of buffer at all (the probe then
 # says which the running kernel really supports).

@@ -2,8 +2,9 @@
 
 Two kinds of lane run at once, on threads of the load's own pool:
 
-- I/O lanes (`depth` of them): each takes the next chunk in file order and
-  copies it with the load's method (methods.py), from the page cache when
+- I/O lanes (`depth` of them): each takes the next chunk (in file order,
+  or from each buffer in turn for methods that write into memfds:
+  lane_order) and copies it with the load's method (methods.py), from the page cache when
   cachestat says the cache holds the whole chunk already, else from the
   device (O_DIRECT) with the unaligned ends buffered. Taking chunks from a
   shared cursor keeps `depth` requests in flight without a future per chunk.
@@ -41,7 +42,7 @@ from dmabufd.errors import LoadCancelled
 from dmabufd.heaps.backend import Allocation, BackendKind
 from dmabufd.loading import page_cache
 from dmabufd.loading.method import Method, PartSource
-from dmabufd.loading.methods import MAPS_MEMFD_PAGES, TRANSFERS, Piece, Source
+from dmabufd.loading.methods import MAPS_MEMFD_PAGES, TRANSFERS, WRITES_INTO_MEMFDS, Piece, Source
 from dmabufd_common import uapi
 
 ProgressFn = Callable[[int], None]
@@ -88,6 +89,21 @@ def chunks(piece: Piece, chunk_bytes: int) -> list[Piece]:
     return out
 
 
+def lane_order(work: list[tuple[Allocation, Piece]], method: Method) -> list[tuple[Allocation, Piece]]:
+    """The order the I/O lanes take the chunks in: file order, except for
+    methods that write into memfds, which take them from each buffer in
+    turn. A memfd accepts one write at a time, so lanes all inside one
+    buffer would queue on it; spread over several, they write at once."""
+    if method not in WRITES_INTO_MEMFDS:
+        return work
+    by_buffer: dict[int, list[tuple[Allocation, Piece]]] = {}
+    for item in work:
+        by_buffer.setdefault(id(item[0]), []).append(item)
+    queues = list(by_buffer.values())
+    longest = max((len(queue) for queue in queues), default=0)
+    return [queue[i] for i in range(longest) for queue in queues if i < len(queue)]
+
+
 class Transfer:
     """Copies `work` (allocation, piece) pairs; run() once."""
 
@@ -103,7 +119,7 @@ class Transfer:
         landed: LandedFn | None,
     ) -> None:
         self._source = source
-        self._work = work
+        self._work = lane_order(work, method)
         self._copy = TRANSFERS[method]
         self._method = method
         self._lanes = lanes

@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 import dmabufd_client
 from dmabufd_client import Access, LoadedFile
+from tests.integration.test_load_paths import drop_cache, warm_cache
 
 
 def make_file(path: Path, size: int) -> str:
@@ -117,15 +118,6 @@ def test_model_into_the_system_heap(client: dmabufd_client.Client, scratch_dir: 
             assert np.array_equal(model[name], expected)
 
 
-def _drop_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("heap", ["system", "udmabuf"])
 def test_cached_bytes_come_from_the_page_cache_into_each_heap(
     client: dmabufd_client.Client, scratch_dir: Path, heap: str
@@ -144,12 +136,10 @@ def test_cached_bytes_come_from_the_page_cache_into_each_heap(
             assert digest_of(loaded) == expected, f"{method} into {heap}, warm"
             assert loaded.stats.bytes_from_cache == size - 5, (method, loaded.stats.parts)
             assert {part.source for part in loaded.stats.parts} == {"page-cache"}, method
-        _drop_cache(path)
+        drop_cache(path)
         with client.load_file(path, offset=5, heap=heap, method=method) as loaded:
             assert digest_of(loaded) == expected, f"{method} into {heap}, cold"
             assert loaded.stats.bytes_from_cache == 0, (method, loaded.stats.parts)
             if method.startswith("direct-"):
                 assert "device" in {part.source for part in loaded.stats.parts}, method
-        with open(path, "rb") as handle:
-            while handle.read(8 << 20):
-                pass
+        warm_cache(path)

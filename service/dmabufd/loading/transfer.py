@@ -4,10 +4,11 @@ Two kinds of lane run at once, on threads of the load's own pool:
 
 - I/O lanes (`depth` of them): each takes the next chunk (in file order,
   or from each buffer in turn for methods that write into memfds:
-  lane_order) and copies it with the load's method (methods.py), from the page cache when
-  cachestat says the cache holds the whole chunk already, else from the
-  device (O_DIRECT) with the unaligned ends buffered. Taking chunks from a
-  shared cursor keeps `depth` requests in flight without a future per chunk.
+  lane_order) and copies it with the load's method (methods.py), from the
+  page cache when cachestat says the cache holds the whole chunk already,
+  else from the device (O_DIRECT) with the unaligned ends buffered. Taking
+  chunks from a shared cursor keeps `depth` requests in flight without a
+  future per chunk.
 - a populate lane, for memfd buffers filled through a mapping (the
   buffered-read method): it allocates the buffers' fresh pages ahead of the
   I/O lanes (MADV_POPULATE_WRITE on a window of the memfd, with

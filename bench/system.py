@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -132,10 +133,8 @@ def proc_cpu_seconds(pid: int) -> float:
     ticks of 10 ms, more than the daemon spends on a small load, so a
     difference of two readings could be 0; it is the fallback where the
     clock cannot be read."""
-    try:
+    with contextlib.suppress(OSError):
         return time.clock_gettime((~pid << 3) | _CPUCLOCK_SCHED)
-    except OSError:
-        pass
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rpartition(")")[2].split()
     # After the command: state is field 3, utime 14 and stime 15 (1-based, man 5 proc).

@@ -694,7 +694,7 @@ def allocate_frame_flood(link: Link, *, runtime_dir: str, requests: int, stall_s
     # is behind. Its REPLYs first fill its own send buffer (a few hundred
     # fit), and only then wait unread in its outbox, so the flood must
     # outlast that buffer for the outbox limit to be reached at all.
-    while sent < requests * 10:
+    while sent < requests * 10 and time.monotonic() < began + stall_s:
         try:
             sock.send(fdwire.encode(fdwire.AllocateFrame(secrets.token_bytes(fdwire.TICKET_BYTES), valid)))
         except BlockingIOError:

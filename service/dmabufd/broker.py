@@ -92,17 +92,12 @@ class BufferBroker:
     def eligible(self, session: Session, heap: str, usage: str, npu_device: int | None = None) -> list[HeapBackend]:
         return self._registry.eligible(heap, usage, self.caller(session), npu_device)
 
-    def never_blocks(self, session: Session, heap: str, usage: str, count: int, npu_device: int | None = None) -> bool:
-        """Whether an allocation can run on the event loop: a few memfds
-        cost a few microseconds of syscalls each; device heaps zero pages
-        in the ioctl (milliseconds for large buffers) and go to a thread.
-        A request that fails to resolve fails as fast either way."""
-        if count > INLINE_MAX_BUFFERS:
-            return False
-        try:
-            return self.pick(session, heap, usage, npu_device).spec.kind is BackendKind.MEMFD
-        except DmabufdError:
-            return True
+    def never_blocks(self, backend: HeapBackend, count: int) -> bool:
+        """Whether an allocation of `count` buffers from `backend` can run on
+        the event loop: a few memfds cost a few microseconds of syscalls
+        each; device heaps zero pages in the ioctl (milliseconds for large
+        buffers) and go to a thread."""
+        return count <= INLINE_MAX_BUFFERS and backend.spec.kind is BackendKind.MEMFD
 
     def largest_buffer(self, backend: HeapBackend) -> int:
         """The largest buffer `backend` may make here (daemon and heap limits)."""
@@ -184,14 +179,13 @@ class BufferBroker:
         session: Session,
         ticket: bytes,
         *,
+        backend: HeapBackend,
         size: int,
         count: int,
-        heap: str,
         usage: str,
         label: str,
-        npu_device: int | None = None,
     ) -> list[BufferRecord]:
-        backend = self.pick(session, heap, usage, npu_device)
+        """Allocate from `backend` (the caller picked it, with pick())."""
         rounded = self.check_size(backend, size)
         if not 1 <= count <= self._config.heaps.max_batch:
             raise InvalidRequest(f"count must be between 1 and {self._config.heaps.max_batch}, not {count}")

@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from dmabufd.api.base import ServiceBase, buffer_info, never_blocks
 from dmabufd.api.routing import route_of
 from dmabufd.errors import DmabufdError, InvalidRequest, Overloaded
-from dmabufd.heaps.backend import PAGE_SIZE, HeapSpec
+from dmabufd.heaps.backend import PAGE_SIZE, HeapBackend, HeapSpec
 from dmabufd.heaps.registry import Caller, HeapEvent, HeapEventKind
 from dmabufd.sessions import procfs
 from dmabufd.sessions.session import Session
@@ -23,6 +23,21 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from dmabufd_common.api.v1.dmabufd_pb2_grpc import _ServicerContext as Context
+
+
+def _frame_request(frame: fdwire.AllocateFrame) -> pb.AllocateRequest:
+    """The AllocateRequest an ALLOCATE frame holds: one buffer's."""
+    request = pb.AllocateRequest()
+    try:
+        request.ParseFromString(frame.request)
+    except DecodeError:
+        raise InvalidRequest("the ALLOCATE frame does not hold an AllocateRequest") from None
+    if request.count > 1:
+        raise InvalidRequest(
+            f"an ALLOCATE frame asks for one buffer, not {request.count}: use the Allocate call for batches"
+        )
+    return request
+
 
 # How often a WatchHeaps stream checks that its session is still there.
 WATCH_POLL_S = 1.0
@@ -128,33 +143,37 @@ class BuffersApi(ServiceBase):
         except DmabufdError as error:
             await self._abort(context, error)
 
-    def _allocate(self, session: Session, ticket: bytes, request: pb.AllocateRequest) -> pb.AllocateResponse:
+    def _target(self, session: Session, request: pb.AllocateRequest) -> tuple[str, HeapBackend]:
+        """The request's usage and the backend it allocates from."""
         usage, npu_device = route_of(request)
+        return usage, self._broker.pick(session, request.heap, usage, npu_device)
+
+    def _allocate(
+        self, session: Session, ticket: bytes, request: pb.AllocateRequest, usage: str, backend: HeapBackend
+    ) -> pb.AllocateResponse:
         records = self._broker.allocate(
             session,
             ticket,
+            backend=backend,
             size=request.size,
             count=request.count or 1,
-            heap=request.heap,
             usage=usage,
             label=request.name,
-            npu_device=npu_device,
         )
         return pb.AllocateResponse(buffers=[buffer_info(record) for record in records])
 
     def _allocation_blocks(self, session: Session, request: pb.AllocateRequest) -> bool:
         try:
-            usage, npu_device = route_of(request)
+            _, backend = self._target(session, request)
         except DmabufdError:
             return False  # the handler fails as fast
-        return not self._broker.never_blocks(session, request.heap, usage, request.count or 1, npu_device)
+        return not self._broker.never_blocks(backend, request.count or 1)
 
     async def Allocate(self, request: pb.AllocateRequest, context: Context) -> pb.AllocateResponse:
-        return await self._serve(
-            context,
-            lambda session, ticket: self._allocate(session, ticket, request),
-            blocks=lambda session: self._allocation_blocks(session, request),
-        )
+        def handle(session: Session, ticket: bytes) -> pb.AllocateResponse:
+            return self._allocate(session, ticket, request, *self._target(session, request))
+
+        return await self._serve(context, handle, blocks=lambda session: self._allocation_blocks(session, request))
 
     def serve_frame(self, session: Session, frame: fdwire.AllocateFrame) -> None:
         """An ALLOCATE frame, read on the loop, answered by a REPLY that
@@ -162,28 +181,27 @@ class BuffersApi(ServiceBase):
         syscalls), by a task whose handler runs on the `calls` executor for
         a device heap. Either takes one of the uid's call slots, as a gRPC
         call does; a refused one costs a REPLY, and unread REPLYs count
-        against the outbox."""
-        parsed = pb.AllocateRequest()
+        against the outbox. The heap is resolved once, here."""
         try:
-            parsed.ParseFromString(frame.request)
-            request: pb.AllocateRequest | None = parsed
-        except DecodeError:
-            request = None
+            request = _frame_request(frame)
+            usage, backend = self._target(session, request)
+        except DmabufdError as error:
+            refused = error
+
+            def refuse(_session: Session, _ticket: bytes) -> pb.AllocateResponse:
+                raise refused
+
+            self._answer_frame(session, frame.ticket, refuse)
+            return
 
         def handle(session: Session, ticket: bytes) -> pb.AllocateResponse:
-            if request is None:
-                raise InvalidRequest("the ALLOCATE frame does not hold an AllocateRequest")
-            if request.count > 1:
-                raise InvalidRequest(
-                    f"an ALLOCATE frame asks for one buffer, not {request.count}: use the Allocate call for batches"
-                )
-            response = self._allocate(session, ticket, request)
+            response = self._allocate(session, ticket, request, usage, backend)
             if response.ByteSize() > fdwire.MAX_REPLY_BODY_BYTES:  # names the config made too long
                 self._ledger.release(session, [info.id for info in response.buffers])
                 raise InvalidRequest("the answer does not fit in a REPLY frame: use the Allocate call")
             return response
 
-        if request is None or request.count > 1 or not self._allocation_blocks(session, request):
+        if self._broker.never_blocks(backend, 1):
             self._answer_frame(session, frame.ticket, handle)
             return
         task = asyncio.get_running_loop().create_task(self._answer_frame_later(session, frame.ticket, handle))

@@ -20,8 +20,8 @@ def kernel_name(pid: int, label: str, fallback: str) -> str:
         label = fallback[:MAX_LABEL_BYTES]
     if len(label.encode("utf-8")) > MAX_LABEL_BYTES:
         raise InvalidRequest(f"buffer name {label[:40]!r} is longer than {MAX_LABEL_BYTES} bytes")
-    bad = sorted({char for char in label if char not in _ALLOWED})
-    if bad:
+    if not _ALLOWED.issuperset(label):
+        bad = sorted({char for char in label if char not in _ALLOWED})
         shown = ", ".join(repr(char) for char in bad[:5])
         raise InvalidRequest(f"buffer name may hold letters, digits and ._-+=@,/ only; found {shown}")
     return f"{pid}:{label}"

@@ -91,12 +91,24 @@ class _Lingering:
 
 
 class Reservation:
-    """Quota held for one call until it commits or is cancelled."""
+    """Quota held for one call until its block ends: what commit() booked
+    into `records` stays charged, the rest is given back. Made by
+    Ledger.reserve(), which has already charged it; a class, not a
+    generator, because every allocation takes one."""
 
-    def __init__(self, session: Session, sizes: list[int]) -> None:
+    __slots__ = ("_ledger", "records", "session", "sizes")
+
+    def __init__(self, ledger: Ledger, session: Session, sizes: list[int]) -> None:
+        self._ledger = ledger
         self.session = session
         self.sizes = sizes
         self.records: list[BufferRecord] = []
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._ledger._settle_reservation(self)
 
 
 class Ledger:
@@ -155,21 +167,22 @@ class Ledger:
         if not usage.bytes and not usage.buffers:
             del self._usage[uid]
 
-    @contextmanager
-    def reserve(self, session: Session, sizes: list[int]) -> Iterator[Reservation]:
-        """Hold quota for buffers of these sizes for the duration of the
-        block; commit() inside it keeps them, anything else returns them."""
-        uid = session.peer.uid
-        count, wanted = len(sizes), sum(sizes)
+    def reserve(self, session: Session, sizes: list[int]) -> Reservation:
+        """Charge the uid for buffers of these sizes, for use as `with
+        ledger.reserve(...) as reservation:`; commit() inside the block
+        keeps them, the end of the block returns the rest."""
         with self._lock:
-            self._charge(uid, count, wanted)
-        reservation = Reservation(session, sizes)
-        try:
-            yield reservation
-        finally:
-            with self._lock:
-                kept = sum(record.size for record in reservation.records)
-                self._uncharge(uid, count - len(reservation.records), wanted - kept)
+            self._charge(session.peer.uid, len(sizes), sum(sizes))
+        return Reservation(self, session, sizes)
+
+    def _settle_reservation(self, reservation: Reservation) -> None:
+        kept = reservation.records
+        with self._lock:
+            self._uncharge(
+                reservation.session.peer.uid,
+                len(reservation.sizes) - len(kept),
+                sum(reservation.sizes) - sum(record.size for record in kept),
+            )
 
     @contextmanager
     def charge(self, uid: int, nbytes: int, count: int) -> Iterator[None]:

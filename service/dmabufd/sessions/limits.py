@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 
 from dmabufd.config import LimitsConfig
 from dmabufd.errors import Overloaded
@@ -33,6 +33,37 @@ class _Turns:
         self.users = 0
 
 
+_CALLS_REFUSAL = "uid {uid} already has {limit} calls in flight (limits.calls_per_uid); wait for some to finish"
+_WATCHES_REFUSAL = (
+    "uid {uid} already has {limit} WatchHeaps streams open (limits.watches_per_uid); one stream sees every heap event"
+)
+
+
+class _Slot:
+    """One of `limit` slots of `uid` in `counter`, or Overloaded at once.
+    A class, not a generator: every call and ALLOCATE frame takes one."""
+
+    __slots__ = ("_counter", "_limit", "_refusal", "_uid")
+
+    def __init__(self, counter: collections.Counter[int], uid: int, limit: int, refusal: str) -> None:
+        self._counter = counter
+        self._uid = uid
+        self._limit = limit
+        self._refusal = refusal
+
+    def __enter__(self) -> None:
+        counter, uid = self._counter, self._uid
+        if counter[uid] >= self._limit:
+            raise Overloaded(self._refusal.format(uid=uid, limit=self._limit))
+        counter[uid] += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        counter, uid = self._counter, self._uid
+        counter[uid] -= 1
+        if counter[uid] <= 0:
+            del counter[uid]
+
+
 class UidLimits:
     def __init__(self, config: LimitsConfig) -> None:
         self._config = config
@@ -42,35 +73,10 @@ class UidLimits:
         self._threads: dict[int, _Turns] = {}
 
     def call(self, uid: int) -> AbstractContextManager[None]:
-        return self._slot(
-            self._calls,
-            uid,
-            self._config.calls_per_uid,
-            f"uid {uid} already has {self._config.calls_per_uid} calls in flight (limits.calls_per_uid); "
-            "wait for some to finish",
-        )
+        return _Slot(self._calls, uid, self._config.calls_per_uid, _CALLS_REFUSAL)
 
     def watch(self, uid: int) -> AbstractContextManager[None]:
-        return self._slot(
-            self._watches,
-            uid,
-            self._config.watches_per_uid,
-            f"uid {uid} already has {self._config.watches_per_uid} WatchHeaps streams open "
-            "(limits.watches_per_uid); one stream sees every heap event",
-        )
-
-    @contextmanager
-    def _slot(self, counter: collections.Counter[int], uid: int, limit: int, refusal: str) -> Iterator[None]:
-        """One of `limit` slots of `uid` in `counter`, or Overloaded at once."""
-        if counter[uid] >= limit:
-            raise Overloaded(refusal)
-        counter[uid] += 1
-        try:
-            yield
-        finally:
-            counter[uid] -= 1
-            if counter[uid] <= 0:
-                del counter[uid]
+        return _Slot(self._watches, uid, self._config.watches_per_uid, _WATCHES_REFUSAL)
 
     def load(self, uid: int) -> AbstractAsyncContextManager[None]:
         """Wait for one of the uid's load slots (a call slot is already held)."""

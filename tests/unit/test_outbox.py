@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import socket
@@ -184,3 +185,82 @@ async def test_close_fails_the_calls_still_waiting(pair: tuple[socket.socket, so
         outbox.deliver(TICKET, [Outgoing(0, buffers[0])])
     for buffer in buffers:
         buffer.put()
+
+
+def reply_with(outbox: Outbox, ticket: bytes, buffer: Buffer, buffer_id: int) -> None:
+    """Answer an ALLOCATE as the daemon does: park, deliver, reply."""
+    outbox.park(ticket)
+    outbox.deliver(ticket, [Outgoing(buffer_id, buffer)])
+    outbox.reply(fdwire.Reply(ticket, 0, b"response"), fdwire.Reply(ticket, 5, b"released meanwhile"))
+
+
+@on_a_loop
+async def test_a_reply_with_nothing_ahead_of_it_is_written_at_once_with_its_fd(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    daemon_end, client_end = pair
+    outbox = make_outbox(daemon_end, [])
+    buffer = new_buffer()
+    reply_with(outbox, TICKET, buffer, 9)
+    assert outbox.stalled_for(asyncio.get_running_loop().time() + 10) == 0, "nothing was queued"
+    buffer.put()
+    assert buffer.allocation.fd == -1, "written: no reference of the outbox's is left"
+    client_end.setblocking(False)
+    frame, fds = read_frame(client_end)  # written before the loop ran again
+    assert frame == fdwire.Reply(TICKET, 0, b"response")
+    assert len(fds) == 1
+    assert os.fstat(fds[0]).st_size == 4096
+    os.close(fds[0])
+    outbox.close("test over")
+
+
+@on_a_loop
+async def test_a_reply_whose_buffer_was_released_goes_as_its_stand_in_without_fds(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    daemon_end, client_end = pair
+    outbox = make_outbox(daemon_end, [])
+    buffer = new_buffer()
+    outbox.park(TICKET)
+    outbox.deliver(TICKET, [Outgoing(3, buffer)])
+    buffer.revoke()  # a Release that guessed the new id, between the handler and its REPLY
+    outbox.reply(fdwire.Reply(TICKET, 0, b"response"), fdwire.Reply(TICKET, 5, b"released meanwhile"))
+    frame, fds = read_frame(client_end)
+    assert frame == fdwire.Reply(TICKET, 5, b"released meanwhile")
+    assert fds == []
+    buffer.put()
+    assert buffer.allocation.fd == -1
+    outbox.close("test over")
+
+
+@on_a_loop
+async def test_a_reply_on_a_full_socket_waits_in_the_queue_behind_the_frames_before_it(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    daemon_end, client_end = pair
+    daemon_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    outbox = make_outbox(daemon_end, [], max_frames=1000)
+    buffers = [new_buffer() for _ in range(41)]
+    sent = 0
+    while outbox.stalled_for(asyncio.get_running_loop().time() + 10) == 0:
+        assert sent < 40, "a 4 KiB socket buffer fills before 40 REPLYs"
+        reply_with(outbox, sent.to_bytes(fdwire.TICKET_BYTES, "little"), buffers[sent], sent)
+        sent += 1
+    last = sent.to_bytes(fdwire.TICKET_BYTES, "little")
+    reply_with(outbox, last, buffers[sent], sent)  # queued behind the one that did not fit
+    received: list[bytes] = []
+    while len(received) <= sent:
+        await asyncio.sleep(0.01)  # the loop writes as the client reads
+        client_end.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                frame, fds = read_frame(client_end)
+                assert isinstance(frame, fdwire.Reply)
+                assert len(fds) == 1
+                os.close(fds[0])
+                received.append(frame.ticket)
+    assert received == [index.to_bytes(fdwire.TICKET_BYTES, "little") for index in range(sent + 1)], "in order"
+    outbox.close("test over")
+    for buffer in buffers:
+        buffer.put()
+    assert all(buffer.allocation.fd == -1 for buffer in buffers)

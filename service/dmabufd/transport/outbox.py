@@ -1,11 +1,12 @@
 """The outbox: the one way fds leave the daemon.
 
 Every fd a client receives (allocations, loads, models, pools, redeemed
-grants) goes through Outbox.deliver() and is written by Outbox._flush(),
-and nowhere else. At the moment of writing, _flush checks that the session
-is still open and that each buffer still entitles this session (see
-heaps/buffer.py): a buffer released, revoked or handed to someone else in
-the meantime is never sent.
+grants) goes through Outbox.deliver() and is written by Outbox._send(),
+and nowhere else: from _flush(), or for a REPLY with nothing queued ahead
+of it, from _write_now(). At the moment of writing, both check that the
+session is still open and that each buffer still entitles this session
+(see heaps/buffer.py): a buffer released, revoked or handed to someone
+else in the meantime is never sent.
 
 Lifetime: an Outbox owns the daemon's end of one session's fd socket from
 accept to close(); only the event loop touches the socket, so no thread can
@@ -22,7 +23,8 @@ callback instead).
 
 Threads: deliver(), control(), park(), reply() and forget() may be called
 from any thread;
-_flush(), flushed(), stalled_for() and close() run on the event loop.
+_flush(), _write_now(), flushed(), stalled_for() and close() run on the
+event loop.
 _lock guards the queue, the per-ticket counts and the closed state; it is
 a leaf lock, never held across a syscall.
 """
@@ -64,8 +66,9 @@ class _Frame:
     items: list[Outgoing]  # each holds a reference of this frame's
     ticket: bytes | None
     queued_at: float
-    # A REPLY's stand-in, sent without fds if its own fds may not go out.
-    fallback: bytes | None = None
+    # A REPLY's stand-in, sent without fds if its own fds may not go out
+    # (encoded only then: nearly every REPLY goes out as it is).
+    fallback: fdwire.Reply | None = None
 
 
 class Outbox:
@@ -148,12 +151,32 @@ class Outbox:
         session, `undeliverable` (a failure, no fds) goes instead."""
         with self._lock:
             parked = self._parked.pop(reply.ticket, [])
+            # Nothing is queued ahead of it and we are on the loop: written
+            # right here, without a trip through the queue (an ALLOCATE's
+            # REPLY, nearly always).
+            at_once = not self._queue and self._closed is None and threading.get_ident() == self._loop_thread
         carried = parked if reply.code == 0 else []
         try:
-            self._enqueue(None, [_Frame(fdwire.encode(reply), carried, None, 0.0, fdwire.encode(undeliverable))])
+            if not (at_once and self._write_now(reply, carried, undeliverable)):
+                self._enqueue(None, [_Frame(fdwire.encode(reply), carried, None, 0.0, undeliverable)])
         finally:
             for item in parked:  # the park's references; a queued frame holds its own
                 item.buffer.put()
+
+    def _write_now(self, reply: fdwire.Reply, items: list[Outgoing], undeliverable: fdwire.Reply) -> bool:
+        """Write a REPLY with _flush's checks (loop only); False if the
+        socket is full, for the caller to queue it instead."""
+        if self._unentitled(items) is None:
+            data = fdwire.encode(reply)
+        else:
+            data, items = fdwire.encode(undeliverable), []
+        try:
+            self._send(data, items)
+        except BlockingIOError:
+            return False
+        except OSError as error:
+            self._on_overflow(f"sending on its fd socket failed: {error.strerror or error}")
+        return True
 
     def _queue_frames(self, ticket: bytes | None, frames: list[tuple[bytes, list[Outgoing]]]) -> None:
         if not frames:  # a delivery of no buffers (a model of zero-size tensors)
@@ -202,10 +225,10 @@ class Outbox:
             if problem is not None and frame.fallback is not None:
                 for item in frame.items:
                     item.buffer.put()
-                frame.items, frame.data, frame.fallback, problem = [], frame.fallback, None, None
+                frame.items, frame.data, frame.fallback, problem = [], fdwire.encode(frame.fallback), None, None
             if problem is None:
                 try:
-                    self._send(frame)
+                    self._send(frame.data, frame.items)
                 except BlockingIOError:
                     self._arm_writer(True)
                     return
@@ -228,15 +251,18 @@ class Outbox:
             failed = frame.ticket is not None and frame.ticket in self._failed
         if failed:
             return BufferNotFound("an earlier part of this delivery was refused")
-        for item in frame.items:
+        return self._unentitled(frame.items)
+
+    def _unentitled(self, items: list[Outgoing]) -> DmabufdError | None:
+        for item in items:
             if not item.buffer.entitles(self.session_id):
                 return BufferNotFound(f"buffer {item.buffer_id} was released before its fd could be sent")
         return None
 
-    def _send(self, frame: _Frame) -> None:
-        fds = array.array("i", (item.buffer.fd_for(item.read_only) for item in frame.items))
+    def _send(self, data: bytes, items: list[Outgoing]) -> None:
+        fds = array.array("i", (item.buffer.fd_for(item.read_only) for item in items))
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fds else []
-        self._sock.sendmsg([frame.data], ancillary, _SEND_FLAGS)
+        self._sock.sendmsg([data], ancillary, _SEND_FLAGS)
 
     def _done_one(self, ticket: bytes | None) -> bytes | None:
         """Count one frame of `ticket` written or dropped (caller holds

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Start a private dmabufd, run `dmabufctl bench` against it, stop it.
 
-    python tools/bench_service.py [--json] [dmabufctl bench options...]
+    python tools/bench_service.py [--json] [--daemon-cpus LIST] [dmabufctl bench options...]
+
+--daemon-cpus keeps the daemon on those CPUs; with `--cpus` (dmabufctl
+bench's) naming the others, the clients never share its core.
 
 The figures come from one run on one machine: compare ratios, not the
 absolute microseconds, across machines.
@@ -10,12 +13,14 @@ absolute microseconds, across machines.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from dmabufd_client.cli.output import cpus
 from dmabufd_client.ctl import main as dmabufctl
 from dmabufd_common.fdwire import CONTROL_SOCKET_NAME
 
@@ -24,6 +29,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--config", type=Path, help="daemon config (default: built-in)")
+    parser.add_argument("--daemon-cpus", type=cpus, metavar="LIST", help="run the daemon on these CPUs only")
     args, bench_args = parser.parse_known_args()
     with tempfile.TemporaryDirectory(prefix="dmabufd-bench-") as tmp:
         runtime = Path(tmp) / "rt"
@@ -31,6 +37,9 @@ def main() -> int:
         if args.config:
             command += ["--config", str(args.config)]
         daemon = subprocess.Popen(command)
+        if args.daemon_cpus is not None:
+            # Set while it still imports, before any thread of its starts.
+            os.sched_setaffinity(daemon.pid, args.daemon_cpus)
         try:
             deadline = time.monotonic() + 20
             while not (runtime / CONTROL_SOCKET_NAME).exists():

@@ -25,6 +25,21 @@ RELEASE_EVERY = 64
 BATCH = 32
 
 
+def parse_cpus(text: str) -> frozenset[int]:
+    """A CPU list as taskset and /sys write it ("1", "2-3", "0,2-3")."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise ValueError(f"not a CPU list: {text!r} (write it as taskset does: 1, 2-3, 0,2-3)") from None
+        if low < 0 or high < low:
+            raise ValueError(f"not a CPU list: {text!r} (write it as taskset does: 1, 2-3, 0,2-3)")
+        cpus.update(range(low, high + 1))
+    return frozenset(cpus)
+
+
 def _drop(client: Client, buffers: list[Buffer]) -> None:
     """Close a group of buffers' fds, then release them in one call (a
     buffer released while its fd is open stays charged until it is closed)."""
@@ -113,7 +128,26 @@ def _worker(job: _Job, ready: Any, start: Any, results: Any) -> None:
         results.put((began, time.perf_counter(), count))
 
 
-def throughput(runtime_dir: Path | None, size: int, heap: str, clients: int, seconds: float) -> float:
+@dataclass(frozen=True)
+class Throughput:
+    allocs_per_s: float
+    # The machine's idle share of CPU time during the run (None where
+    # /proc/stat cannot be read): whether the clients and the daemon had
+    # every core busy, or waited for each other.
+    cpu_idle: float | None
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(all, idle + iowait) CPU time from /proc/stat, in clock ticks."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(field) for field in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields), fields[3] + fields[4]
+
+
+def throughput(runtime_dir: Path | None, size: int, heap: str, clients: int, seconds: float) -> Throughput:
     """Allocations per second (release included) from `clients` processes,
     each allocating for `seconds`.
 
@@ -130,10 +164,15 @@ def throughput(runtime_dir: Path | None, size: int, heap: str, clients: int, sec
         worker.start()
     for _ in workers:
         ready.get(timeout=120)
+    before = _cpu_jiffies()
     start.set()
     spans = [results.get(timeout=120 + seconds) for _ in workers]
+    after = _cpu_jiffies()
     for worker in workers:
         worker.join()
     total = sum(int(count) for _, _, count in spans)
     wall = max(float(end) for _, end, _ in spans) - min(float(began) for began, _, _ in spans)
-    return total / wall
+    idle = None
+    if before is not None and after is not None and after[0] > before[0]:
+        idle = (after[1] - before[1]) / (after[0] - before[0])
+    return Throughput(total / wall, idle)

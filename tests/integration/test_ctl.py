@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 import dmabufd_client
+from dmabufd_client.bench import parse_cpus
 from dmabufd_client.cli import buffers, dump, heaps, load, stats
 from dmabufd_client.cli.app import build_parser
-from dmabufd_client.cli.exits import EXIT_CODES
+from dmabufd_client.cli.exits import EXIT_CODES, Exit
 from dmabufd_client.cli.output import BUFFER, HEAP, SCHEMA_VERSION, Schema
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 from dmabufd_common.fdwire import CONTROL_SOCKET_NAME, FD_SOCKET_NAME
@@ -430,3 +431,27 @@ def test_stats_json_covers_every_field_of_the_api() -> None:
     assert set(keys(stats.CLIENT)) == {f.name for f in pb.ClientStats.DESCRIPTOR.fields}
     assert set(keys(stats.HEAP_USAGE)) == {f.name for f in pb.HeapStats.DESCRIPTOR.fields}
     assert set(keys(BUFFER)) == {f.name for f in pb.BufferInfo.DESCRIPTOR.fields}
+
+
+def test_bench_on_chosen_cpus_reports_how_idle_the_machine_was(daemon: RunningDaemon) -> None:
+    result = ctl_json(daemon, "bench", "--iterations", "20", "--clients", "2", "--seconds", "0.3", "--cpus", "0")
+    assert result["cpus"] == [0]
+    assert result["allocs_per_s_1_client"] > 0
+    assert result["allocs_per_s_n_clients"] > 0
+    for key in ("cpu_idle_1_client", "cpu_idle_n_clients"):
+        assert 0.0 <= result[key] <= 1.0, (key, result[key])
+    refused = ctl(daemon, "bench", "--cpus", "2-1")
+    assert refused.returncode == Exit.INVALID_INPUT
+    assert "not a CPU list" in refused.stderr
+    absent = ctl(daemon, "bench", "--cpus", str(os.cpu_count() or 1))
+    assert absent.returncode == Exit.INVALID_INPUT
+    assert "cannot run on CPUs" in absent.stderr
+    assert "usable: " in absent.stderr
+
+
+def test_cpu_lists_are_read_as_taskset_writes_them() -> None:
+    assert parse_cpus("1") == {1}
+    assert parse_cpus("0,2-3") == {0, 2, 3}
+    for bad in ("", "a", "3-1", "-1", "1,,2"):
+        with pytest.raises(ValueError, match="not a CPU list"):
+            parse_cpus(bad)

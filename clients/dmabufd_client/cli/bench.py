@@ -4,6 +4,7 @@ are dmabufd_client.bench's; this runs them with a progress bar)."""
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from rich.table import Table
@@ -13,6 +14,7 @@ from dmabufd_client.cli import output
 from dmabufd_client.cli.output import VERSION_KEY, Schema
 from dmabufd_client.cli.registry import AddCommand
 from dmabufd_client.client import Client
+from dmabufd_client.errors import InvalidArgument
 from dmabufd_common.units import format_size
 
 BENCH = Schema(
@@ -24,6 +26,7 @@ BENCH = Schema(
         ("iterations", "allocations timed"),
         ("clients", "client processes of the concurrent run"),
         ("throughput_seconds", "how long each throughput run allocates"),
+        ("cpus", "the CPUs the bench and its client processes ran on (null: any)"),
         ("alloc_fd_p50_us", "allocate until the fd is in hand, median, microseconds"),
         ("alloc_fd_p99_us", "the same, 99th percentile"),
         ("grpc_health_p50_us", "a bare gRPC health check on the same channel, median"),
@@ -37,6 +40,8 @@ BENCH = Schema(
         ("allocs_per_s_1_client", "allocations per second (release included), 1 process"),
         ("allocs_per_s_n_clients", "the same from `clients` processes at once"),
         ("clients_speedup", "allocs_per_s_n_clients / allocs_per_s_1_client"),
+        ("cpu_idle_1_client", "the machine's idle share of CPU time during the 1-process run (null: no /proc/stat)"),
+        ("cpu_idle_n_clients", "the same during the run of `clients` processes"),
     ),
 )
 
@@ -45,6 +50,14 @@ STEPS = 6
 
 def cmd_bench(client: Client, args: argparse.Namespace) -> int:
     size, heap, iterations = args.size, args.heap, args.iterations
+    if args.cpus is not None:
+        try:
+            os.sched_setaffinity(0, args.cpus)  # the client processes inherit it
+        except OSError as error:
+            usable = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
+            raise InvalidArgument(
+                f"--cpus: cannot run on CPUs {sorted(args.cpus)} ({error.strerror}); usable: {usable}"
+            ) from None
     with output.progress_bar("bench", transfer=False) as update:
         update(total=STEPS, completed=0, description=f"warm-up ({min(100, iterations)} allocations)")
         bench.latencies(client, size, heap, min(100, iterations))
@@ -56,9 +69,9 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         pool_fresh_s, pool_recycled_s = bench.pool_times(client, heap)
         seconds = args.seconds
         update(completed=4, description="throughput, 1 client process")
-        single_rate = bench.throughput(client.runtime_dir, size, heap, 1, seconds)
+        single = bench.throughput(client.runtime_dir, size, heap, 1, seconds)
         update(completed=5, description=f"throughput, {args.clients} client processes")
-        multi_rate = bench.throughput(client.runtime_dir, size, heap, args.clients, seconds)
+        multi = bench.throughput(client.runtime_dir, size, heap, args.clients, seconds)
         update(completed=6)
     alloc_p50, health_p50 = bench.percentile(alloc_s, 0.5), bench.percentile(health_s, 0.5)
     result: dict[str, Any] = output.versioned(
@@ -68,6 +81,7 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         iterations=iterations,
         clients=args.clients,
         throughput_seconds=seconds,
+        cpus=sorted(args.cpus) if args.cpus is not None else None,
         alloc_fd_p50_us=alloc_p50 * 1e6,
         alloc_fd_p99_us=bench.percentile(alloc_s, 0.99) * 1e6,
         grpc_health_p50_us=health_p50 * 1e6,
@@ -78,9 +92,11 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         batch_speedup=singles_s / batch_s,
         pool_8x_nv12_1080p_fresh_ms=pool_fresh_s * 1e3,
         pool_8x_nv12_1080p_recycled_ms=pool_recycled_s * 1e3,
-        allocs_per_s_1_client=single_rate,
-        allocs_per_s_n_clients=multi_rate,
-        clients_speedup=multi_rate / single_rate,
+        allocs_per_s_1_client=single.allocs_per_s,
+        allocs_per_s_n_clients=multi.allocs_per_s,
+        clients_speedup=multi.allocs_per_s / single.allocs_per_s,
+        cpu_idle_1_client=single.cpu_idle,
+        cpu_idle_n_clients=multi.cpu_idle,
     )
     if args.json:
         output.emit_json(result)
@@ -100,9 +116,12 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
     table.add_row("batch speed-up", f"{result['batch_speedup']:.1f}x")
     table.add_row("pool 8 x NV12 1080p, fresh", f"{pool_fresh_s * 1e3:.2f} ms")
     table.add_row("pool 8 x NV12 1080p, recycled", f"{pool_recycled_s * 1e3:.2f} ms")
-    table.add_row("allocations/s, 1 client", f"{single_rate:.0f}")
-    table.add_row(f"allocations/s, {args.clients} clients", f"{multi_rate:.0f}")
-    table.add_row(f"{args.clients} clients / 1 client", f"{multi_rate / single_rate:.2f}x")
+    table.add_row("allocations/s, 1 client", f"{single.allocs_per_s:.0f}")
+    table.add_row(f"allocations/s, {args.clients} clients", f"{multi.allocs_per_s:.0f}")
+    table.add_row(f"{args.clients} clients / 1 client", f"{result['clients_speedup']:.2f}x")
+    for label, run in (("1 client", single), (f"{args.clients} clients", multi)):
+        if run.cpu_idle is not None:
+            table.add_row(f"machine CPU idle, {label}", f"{run.cpu_idle:.0%}")
     output.stdout.print(table)
     return 0
 
@@ -131,3 +150,10 @@ def register(add: AddCommand) -> None:
         help="how long each throughput run allocates, once every client has connected (default 3)",
     )
     command.add_argument("--heap", default="", help="heap name or alias (default: chosen by usage)")
+    command.add_argument(
+        "--cpus",
+        type=output.cpus,
+        metavar="LIST",
+        help="run the bench and its client processes on these CPUs only (1, 2-3, 0,2-3): "
+        "with the daemon on others, shows what scheduling placement costs",
+    )

@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from dmabufd_client.bench import parse_cpus
 from dmabufd_client.buffer import BufferInfo
 from dmabufd_client.client import HeapInfo
 from dmabufd_client.npu import MAX_NPU_DEVICE
@@ -168,6 +169,13 @@ def progress_bar(description: str, *, transfer: bool) -> Iterator[ProgressUpdate
 def size(text: str) -> int:
     try:
         return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def cpus(text: str) -> frozenset[int]:
+    try:
+        return parse_cpus(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

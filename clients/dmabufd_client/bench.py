@@ -40,7 +40,7 @@ def parse_cpus(text: str) -> frozenset[int]:
     return frozenset(cpus)
 
 
-def _drop(client: Client, buffers: list[Buffer]) -> None:
+def drop(client: Client, buffers: list[Buffer]) -> None:
     """Close a group of buffers' fds, then release them in one call (a
     buffer released while its fd is open stays charged until it is closed)."""
     if buffers:
@@ -68,8 +68,8 @@ def latencies(client: Client, size: int, heap: str, iterations: int) -> tuple[li
         held.append(client.allocate(size, heap=heap, name="bench"))
         alloc_s.append(time.perf_counter() - started)
         if len(held) >= RELEASE_EVERY:
-            _drop(client, held)
-    _drop(client, held)
+            drop(client, held)
+    drop(client, held)
     return alloc_s, health_s
 
 
@@ -80,11 +80,11 @@ def batch_vs_singles(client: Client, size: int, heap: str, rounds: int) -> tuple
         started = time.perf_counter()
         held = client.allocate_batch(size, BATCH, heap=heap, name="bench")
         batch_s.append(time.perf_counter() - started)
-        _drop(client, held)
+        drop(client, held)
         started = time.perf_counter()
         held = [client.allocate(size, heap=heap, name="bench") for _ in range(BATCH)]
         singles_s.append(time.perf_counter() - started)
-        _drop(client, held)
+        drop(client, held)
     return statistics.median(batch_s), statistics.median(singles_s)
 
 
@@ -123,8 +123,8 @@ def _worker(job: _Job, ready: Any, start: Any, results: Any) -> None:
             held.append(client.allocate(job.size, heap=job.heap, name="bench"))
             count += 1
             if len(held) >= RELEASE_EVERY:
-                _drop(client, held)
-        _drop(client, held)
+                drop(client, held)
+        drop(client, held)
         results.put((began, time.perf_counter(), count))
 
 

@@ -1,0 +1,72 @@
+"""The allocation benchmarks' scripts, end to end on small runs: each starts
+its own daemons and prints what the bench README quotes."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_alloc_cpu_compares_two_trees_round_by_round() -> None:
+    result = subprocess.run(
+        [sys.executable, "tools/bench_alloc_cpu.py", str(ROOT), "--rounds", "2", "--allocations", "70"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    medians = re.findall(
+        r"^(base|head) \(.*\): event loop CPU per allocation, median ([0-9.]+) us$", result.stdout, re.M
+    )
+    assert [name for name, _ in medians] == ["base", "head"]
+    assert all(0 < float(value) < 100_000 for _, value in medians)
+    assert re.search(r"^head / base, per round: median [0-9.]+ \[[0-9.]+-[0-9.]+\]$", result.stdout, re.M)
+
+
+def test_bench_alloc_cpu_refuses_a_tree_without_the_service() -> None:
+    result = subprocess.run(
+        [sys.executable, "tools/bench_alloc_cpu.py", "/"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "holds no service/dmabufd" in result.stderr
+
+
+def test_bench_service_runs_the_daemon_on_the_cpus_asked() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "tools/bench_service.py",
+            "--json",
+            "--daemon-cpus",
+            "0",
+            "--cpus",
+            "0",
+            "--iterations",
+            "20",
+            "--clients",
+            "2",
+            "--seconds",
+            "0.3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["cpus"] == [0]
+    assert report["allocs_per_s_n_clients"] > 0

@@ -181,7 +181,7 @@ class BuffersApi(ServiceBase):
         syscalls), by a task whose handler runs on the `calls` executor for
         a device heap. Either takes one of the uid's call slots, as a gRPC
         call does; a refused one costs a REPLY, and unread REPLYs count
-        against the outbox. The heap is resolved once, here."""
+        against the outbox. For a memfd the heap is resolved once, here."""
         try:
             request = _frame_request(frame)
             usage, backend = self._target(session, request)
@@ -194,14 +194,19 @@ class BuffersApi(ServiceBase):
             self._answer_frame(session, frame.ticket, refuse)
             return
 
+        inline = self._broker.never_blocks(backend, 1)
+
         def handle(session: Session, ticket: bytes) -> pb.AllocateResponse:
-            response = self._allocate(session, ticket, request, usage, backend)
+            # A device heap's handler runs after a wait the uid controls (its
+            # thread turn); the heap may have gone meanwhile: resolve again.
+            target = (usage, backend) if inline else self._target(session, request)
+            response = self._allocate(session, ticket, request, *target)
             if response.ByteSize() > fdwire.MAX_REPLY_BODY_BYTES:  # names the config made too long
                 self._ledger.release(session, [info.id for info in response.buffers])
                 raise InvalidRequest("the answer does not fit in a REPLY frame: use the Allocate call")
             return response
 
-        if self._broker.never_blocks(backend, 1):
+        if inline:
             self._answer_frame(session, frame.ticket, handle)
             return
         task = asyncio.get_running_loop().create_task(self._answer_frame_later(session, frame.ticket, handle))

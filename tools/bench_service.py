@@ -37,10 +37,14 @@ def main() -> int:
         if args.config:
             command += ["--config", str(args.config)]
         daemon = subprocess.Popen(command)
-        if args.daemon_cpus is not None:
-            # Set while it still imports, before any thread of its starts.
-            os.sched_setaffinity(daemon.pid, args.daemon_cpus)
         try:
+            if args.daemon_cpus is not None:
+                try:  # set while it still imports, before any thread of its starts
+                    os.sched_setaffinity(daemon.pid, args.daemon_cpus)
+                except OSError as error:
+                    usable = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
+                    print(f"--daemon-cpus: {error.strerror}; usable CPUs: {usable}", file=sys.stderr)
+                    return 2
             deadline = time.monotonic() + 20
             while not (runtime / CONTROL_SOCKET_NAME).exists():
                 if daemon.poll() is not None or time.monotonic() > deadline:

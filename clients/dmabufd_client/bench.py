@@ -25,17 +25,22 @@ RELEASE_EVERY = 64
 BATCH = 32
 
 
+# Linux's largest NR_CPUS; a larger number names no CPU.
+MAX_CPU = 8191
+
+
 def parse_cpus(text: str) -> frozenset[int]:
     """A CPU list as taskset and /sys write it ("1", "2-3", "0,2-3")."""
+    refusal = f"not a CPU list: {text!r} (write it as taskset does: 1, 2-3, 0,2-3; CPUs 0 to {MAX_CPU})"
     cpus: set[int] = set()
     for part in text.split(","):
-        first, _, last = part.strip().partition("-")
+        first, dash, last = part.strip().partition("-")
         try:
-            low, high = int(first), int(last or first)
+            low, high = int(first), int(last if dash else first)
         except ValueError:
-            raise ValueError(f"not a CPU list: {text!r} (write it as taskset does: 1, 2-3, 0,2-3)") from None
-        if low < 0 or high < low:
-            raise ValueError(f"not a CPU list: {text!r} (write it as taskset does: 1, 2-3, 0,2-3)")
+            raise ValueError(refusal) from None
+        if not 0 <= low <= high <= MAX_CPU:
+            raise ValueError(refusal)
         cpus.update(range(low, high + 1))
     return frozenset(cpus)
 
@@ -131,18 +136,21 @@ def _worker(job: _Job, ready: Any, start: Any, results: Any) -> None:
 @dataclass(frozen=True)
 class Throughput:
     allocs_per_s: float
-    # The machine's idle share of CPU time during the run (None where
-    # /proc/stat cannot be read): whether the clients and the daemon had
-    # every core busy, or waited for each other.
+    # The whole machine's idle share of CPU time during the run (None
+    # where /proc/stat cannot be read): whether the clients and the daemon
+    # kept every CPU busy, or waited for each other.
     cpu_idle: float | None
 
 
 def _cpu_jiffies() -> tuple[int, int] | None:
-    """(all, idle + iowait) CPU time from /proc/stat, in clock ticks."""
+    """(all, idle + iowait) CPU time of the whole machine from /proc/stat,
+    in clock ticks (guest time is already counted in user and nice)."""
     try:
         with open("/proc/stat") as stat:
-            fields = [int(field) for field in stat.readline().split()[1:]]
+            fields = [int(field) for field in stat.readline().split()[1:9]]
     except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
         return None
     return sum(fields), fields[3] + fields[4]
 

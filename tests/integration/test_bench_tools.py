@@ -4,6 +4,7 @@ its own daemons and prints what the bench README quotes."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,17 +23,19 @@ def test_bench_alloc_cpu_compares_two_trees_round_by_round() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    medians = re.findall(
-        r"^(base|head) \(.*\): event loop CPU per allocation, median ([0-9.]+) us$", result.stdout, re.M
-    )
-    assert [name for name, _ in medians] == ["base", "head"]
-    assert all(0 < float(value) < 100_000 for _, value in medians)
-    assert re.search(r"^head / base, per round: median [0-9.]+ \[[0-9.]+-[0-9.]+\]$", result.stdout, re.M)
+    line = r"^(base|head) \(.*\): CPU per allocation, median: event loop ([0-9.]+) us, whole daemon ([0-9.]+) us$"
+    medians = re.findall(line, result.stdout, re.M)
+    assert [name for name, _, _ in medians] == ["base", "head"], result.stdout
+    for _, loop, whole in medians:
+        assert 0 < float(loop) <= float(whole) < 100_000
+    for label in ("event loop", "whole daemon"):
+        ratio = rf"^head / base, {label}, per round: median [0-9.]+ \[[0-9.]+-[0-9.]+\]$"
+        assert re.search(ratio, result.stdout, re.M), result.stdout
 
 
 def test_bench_alloc_cpu_refuses_a_tree_without_the_service() -> None:
     result = subprocess.run(
-        [sys.executable, "tools/bench_alloc_cpu.py", "/"],
+        [sys.executable, "tools/bench_alloc_cpu.py", "/", "--rounds", "1"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -70,3 +73,18 @@ def test_bench_service_runs_the_daemon_on_the_cpus_asked() -> None:
     report = json.loads(result.stdout)
     assert report["cpus"] == [0]
     assert report["allocs_per_s_n_clients"] > 0
+
+
+def test_bench_service_refuses_cpus_that_are_not_there() -> None:
+    absent = str(max(os.sched_getaffinity(0)) + 1)
+    result = subprocess.run(
+        [sys.executable, "tools/bench_service.py", "--daemon-cpus", absent],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--daemon-cpus: " in result.stderr
+    assert "usable CPUs: " in result.stderr

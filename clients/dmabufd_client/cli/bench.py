@@ -4,6 +4,7 @@ are dmabufd_client.bench's; this runs them with a progress bar)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from typing import Any
 
@@ -52,7 +53,7 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
     size, heap, iterations = args.size, args.heap, args.iterations
     if args.cpus is not None:
         try:
-            os.sched_setaffinity(0, args.cpus)  # the client processes inherit it
+            _run_on(args.cpus)
         except OSError as error:
             usable = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
             raise InvalidArgument(
@@ -124,6 +125,15 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
             table.add_row(f"machine CPU idle, {label}", f"{run.cpu_idle:.0%}")
     output.stdout.print(table)
     return 0
+
+
+def _run_on(cpus: frozenset[int]) -> None:
+    """Move every thread of this process (gRPC's included) to `cpus`; the
+    client processes started later inherit it."""
+    os.sched_setaffinity(0, cpus)  # first: refuses CPUs that are not there
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(task), cpus)
 
 
 def register(add: AddCommand) -> None:

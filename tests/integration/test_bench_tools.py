@@ -13,15 +13,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_alloc_cpu_compares_two_trees_round_by_round() -> None:
-    result = subprocess.run(
-        [sys.executable, "tools/bench_alloc_cpu.py", str(ROOT), "--rounds", "2", "--allocations", "70"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
+def run_tool(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def test_bench_alloc_cpu_compares_two_trees_round_by_round() -> None:
+    result = run_tool("tools/bench_alloc_cpu.py", str(ROOT), "--rounds", "2", "--allocations", "70")
     assert result.returncode == 0, result.stderr
     line = r"^(base|head) \(.*\): CPU per allocation, median: event loop ([0-9.]+) us, whole daemon ([0-9.]+) us$"
     medians = re.findall(line, result.stdout, re.M)
@@ -34,41 +33,14 @@ def test_bench_alloc_cpu_compares_two_trees_round_by_round() -> None:
 
 
 def test_bench_alloc_cpu_refuses_a_tree_without_the_service() -> None:
-    result = subprocess.run(
-        [sys.executable, "tools/bench_alloc_cpu.py", "/", "--rounds", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_tool("tools/bench_alloc_cpu.py", "/", "--rounds", "1", timeout=60)
     assert result.returncode == 2
     assert "holds no service/dmabufd" in result.stderr
 
 
 def test_bench_service_runs_the_daemon_on_the_cpus_asked() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "tools/bench_service.py",
-            "--json",
-            "--daemon-cpus",
-            "0",
-            "--cpus",
-            "0",
-            "--iterations",
-            "20",
-            "--clients",
-            "2",
-            "--seconds",
-            "0.3",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    small = ("--iterations", "20", "--clients", "2", "--seconds", "0.3")
+    result = run_tool("tools/bench_service.py", "--json", "--daemon-cpus", "0", "--cpus", "0", *small)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["cpus"] == [0]
@@ -77,14 +49,7 @@ def test_bench_service_runs_the_daemon_on_the_cpus_asked() -> None:
 
 def test_bench_service_refuses_cpus_that_are_not_there() -> None:
     absent = str(max(os.sched_getaffinity(0)) + 1)
-    result = subprocess.run(
-        [sys.executable, "tools/bench_service.py", "--daemon-cpus", absent],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_tool("tools/bench_service.py", "--daemon-cpus", absent, timeout=60)
     assert result.returncode == 2
     assert "--daemon-cpus: " in result.stderr
     assert "usable CPUs: " in result.stderr

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dmabufd_client.bench import format_cpus
 from dmabufd_client.cli.output import cpus
 from dmabufd_client.ctl import main as dmabufctl
 from dmabufd_common.fdwire import CONTROL_SOCKET_NAME
@@ -42,7 +43,7 @@ def main() -> int:
                 try:  # set while it still imports, before any thread of its starts
                     os.sched_setaffinity(daemon.pid, args.daemon_cpus)
                 except OSError as error:
-                    usable = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
+                    usable = format_cpus(os.sched_getaffinity(0))
                     print(f"--daemon-cpus: {error.strerror}; usable CPUs: {usable}", file=sys.stderr)
                     return 2
             deadline = time.monotonic() + 20

@@ -45,6 +45,11 @@ def parse_cpus(text: str) -> frozenset[int]:
     return frozenset(cpus)
 
 
+def format_cpus(cpus: frozenset[int] | set[int]) -> str:
+    """A CPU set as parse_cpus reads it back ("0,2,3")."""
+    return ",".join(str(cpu) for cpu in sorted(cpus))
+
+
 def drop(client: Client, buffers: list[Buffer]) -> None:
     """Close a group of buffers' fds, then release them in one call (a
     buffer released while its fd is open stays charged until it is closed)."""

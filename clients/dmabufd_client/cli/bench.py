@@ -55,10 +55,9 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         try:
             _run_on(args.cpus)
         except OSError as error:
-            usable = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
-            raise InvalidArgument(
-                f"--cpus: cannot run on CPUs {sorted(args.cpus)} ({error.strerror}); usable: {usable}"
-            ) from None
+            usable = bench.format_cpus(os.sched_getaffinity(0))
+            wanted = bench.format_cpus(args.cpus)
+            raise InvalidArgument(f"--cpus: cannot run on CPUs {wanted} ({error.strerror}); usable: {usable}") from None
     with output.progress_bar("bench", transfer=False) as update:
         update(total=STEPS, completed=0, description=f"warm-up ({min(100, iterations)} allocations)")
         bench.latencies(client, size, heap, min(100, iterations))

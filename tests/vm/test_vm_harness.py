@@ -615,6 +615,123 @@ def test_run_result_summary_counts_reports(tmp_path: Path) -> None:
     assert "slab-use-after-free" in result.reports_text()
 
 
+# ---- boots whose init never starts
+
+# A stand-in for QEMU: each start is counted in COUNTER; the starts listed in STALL print an early
+# boot KASAN report (naming the code in WHERE) and hang; the others start init and finish the run.
+FAKE_QEMU = """\
+import pathlib, sys, time
+results, counter, stall, where = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+n = int(counter.read_text()) + 1 if counter.exists() else 1
+counter.write_text(str(n))
+if stall == "exit":
+    sys.exit(3)
+if str(n) in stall.split(","):
+    print("[    1.870000] BUG: KASAN: wild-memory-access in " + where, flush=True)
+    print("[    1.870001] Read of size 8 at addr 0xdead by task swapper/0", flush=True)
+    time.sleep(60)
+print("{init}", flush=True)
+(results / "output").write_text("guest says hello\\n")
+(results / "rc").write_text("0")
+"""
+
+
+@pytest.fixture
+def fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[str]]:
+    """Point run() at FAKE_QEMU; returns the start counter and the script's [stall, where]."""
+    script = tmp_path / "fake_qemu.py"
+    script.write_text(FAKE_QEMU.format(init=vm.INIT_MARKER))
+    counter = tmp_path / "starts"
+    behaviour = ["1", "identify_cpu+0x1c/0x40"]
+
+    def qemu_command(bzimage: Path, init: Path, results: Path, drives: object, **kw: object) -> list[str]:
+        return [sys.executable, str(script), str(results), str(counter), *behaviour]
+
+    monkeypatch.setattr(vm, "qemu_command", qemu_command)
+    monkeypatch.setattr(vm, "make_disk_image", lambda path, disk: path.touch())
+    monkeypatch.setattr(vm, "_hidden_in_guest", lambda path: None)  # tmp_path is under the guest's /tmp
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    return counter, behaviour
+
+
+def _fake_run(tmp_path: Path, **kw: object) -> vm.RunResult:
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"not a kernel")
+    args: dict[str, object] = {"timeout": 60.0, "boot_timeout": 2.0, **kw}
+    return vm.run(
+        None,
+        ["true"],
+        kernel=kernel,
+        cache=vm.Cache(tmp_path / "cache"),
+        console=None,
+        console_log=tmp_path / "console.log",
+        **args,  # type: ignore[arg-type]
+    )
+
+
+def test_a_boot_stuck_before_init_is_killed_and_booted_again(
+    tmp_path: Path, fake_qemu: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    counter, _ = fake_qemu
+    result = _fake_run(tmp_path)
+    assert counter.read_text() == "2"
+    assert result.returncode == 0
+    assert not result.timed_out
+    assert "guest says hello" in result.output
+    assert result.boot_seconds is not None, "the second boot's init started"
+    assert result.wall_seconds < 30, "the stuck boot was killed at the boot timeout, not the run's"
+    [stalled] = result.stalled_boots
+    assert 2.0 <= stalled.waited < 15
+    assert [r.kind for r in stalled.reports] == ["kasan"], "the stuck boot's console report is kept"
+    assert not stalled.touches_our_code()
+    assert "1 boot(s) killed before init started" in result.summary()
+    assert "booting again" in capsys.readouterr().err
+    console = (tmp_path / "console.log").read_text()
+    assert "wild-memory-access" in console, "the stuck boot's console is kept"
+    assert "# boot 2 of 2" in console, "both boots are in one console log"
+
+
+def test_every_boot_stuck_ends_the_run_early_and_says_so(tmp_path: Path, fake_qemu: tuple[Path, list[str]]) -> None:
+    counter, behaviour = fake_qemu
+    behaviour[:] = ["1,2,3", "dma_heap_buffer_alloc+0x10/0x80"]
+    result = _fake_run(tmp_path, boot_attempts=3, boot_timeout=1.0)
+    assert counter.read_text() == "3"
+    assert result.returncode == 124
+    assert not result.timed_out
+    assert result.boot_seconds is None
+    assert result.wall_seconds < 30
+    assert "init never started in 3 boot(s)" in result.output
+    assert len(result.stalled_boots) == 3
+    assert all(b.touches_our_code() for b in result.stalled_boots), "a report in dma-heap code is ours"
+    assert "one naming dma-buf code" in result.summary()
+
+
+def test_the_run_timeout_bounds_every_boot_together(tmp_path: Path, fake_qemu: tuple[Path, list[str]]) -> None:
+    counter, _ = fake_qemu
+    result = _fake_run(tmp_path, timeout=2.0, boot_timeout=30.0)
+    assert counter.read_text() == "1", "no second boot once the run's own time is up"
+    assert result.timed_out
+    assert result.returncode == 124
+    assert result.stalled_boots == []
+    assert result.wall_seconds < 15
+
+
+def test_a_qemu_that_exits_before_init_is_not_waited_for(tmp_path: Path, fake_qemu: tuple[Path, list[str]]) -> None:
+    counter, behaviour = fake_qemu
+    behaviour[0] = "exit"
+    result = _fake_run(tmp_path, boot_timeout=30.0)
+    assert counter.read_text() == "1", "an exit is not a stall: it is not booted again"
+    assert result.returncode == 255
+    assert not result.timed_out
+    assert "qemu exited 3" in result.output
+    assert result.wall_seconds < 15
+
+
+def test_boot_attempts_must_be_positive(tmp_path: Path, fake_qemu: tuple[Path, list[str]]) -> None:
+    with pytest.raises(vm.VMError, match="at least 1"):
+        _fake_run(tmp_path, boot_attempts=0)
+
+
 # ---- cache housekeeping
 
 

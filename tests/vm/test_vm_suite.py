@@ -129,7 +129,9 @@ def _command(variant: str) -> list[str]:
 
 def _failure(result: vm.RunResult) -> str | None:
     problems = []
-    if result.timed_out:
+    if result.boot_seconds is None and result.stalled_boots:
+        problems.append(f"the guest's init never started: {result.stalled_boots_text()}")
+    elif result.timed_out:
         problems.append("the guest timed out")
     elif result.returncode != 0:
         problems.append(f"the guest command exited {result.returncode}")
@@ -137,6 +139,11 @@ def _failure(result: vm.RunResult) -> str | None:
         problems.append("the guest suite passed nothing")
     if result.reports:
         problems.append(result.reports_text())
+    # A boot killed before init and booted again passes only when its kernel reports (an early
+    # boot flake of TCG) name nothing of the dma-buf code our series touches.
+    for boot in result.stalled_boots:
+        if boot.touches_our_code():
+            problems.append(f"a boot killed before init reported on dma-buf code:\n{vm.format_reports(boot.reports)}")
     if not problems:
         return None
     return "\n".join([result.summary(), *problems, "guest output (tail):", result.output[-20000:]])
@@ -171,6 +178,8 @@ def test_guest_suite(
     )
     print(result.summary())
     print(result.reports_text())
+    for boot in result.stalled_boots:
+        print(f"boot killed before init: {boot.describe()}\n{vm.format_reports(boot.reports)}")
     print(result.output[-20000:])
     failure = _failure(result)
     if failure:

@@ -99,6 +99,15 @@ DEFAULT_KERNEL_ARGS = "vivid.n_devs=2 vivid.multiplanar=1,2"
 # rate-limited away. RCU's stall checks at 120 s instead of 21 s: an emulated guest on a busy
 # 2-core host can be that slow without being stuck (a 60 s boot stall tripped the 21 s check).
 BOOT_KERNEL_ARGS = "acpi=noirq log_buf_len=4M printk.devkmsg=on rcupdate.rcu_cpu_stall_timeout=120"
+# A guest whose init has not started this long after QEMU did is stuck in early boot (a debug
+# kernel under TCG reaches init in 12-17 s on this 2-core host, the others sooner): it is killed
+# and booted again, up to BOOT_ATTEMPTS boots in all, instead of waiting out the whole run's
+# timeout (an hour for the debug suite; CI has 90 minutes).
+BOOT_TIMEOUT_S = 240.0
+BOOT_ATTEMPTS = 2
+# Kernel code of ours, or that our series touches: a report that names it is never shrugged off
+# as an early-boot flake.
+OUR_KERNEL_CODE = re.compile(r"dma_buf|dma_heap|dmabuf|udmabuf|system_heap")
 GUEST_SCRATCH = "/mnt/scratch"
 GUEST_RESULTS = "/mnt/results"
 SCRATCH_NAME = "scratch"
@@ -1060,7 +1069,7 @@ class RunResult:
     returncode: int
     output: str
     console_log: Path
-    boot_seconds: float | None  # host time from QEMU start to the guest init's first line
+    boot_seconds: float | None  # host time from the last QEMU start to the guest init's first line
     ready_seconds: float | None  # ... to the guest having mounted everything
     wall_seconds: float
     timed_out: bool
@@ -1072,21 +1081,48 @@ class RunResult:
     debug_locks: int | None = None  # lockdep kernels: 0 once lockdep turned itself off
     dmesg_log: Path | None = None  # a copy of the dmesg kept on the host
     kernel: Path | None = None
+    # boots killed because init never started (the last one too, when every attempt stalled)
+    stalled_boots: list[StalledBoot] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         boot = f"{self.boot_seconds:.1f}" if self.boot_seconds is not None else "?"
         ready = f"{self.ready_seconds:.1f}" if self.ready_seconds is not None else "?"
         kinds = sorted({r.kind for r in self.reports})
         reports = f"{len(self.reports)} kernel report(s) ({', '.join(kinds)})" if self.reports else "no kernel reports"
+        stalled = (
+            f"; {len(self.stalled_boots)} boot(s) killed before init started ({self.stalled_boots_text()})"
+            if self.stalled_boots
+            else ""
+        )
         return (
             f"{self.variant} kernel ({self.key}, {self.accel}): exit {self.returncode}"
             f"{' (TIMEOUT)' if self.timed_out else ''}; init started after {boot} s, "
-            f"ready after {ready} s, total {self.wall_seconds:.1f} s; {reports}; console {self.console_log}"
+            f"ready after {ready} s, total {self.wall_seconds:.1f} s; {reports}{stalled}; console {self.console_log}"
             + (f"; dmesg {self.dmesg_log}" if self.dmesg_log else "")
         )
 
     def reports_text(self) -> str:
         return format_reports(self.reports)
+
+    def stalled_boots_text(self) -> str:
+        return "; ".join(b.describe() for b in self.stalled_boots)
+
+
+@dataclasses.dataclass(frozen=True)
+class StalledBoot:
+    """A boot killed because the guest's init had not started within the boot timeout."""
+
+    waited: float  # seconds from QEMU's start to the kill
+    reports: tuple[KernelReport, ...]  # what its console showed (it never got to save a dmesg)
+
+    def touches_our_code(self) -> bool:
+        return any(OUR_KERNEL_CODE.search(line) for r in self.reports for line in r.lines)
+
+    def describe(self) -> str:
+        kinds = sorted({r.kind for r in self.reports})
+        what = f"{len(self.reports)} kernel report(s) ({', '.join(kinds)})" if self.reports else "no kernel report"
+        ours = ", one naming dma-buf code" if self.touches_our_code() else ""
+        return f"killed after {self.waited:.0f} s, {what}{ours}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1395,13 +1431,21 @@ def run(
     accel: str | None = None,
     keep: bool = False,
     kernel_args: str = "",
+    boot_timeout: float = BOOT_TIMEOUT_S,
+    boot_attempts: int = BOOT_ATTEMPTS,
 ) -> RunResult:
     """Boot a kernel, run `cmd` inside, return its exit code, output, dmesg and kernel reports.
 
     The kernel is the variant's cached one (built first unless `build_if_missing` is false), or
     `kernel` (a bzImage; with a build.json beside it, as in the cache, that says its variant).
     `disks` are attached after the ext4 scratch disk of `disk_mb` MiB.
+
+    A boot whose init has not started `boot_timeout` seconds after QEMU did is killed and, up to
+    `boot_attempts` boots in all, started again; `timeout` bounds all of them together. Each
+    killed boot, with the kernel reports its console showed, is in the result's `stalled_boots`.
     """
+    if boot_attempts < 1:
+        raise VMError(f"boot_attempts must be at least 1, not {boot_attempts}")
     cache = cache or Cache(default_cache_dir())
     log = console if console is not None else sys.stderr
     if shutil.which("qemu-system-x86_64") is None:
@@ -1463,36 +1507,42 @@ def run(
         cache_mode="none" if _supports_odirect(rundir) else "writeback",
         kernel_args=" ".join(a for a in (target.kernel_args, kernel_args) if a),
     )
-    marks: dict[str, float] = {}
     t0 = time.monotonic()
-    timed_out = False
+    deadline = t0 + timeout
+    stalled: list[StalledBoot] = []
     with open(console_path, "w") as clog:
         clog.write(f"# {shlex.join(argv)}\n")
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        assert proc.stdout is not None
-        reader = threading.Thread(target=_pump_console, args=(proc.stdout, clog, console, marks, t0), daemon=True)
-        reader.start()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            proc.kill()
-            proc.wait()
-        reader.join(timeout=10)
+        for attempt in range(1, boot_attempts + 1):
+            if attempt > 1:
+                clog.write(f"# boot {attempt} of {boot_attempts}: the last one's init never started\n")
+                log.write(f"[dmabufd-vm] init did not start within {boot_timeout:.0f} s; booting again\n")
+            clog.flush()
+            start = console_path.stat().st_size
+            boot = _boot(argv, clog, console, deadline=deadline, boot_timeout=boot_timeout)
+            if not boot.stalled:
+                break
+            clog.flush()
+            with open(console_path, "rb") as f:
+                f.seek(start)
+                console_text = f.read().decode(errors="replace")
+            stalled.append(StalledBoot(boot.wall, tuple(parse_kernel_reports(console_text))))
+    wall = time.monotonic() - t0
+    timed_out = boot.timed_out
+    marks = boot.marks
     wall = time.monotonic() - t0
     rc_file, out_file = results / "rc", results / "output"
     output = out_file.read_text(errors="replace") if out_file.exists() else ""
     try:
         rc = int(rc_file.read_text().strip())
     except (OSError, ValueError):
-        rc = 124 if timed_out else 255
+        rc = 124 if timed_out or boot.stalled else 255
         tail = "".join(console_path.read_text(errors="replace").splitlines(True)[-40:])
-        why = f"timeout after {timeout:.0f} s" if timed_out else f"qemu exited {proc.returncode}"
+        if boot.stalled:
+            why = f"init never started in {len(stalled)} boot(s) of up to {boot_timeout:.0f} s each"
+        elif timed_out:
+            why = f"timeout after {timeout:.0f} s"
+        else:
+            why = f"qemu exited {boot.returncode}"
         output += f"\n[dmabufd-vm] the guest did not report an exit code ({why}); console tail:\n{tail}"
     dmesg, reports, debug_locks, dmesg_log = _collect_kernel_log(results, console_path, cache, rundir.name)
     result = RunResult(
@@ -1511,6 +1561,7 @@ def run(
         debug_locks=debug_locks,
         dmesg_log=dmesg_log,
         kernel=target.bzimage,
+        stalled_boots=stalled,
     )
     if not keep:
         shutil.rmtree(rundir, ignore_errors=True)
@@ -1519,6 +1570,42 @@ def run(
         log.write(f"[dmabufd-vm] {format_reports(reports)}\n")
     log.flush()
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Boot:
+    marks: dict[str, float]  # console marker -> seconds after this boot's QEMU started
+    wall: float
+    returncode: int | None
+    timed_out: bool  # killed at the run's deadline
+    stalled: bool  # killed because init had not started within the boot timeout
+
+
+def _boot(argv: Sequence[str], clog: TextIO, console: TextIO | None, *, deadline: float, boot_timeout: float) -> _Boot:
+    """One QEMU process, from start to exit or kill, its console appended to `clog`."""
+    t0 = time.monotonic()
+    marks = _ConsoleMarks(t0)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    reader = threading.Thread(target=_pump_console, args=(proc.stdout, clog, console, marks), daemon=True)
+    reader.start()
+    timed_out = stalled = False
+    boot_deadline = min(t0 + boot_timeout, deadline)
+    # Polled, so that a QEMU that exits before init started (a panic, a bad option) ends it too.
+    while not marks.init_started.wait(0.2) and proc.poll() is None:
+        if time.monotonic() >= boot_deadline:
+            stalled = boot_deadline < deadline
+            timed_out = not stalled
+            proc.kill()
+            break
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        proc.wait()
+    reader.join(timeout=10)
+    return _Boot(marks.seen, time.monotonic() - t0, proc.returncode, timed_out, stalled)
 
 
 def _collect_kernel_log(
@@ -1544,12 +1631,23 @@ def _collect_kernel_log(
     return dmesg, reports, debug_locks, dmesg_log
 
 
-def _pump_console(stream: IO[bytes], clog: TextIO, console: TextIO | None, marks: dict[str, float], t0: float) -> None:
+class _ConsoleMarks:
+    """The init script's markers seen on one boot's console, in seconds after its QEMU started."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.seen: dict[str, float] = {}
+        self.init_started = threading.Event()  # set by the console reader, waited on by _boot
+
+
+def _pump_console(stream: IO[bytes], clog: TextIO, console: TextIO | None, marks: _ConsoleMarks) -> None:
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
         for marker in (INIT_MARKER, READY_MARKER, DONE_MARKER):
-            if marker in line and marker not in marks:
-                marks[marker] = time.monotonic() - t0
+            if marker in line and marker not in marks.seen:
+                marks.seen[marker] = time.monotonic() - marks.t0
+                if marker == INIT_MARKER:
+                    marks.init_started.set()
         clog.write(line)
         clog.flush()
         if console is not None:
@@ -1703,7 +1801,14 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     r.add_argument("--mem", default="2G")
     r.add_argument("--smp", type=int, default=2)
     r.add_argument("--disk-mb", type=int, default=1024, help="size of the ext4 scratch disk")
-    r.add_argument("--timeout", type=float, default=900.0)
+    r.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run, every boot included")
+    r.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=BOOT_TIMEOUT_S,
+        help="kill a boot whose init has not started after this many seconds (default %(default)g)",
+    )
+    r.add_argument("--boot-attempts", type=int, default=BOOT_ATTEMPTS, help="boots to try in all (default %(default)d)")
     r.add_argument("--accel", choices=("tcg", "kvm", "auto"), help="default tcg (or $DMABUFD_VM_ACCEL)")
     r.add_argument("--env", action="append", default=[], metavar="K=V")
     r.add_argument("--console-log", type=Path, help="write the guest console here")
@@ -1800,6 +1905,8 @@ def _main_run(args: argparse.Namespace, cache: Cache) -> int:
         accel=args.accel,
         keep=args.keep,
         kernel_args=args.kernel_args,
+        boot_timeout=args.boot_timeout,
+        boot_attempts=args.boot_attempts,
     )
     if args.quiet:
         sys.stdout.write(result.output)

@@ -71,7 +71,7 @@ class FdChannel:
         self._replies: dict[bytes, tuple[fdwire.Reply, list[int]]] = {}
         self._abandoned: set[bytes] = set()
         self._reading = False
-        frame, _ = self._read_frame()  # HELLO and ERROR carry no fds
+        frame, _ = self._read_frame(answer_pending=True)  # HELLO and ERROR carry no fds
         if isinstance(frame, fdwire.ErrorFrame):
             self.close()
             raise from_status_value(frame.code, frame.message)
@@ -144,7 +144,12 @@ class FdChannel:
         poller.register(fd, events)
         return bool(poller.poll(self._timeout_ms))
 
-    def _receive(self) -> tuple[bytes, list[int], int]:
+    def _receive(self, answer_pending: bool) -> tuple[bytes, list[int], int]:
+        """One message. `answer_pending`: the frame awaited answers one just
+        sent, which the daemon cannot have answered yet, so wait for it
+        before reading instead of after a read that finds nothing."""
+        if answer_pending and not self._wait(select.POLLIN):
+            raise TimeoutError
         while True:
             try:
                 return fdwire.receive(self._sock)
@@ -152,9 +157,9 @@ class FdChannel:
                 if not self._wait(select.POLLIN):
                     raise TimeoutError from None
 
-    def _read_frame(self) -> tuple[fdwire.Frame, list[int]]:
+    def _read_frame(self, answer_pending: bool) -> tuple[fdwire.Frame, list[int]]:
         try:
-            data, fds, flags = self._receive()
+            data, fds, flags = self._receive(answer_pending)
         except TimeoutError:
             raise Unavailable("timed out waiting for fds from dmabufd") from None
         except OSError as error:
@@ -177,7 +182,7 @@ class FdChannel:
         The daemon sent them before it answered the call, so they are
         already queued; reading never waits for the daemon to act."""
         with self._filing:
-            self._read_until(lambda: len(self._filed.get(ticket, ())) >= count)
+            self._read_until(lambda: len(self._filed.get(ticket, ())) >= count, answer_pending=False)
             return self._filed.pop(ticket, [])
 
     def allocate(self, request: bytes) -> tuple[fdwire.Reply, list[int]]:
@@ -188,13 +193,13 @@ class FdChannel:
         self._send(fdwire.encode(fdwire.AllocateFrame(ticket, request)), [])
         try:
             with self._filing:
-                self._read_until(lambda: ticket in self._replies)
+                self._read_until(lambda: ticket in self._replies, answer_pending=True)
                 return self._replies.pop(ticket)
         except BaseException:
             self.discard(ticket)
             raise
 
-    def _read_until(self, done: Callable[[], bool]) -> None:
+    def _read_until(self, done: Callable[[], bool], *, answer_pending: bool) -> None:
         """Read and file frames until done() (caller holds _filing). While
         another thread reads, wait for it to file a frame instead."""
         while not done():
@@ -204,7 +209,7 @@ class FdChannel:
             self._reading = True
             self._filing.release()
             try:
-                frame, fds = self._read_frame()
+                frame, fds = self._read_frame(answer_pending)
             finally:
                 self._filing.acquire()
                 self._reading = False

@@ -16,7 +16,9 @@ client may sit idle for longer than that.
 The socket is non-blocking: a send or a read that can go ahead at once (as
 reading a call's fds after its response always can) costs one system call,
 not a poll() first; poll() with the channel's timeout runs only when the
-socket is not ready.
+socket is not ready. The exception is a frame that answers one just sent (an
+ALLOCATE frame's REPLY, the HELLO): it cannot be there yet, so its read
+polls first rather than after a read that finds nothing.
 
 Ownership: fds received here belong to the caller of take() from the
 moment take() returns them; frames nobody claims (a failed call's) are

@@ -129,7 +129,7 @@ def _command(variant: str) -> list[str]:
 
 def _failure(result: vm.RunResult) -> str | None:
     problems = []
-    if result.boot_seconds is None and result.stalled_boots:
+    if result.init_never_started:
         problems.append(f"the guest's init never started: {result.stalled_boots_text()}")
     elif result.timed_out:
         problems.append("the guest timed out")

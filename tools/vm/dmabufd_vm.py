@@ -105,6 +105,7 @@ BOOT_KERNEL_ARGS = "acpi=noirq log_buf_len=4M printk.devkmsg=on rcupdate.rcu_cpu
 # timeout (an hour for the debug suite; CI has 90 minutes).
 BOOT_TIMEOUT_S = 240.0
 BOOT_ATTEMPTS = 2
+STALLED_REPORT_LINES = 400
 # Kernel code of ours, or that our series touches: a report that names it is never shrugged off
 # as an early-boot flake.
 OUR_KERNEL_CODE = re.compile(r"dma_buf|dma_heap|dmabuf|udmabuf|system_heap")
@@ -1083,6 +1084,16 @@ class RunResult:
     kernel: Path | None = None
     # boots killed because init never started (the last one too, when every attempt stalled)
     stalled_boots: list[StalledBoot] = dataclasses.field(default_factory=list)
+    boots: int = 1  # QEMU processes started
+
+    @property
+    def init_never_started(self) -> bool:
+        """Every boot was killed before the guest's init started."""
+        return len(self.stalled_boots) == self.boots
+
+    def all_reports(self) -> list[KernelReport]:
+        """The last boot's reports and those of the boots killed before it."""
+        return [r for b in self.stalled_boots for r in b.reports] + self.reports
 
     def summary(self) -> str:
         boot = f"{self.boot_seconds:.1f}" if self.boot_seconds is not None else "?"
@@ -1112,7 +1123,7 @@ class RunResult:
 class StalledBoot:
     """A boot killed because the guest's init had not started within the boot timeout."""
 
-    waited: float  # seconds from QEMU's start to the kill
+    waited: float  # seconds from its QEMU's start to the kill
     reports: tuple[KernelReport, ...]  # what its console showed (it never got to save a dmesg)
 
     def touches_our_code(self) -> bool:
@@ -1510,23 +1521,25 @@ def run(
     t0 = time.monotonic()
     deadline = t0 + timeout
     stalled: list[StalledBoot] = []
+    boots = 0
     with open(console_path, "w") as clog:
         clog.write(f"# {shlex.join(argv)}\n")
-        for attempt in range(1, boot_attempts + 1):
-            if attempt > 1:
-                clog.write(f"# boot {attempt} of {boot_attempts}: the last one's init never started\n")
-                log.write(f"[dmabufd-vm] init did not start within {boot_timeout:.0f} s; booting again\n")
+        while True:
+            boots += 1
+            clog.write(f"# boot {boots} of up to {boot_attempts}\n")
             clog.flush()
             start = console_path.stat().st_size
             boot = _boot(argv, clog, console, deadline=deadline, boot_timeout=boot_timeout)
             if not boot.stalled:
                 break
             clog.flush()
-            with open(console_path, "rb") as f:
-                f.seek(start)
-                console_text = f.read().decode(errors="replace")
-            stalled.append(StalledBoot(boot.wall, tuple(parse_kernel_reports(console_text))))
-    wall = time.monotonic() - t0
+            # A killed boot never saved a dmesg: its reports come from the console, whole (a KASAN
+            # report's allocation and free stacks come after its first 40 lines).
+            reports = parse_kernel_reports(_console_since(console_path, start), max_lines=STALLED_REPORT_LINES)
+            stalled.append(StalledBoot(boot.killed_after or boot.wall, tuple(reports)))
+            if boots >= boot_attempts or time.monotonic() >= deadline:
+                break
+            log.write(f"[dmabufd-vm] init did not start within {boot_timeout:.0f} s; booting again\n")
     timed_out = boot.timed_out
     marks = boot.marks
     wall = time.monotonic() - t0
@@ -1538,13 +1551,17 @@ def run(
         rc = 124 if timed_out or boot.stalled else 255
         tail = "".join(console_path.read_text(errors="replace").splitlines(True)[-40:])
         if boot.stalled:
-            why = f"init never started in {len(stalled)} boot(s) of up to {boot_timeout:.0f} s each"
+            why = f"init never started in {boots} boot(s) of up to {boot_timeout:.0f} s each"
         elif timed_out:
             why = f"timeout after {timeout:.0f} s"
         else:
             why = f"qemu exited {boot.returncode}"
         output += f"\n[dmabufd-vm] the guest did not report an exit code ({why}); console tail:\n{tail}"
-    dmesg, reports, debug_locks, dmesg_log = _collect_kernel_log(results, console_path, cache, rundir.name)
+    # A last boot killed before init has its reports in `stalled` already.
+    last_boot_start = console_path.stat().st_size if boot.stalled else start
+    dmesg, reports, debug_locks, dmesg_log = _collect_kernel_log(
+        results, console_path, cache, rundir.name, console_start=last_boot_start
+    )
     result = RunResult(
         returncode=rc,
         output=output,
@@ -1562,6 +1579,7 @@ def run(
         dmesg_log=dmesg_log,
         kernel=target.bzimage,
         stalled_boots=stalled,
+        boots=boots,
     )
     if not keep:
         shutil.rmtree(rundir, ignore_errors=True)
@@ -1579,6 +1597,7 @@ class _Boot:
     returncode: int | None
     timed_out: bool  # killed at the run's deadline
     stalled: bool  # killed because init had not started within the boot timeout
+    killed_after: float | None = None  # seconds from QEMU's start to the kill, if stalled
 
 
 def _boot(argv: Sequence[str], clog: TextIO, console: TextIO | None, *, deadline: float, boot_timeout: float) -> _Boot:
@@ -1590,28 +1609,41 @@ def _boot(argv: Sequence[str], clog: TextIO, console: TextIO | None, *, deadline
     reader = threading.Thread(target=_pump_console, args=(proc.stdout, clog, console, marks), daemon=True)
     reader.start()
     timed_out = stalled = False
+    killed_after: float | None = None
     boot_deadline = min(t0 + boot_timeout, deadline)
     # Polled, so that a QEMU that exits before init started (a panic, a bad option) ends it too.
     while not marks.init_started.wait(0.2) and proc.poll() is None:
-        if time.monotonic() >= boot_deadline:
+        if time.monotonic() >= boot_deadline and not marks.init_started.is_set():
             stalled = boot_deadline < deadline
             timed_out = not stalled
+            killed_after = time.monotonic() - t0
             proc.kill()
             break
-    try:
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        proc.kill()
-        proc.wait()
+    if killed_after is None:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.kill()
+    proc.wait()
+    # The console pipe ends with QEMU: this join is quick, and the next boot's section of the
+    # console log starts only after it.
     reader.join(timeout=10)
-    return _Boot(marks.seen, time.monotonic() - t0, proc.returncode, timed_out, stalled)
+    return _Boot(marks.seen, time.monotonic() - t0, proc.returncode, timed_out, stalled, killed_after)
+
+
+def _console_since(console_path: Path, start: int) -> str:
+    with open(console_path, "rb") as f:
+        f.seek(start)
+        return f.read().decode(errors="replace")
 
 
 def _collect_kernel_log(
-    results: Path, console_path: Path, cache: Cache, run_name: str
+    results: Path, console_path: Path, cache: Cache, run_name: str, console_start: int = 0
 ) -> tuple[str, list[KernelReport], int | None, Path | None]:
-    """(dmesg, reports in it, debug_locks, host copy of the dmesg) once the guest is gone."""
+    """(dmesg, reports in it, debug_locks, host copy of the dmesg) once the guest is gone.
+    `console_start`: where the last boot's part of the console log begins (killed boots before it
+    are reported on their own)."""
     dmesg_file = results / "dmesg"
     dmesg = dmesg_file.read_text(errors="replace") if dmesg_file.exists() else ""
     dmesg_log: Path | None = None
@@ -1622,7 +1654,7 @@ def _collect_kernel_log(
     else:
         # The guest died before saving it: the console has what reached it (the command's
         # output is there too, so this is a fallback only).
-        reports = parse_kernel_reports(console_path.read_text(errors="replace"))
+        reports = parse_kernel_reports(_console_since(console_path, console_start))
     stats = results / "lockdep_stats"
     debug_locks = parse_debug_locks(stats.read_text(errors="replace")) if stats.exists() else None
     if debug_locks == 0 and not any(r.kind in LOCKDEP_KINDS for r in reports):
@@ -1913,8 +1945,12 @@ def _main_run(args: argparse.Namespace, cache: Cache) -> int:
     print(result.summary(), file=sys.stderr)
     if result.reports:
         print(result.reports_text(), file=sys.stderr)
-        if args.fail_on_reports and result.returncode == 0:
-            return 1
+    for boot in result.stalled_boots:
+        print(f"boot killed before init: {boot.describe()}", file=sys.stderr)
+        if boot.reports:
+            print(format_reports(boot.reports), file=sys.stderr)
+    if args.fail_on_reports and result.returncode == 0 and result.all_reports():
+        return 1
     return result.returncode
 
 

@@ -720,6 +720,7 @@ def test_the_run_timeout_bounds_every_boot_together(tmp_path: Path, fake_qemu: t
     counter, _ = fake_qemu
     result = _fake_run(tmp_path, timeout=2.0, boot_timeout=30.0)
     assert counter.read_text() == "1", "no second boot once the run's own time is up"
+    assert result.init_never_started, "a boot timed out before init never started it either"
     assert result.timed_out
     assert result.returncode == 124
     assert result.stalled_boots == []

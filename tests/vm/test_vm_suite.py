@@ -130,8 +130,9 @@ def _command(variant: str) -> list[str]:
 def _failure(result: vm.RunResult) -> str | None:
     problems = []
     if result.init_never_started:
-        problems.append(f"the guest's init never started: {result.stalled_boots_text()}")
-    elif result.timed_out:
+        killed = f" ({result.stalled_boots_text()})" if result.stalled_boots else ""
+        problems.append(f"the guest's init never started{killed}")
+    if result.timed_out:
         problems.append("the guest timed out")
     elif result.returncode != 0:
         problems.append(f"the guest command exited {result.returncode}")

@@ -1088,8 +1088,8 @@ class RunResult:
 
     @property
     def init_never_started(self) -> bool:
-        """Every boot was killed before the guest's init started."""
-        return len(self.stalled_boots) == self.boots
+        """No boot reached the guest's init (every one killed, timed out or exited before it)."""
+        return self.boot_seconds is None
 
     def all_reports(self) -> list[KernelReport]:
         """The last boot's reports and those of the boots killed before it."""
@@ -1597,7 +1597,7 @@ class _Boot:
     returncode: int | None
     timed_out: bool  # killed at the run's deadline
     stalled: bool  # killed because init had not started within the boot timeout
-    killed_after: float | None = None  # seconds from QEMU's start to the kill, if stalled
+    killed_after: float | None = None  # seconds from QEMU's start to a kill before init started
 
 
 def _boot(argv: Sequence[str], clog: TextIO, console: TextIO | None, *, deadline: float, boot_timeout: float) -> _Boot:
@@ -1613,10 +1613,11 @@ def _boot(argv: Sequence[str], clog: TextIO, console: TextIO | None, *, deadline
     boot_deadline = min(t0 + boot_timeout, deadline)
     # Polled, so that a QEMU that exits before init started (a panic, a bad option) ends it too.
     while not marks.init_started.wait(0.2) and proc.poll() is None:
-        if time.monotonic() >= boot_deadline and not marks.init_started.is_set():
-            stalled = boot_deadline < deadline
+        now = time.monotonic()
+        if now >= boot_deadline and not marks.init_started.is_set():
+            stalled = now < deadline
             timed_out = not stalled
-            killed_after = time.monotonic() - t0
+            killed_after = now - t0
             proc.kill()
             break
     if killed_after is None:
@@ -1642,8 +1643,8 @@ def _collect_kernel_log(
     results: Path, console_path: Path, cache: Cache, run_name: str, console_start: int = 0
 ) -> tuple[str, list[KernelReport], int | None, Path | None]:
     """(dmesg, reports in it, debug_locks, host copy of the dmesg) once the guest is gone.
-    `console_start`: where the last boot's part of the console log begins (killed boots before it
-    are reported on their own)."""
+    `console_start`: where the last boot's own part of the console log begins (the boots killed
+    before init are reported on their own; when the last one was such a boot, the log's end)."""
     dmesg_file = results / "dmesg"
     dmesg = dmesg_file.read_text(errors="replace") if dmesg_file.exists() else ""
     dmesg_log: Path | None = None

@@ -179,8 +179,7 @@ def test_guest_suite(
     )
     print(result.summary())
     print(result.reports_text())
-    for boot in result.stalled_boots:
-        print(f"boot killed before init: {boot.describe()}\n{vm.format_reports(boot.reports)}")
+    print(result.stalled_boots_reports())
     print(result.output[-20000:])
     failure = _failure(result)
     if failure:

@@ -958,6 +958,13 @@ def parse_debug_locks(lockdep_stats: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def count_reports(reports: Sequence[KernelReport]) -> str:
+    """ "2 kernel report(s) (kasan, warning)", or "no kernel reports"."""
+    if not reports:
+        return "no kernel reports"
+    return f"{len(reports)} kernel report(s) ({', '.join(sorted({r.kind for r in reports}))})"
+
+
 def format_reports(reports: Sequence[KernelReport]) -> str:
     if not reports:
         return "no kernel reports"
@@ -1098,8 +1105,7 @@ class RunResult:
     def summary(self) -> str:
         boot = f"{self.boot_seconds:.1f}" if self.boot_seconds is not None else "?"
         ready = f"{self.ready_seconds:.1f}" if self.ready_seconds is not None else "?"
-        kinds = sorted({r.kind for r in self.reports})
-        reports = f"{len(self.reports)} kernel report(s) ({', '.join(kinds)})" if self.reports else "no kernel reports"
+        reports = count_reports(self.reports)
         stalled = (
             f"; {len(self.stalled_boots)} boot(s) killed before init started ({self.stalled_boots_text()})"
             if self.stalled_boots
@@ -1118,6 +1124,13 @@ class RunResult:
     def stalled_boots_text(self) -> str:
         return "; ".join(b.describe() for b in self.stalled_boots)
 
+    def stalled_boots_reports(self) -> str:
+        """Each killed boot, with its reports in full: printed beside reports_text()."""
+        return "\n".join(
+            f"boot killed before init: {b.describe()}" + (f"\n{format_reports(b.reports)}" if b.reports else "")
+            for b in self.stalled_boots
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class StalledBoot:
@@ -1130,10 +1143,8 @@ class StalledBoot:
         return any(OUR_KERNEL_CODE.search(line) for r in self.reports for line in r.lines)
 
     def describe(self) -> str:
-        kinds = sorted({r.kind for r in self.reports})
-        what = f"{len(self.reports)} kernel report(s) ({', '.join(kinds)})" if self.reports else "no kernel report"
         ours = ", one naming dma-buf code" if self.touches_our_code() else ""
-        return f"killed after {self.waited:.0f} s, {what}{ours}"
+        return f"killed after {self.waited:.0f} s, {count_reports(self.reports)}{ours}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1530,13 +1541,12 @@ def run(
             clog.flush()
             start = console_path.stat().st_size
             boot = _boot(argv, clog, console, deadline=deadline, boot_timeout=boot_timeout)
-            if not boot.stalled:
+            if boot.killed_after is None or not boot.stalled:
                 break
-            clog.flush()
-            # A killed boot never saved a dmesg: its reports come from the console, whole (a KASAN
-            # report's allocation and free stacks come after its first 40 lines).
+            # A killed boot never saved a dmesg: its reports come from the console, with more lines
+            # each (a KASAN report's allocation and free stacks come after its first 40 lines).
             reports = parse_kernel_reports(_console_since(console_path, start), max_lines=STALLED_REPORT_LINES)
-            stalled.append(StalledBoot(boot.killed_after or boot.wall, tuple(reports)))
+            stalled.append(StalledBoot(boot.killed_after, tuple(reports)))
             if boots >= boot_attempts or time.monotonic() >= deadline:
                 break
             log.write(f"[dmabufd-vm] init did not start within {boot_timeout:.0f} s; booting again\n")
@@ -1593,7 +1603,6 @@ def run(
 @dataclasses.dataclass(frozen=True)
 class _Boot:
     marks: dict[str, float]  # console marker -> seconds after this boot's QEMU started
-    wall: float
     returncode: int | None
     timed_out: bool  # killed at the run's deadline
     stalled: bool  # killed because init had not started within the boot timeout
@@ -1630,7 +1639,7 @@ def _boot(argv: Sequence[str], clog: TextIO, console: TextIO | None, *, deadline
     # The console pipe ends with QEMU: this join is quick, and the next boot's section of the
     # console log starts only after it.
     reader.join(timeout=10)
-    return _Boot(marks.seen, time.monotonic() - t0, proc.returncode, timed_out, stalled, killed_after)
+    return _Boot(marks.seen, proc.returncode, timed_out, stalled, killed_after)
 
 
 def _console_since(console_path: Path, start: int) -> str:
@@ -1946,10 +1955,8 @@ def _main_run(args: argparse.Namespace, cache: Cache) -> int:
     print(result.summary(), file=sys.stderr)
     if result.reports:
         print(result.reports_text(), file=sys.stderr)
-    for boot in result.stalled_boots:
-        print(f"boot killed before init: {boot.describe()}", file=sys.stderr)
-        if boot.reports:
-            print(format_reports(boot.reports), file=sys.stderr)
+    if result.stalled_boots:
+        print(result.stalled_boots_reports(), file=sys.stderr)
     if args.fail_on_reports and result.returncode == 0 and result.all_reports():
         return 1
     return result.returncode

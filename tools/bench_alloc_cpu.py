@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from dmabufd.heaps.memfd import MEMFD_HEAP_NAME
-from dmabufd_client.bench import RELEASE_EVERY, drop
+from dmabufd_client.bench import RELEASE_EVERY, drop, schedstat
 from dmabufd_client.buffer import Buffer
 from dmabufd_client.cli.output import positive_int
 from dmabufd_client.client import Client, connect
@@ -45,8 +45,7 @@ def cpu_ns(pid: int) -> tuple[int, int]:
     loop = total = 0
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as stat:
-                used = int(stat.read().split()[0])
+            used, _ = schedstat(pid, int(task))
         except (FileNotFoundError, ProcessLookupError):  # a thread that has just ended
             continue
         total += used

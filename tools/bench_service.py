@@ -4,7 +4,9 @@
     python tools/bench_service.py [--json] [--daemon-cpus LIST] [dmabufctl bench options...]
 
 --daemon-cpus keeps the daemon on those CPUs; with `--cpus` (dmabufctl
-bench's) naming the others, the clients never share its core.
+bench's) naming the others, the clients never share its core. The daemon's
+pid goes to `dmabufctl bench --daemon-pid`, which then reports where its
+event loop spent each throughput run.
 
 The figures come from one run on one machine: compare ratios, not the
 absolute microseconds, across machines.
@@ -53,7 +55,8 @@ def main() -> int:
                     return 1
                 time.sleep(0.05)
             time.sleep(0.2)
-            ctl_args = ["--runtime-dir", str(runtime)] + (["--json"] if args.json else []) + ["bench", *bench_args]
+            ctl_args = ["--runtime-dir", str(runtime)] + (["--json"] if args.json else [])
+            ctl_args += ["bench", "--daemon-pid", str(daemon.pid), *bench_args]
             return dmabufctl(ctl_args)
         finally:
             daemon.terminate()

@@ -139,12 +139,38 @@ def _worker(job: _Job, ready: Any, start: Any, results: Any) -> None:
 
 
 @dataclass(frozen=True)
+class LoopShare:
+    """Where the daemon's event loop (its main thread) spent a run, as
+    shares of the run's wall time: on a CPU, and runnable but waiting for
+    one. Together well below 1: it slept (waited for frames); `waiting`
+    high while the machine has idle CPU: clients it woke took its CPU."""
+
+    on_cpu: float
+    waiting: float
+
+
+@dataclass(frozen=True)
 class Throughput:
     allocs_per_s: float
     # The whole machine's idle share of CPU time during the run (None
     # where /proc/stat cannot be read): whether the clients and the daemon
     # kept every CPU busy, or waited for each other.
     cpu_idle: float | None
+    # None unless the daemon's pid was given.
+    daemon_loop: LoopShare | None = None
+
+
+def schedstat(pid: int, tid: int | None = None) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one) of thread `tid` of
+    process `pid` (its main thread by default), from the kernel's
+    scheduler statistics. Raises OSError if there is no such thread or
+    the kernel keeps no such statistics (CONFIG_SCHED_INFO)."""
+    with open(f"/proc/{pid}/task/{tid or pid}/schedstat") as stat:
+        fields = stat.read().split()
+    try:
+        return int(fields[0]), int(fields[1])
+    except (IndexError, ValueError):
+        raise OSError(f"/proc/{pid}/task/{tid or pid}/schedstat is not what Linux writes: {fields!r}") from None
 
 
 def _cpu_jiffies() -> tuple[int, int] | None:
@@ -160,9 +186,12 @@ def _cpu_jiffies() -> tuple[int, int] | None:
     return sum(fields), fields[3] + fields[4]
 
 
-def throughput(runtime_dir: Path | None, size: int, heap: str, clients: int, seconds: float) -> Throughput:
+def throughput(
+    runtime_dir: Path | None, size: int, heap: str, clients: int, seconds: float, *, daemon_pid: int | None = None
+) -> Throughput:
     """Allocations per second (release included) from `clients` processes,
-    each allocating for `seconds`.
+    each allocating for `seconds`; with `daemon_pid`, where the daemon's
+    event loop spent that time (LoopShare).
 
     The clock starts once every process has connected: spawning and
     importing eight Pythons costs more CPU than the run itself on a small
@@ -178,9 +207,13 @@ def throughput(runtime_dir: Path | None, size: int, heap: str, clients: int, sec
     for _ in workers:
         ready.get(timeout=120)
     before = _cpu_jiffies()
+    loop_before = schedstat(daemon_pid) if daemon_pid is not None else None
+    watched_from = time.perf_counter()
     start.set()
     spans = [results.get(timeout=120 + seconds) for _ in workers]
     after = _cpu_jiffies()
+    loop_after = schedstat(daemon_pid) if daemon_pid is not None else None
+    watched_s = time.perf_counter() - watched_from
     for worker in workers:
         worker.join()
     total = sum(int(count) for _, _, count in spans)
@@ -188,4 +221,9 @@ def throughput(runtime_dir: Path | None, size: int, heap: str, clients: int, sec
     idle = None
     if before is not None and after is not None and after[0] > before[0]:
         idle = (after[1] - before[1]) / (after[0] - before[0])
-    return Throughput(total / wall, idle)
+    loop = None
+    if loop_before is not None and loop_after is not None:
+        loop = LoopShare(
+            (loop_after[0] - loop_before[0]) / 1e9 / watched_s, (loop_after[1] - loop_before[1]) / 1e9 / watched_s
+        )
+    return Throughput(total / wall, idle, loop)

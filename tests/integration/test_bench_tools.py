@@ -45,6 +45,9 @@ def test_bench_service_runs_the_daemon_on_the_cpus_asked() -> None:
     report = json.loads(result.stdout)
     assert report["cpus"] == [0]
     assert report["allocs_per_s_n_clients"] > 0
+    # The script names its daemon to the bench, which reports the loop.
+    assert report["daemon_loop_on_cpu_n_clients"] > 0
+    assert report["daemon_loop_waiting_n_clients"] >= 0
 
 
 def test_bench_service_refuses_cpus_that_are_not_there() -> None:

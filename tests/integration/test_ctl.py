@@ -434,12 +434,25 @@ def test_stats_json_covers_every_field_of_the_api() -> None:
 
 
 def test_bench_on_chosen_cpus_reports_how_idle_the_machine_was(daemon: RunningDaemon) -> None:
-    result = ctl_json(daemon, "bench", "--iterations", "20", "--clients", "2", "--seconds", "0.3", "--cpus", "0")
+    small = ("--iterations", "20", "--clients", "2", "--seconds", "0.3")
+    result = ctl_json(daemon, "bench", *small, "--cpus", "0", "--daemon-pid", str(daemon.pid))
     assert result["cpus"] == [0]
     assert result["allocs_per_s_1_client"] > 0
     assert result["allocs_per_s_n_clients"] > 0
     for key in ("cpu_idle_1_client", "cpu_idle_n_clients"):
         assert 0.0 <= result[key] <= 1.0, (key, result[key])
+    # The daemon's loop served every allocation, so it was on a CPU for
+    # part of each run; its two shares are of one wall time (a small slack
+    # for the clock reads around the kernel's counters).
+    for clients in ("1_client", "n_clients"):
+        on_cpu, waiting = result[f"daemon_loop_on_cpu_{clients}"], result[f"daemon_loop_waiting_{clients}"]
+        assert 0.0 < on_cpu <= 1.05, (clients, on_cpu)
+        assert 0.0 <= waiting and on_cpu + waiting <= 1.05, (clients, on_cpu, waiting)
+    with open("/proc/sys/kernel/pid_max") as pid_max:  # no process has this pid
+        no_such_pid = pid_max.read().strip()
+    nobody = ctl(daemon, "bench", *small, "--daemon-pid", no_such_pid)
+    assert nobody.returncode == Exit.INVALID_INPUT
+    assert f"--daemon-pid: cannot read the scheduler statistics of process {no_such_pid}" in nobody.stderr
     refused = ctl(daemon, "bench", "--cpus", "2-1")
     assert refused.returncode == Exit.INVALID_INPUT
     assert "not a CPU list" in refused.stderr

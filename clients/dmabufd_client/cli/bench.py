@@ -43,6 +43,13 @@ BENCH = Schema(
         ("clients_speedup", "allocs_per_s_n_clients / allocs_per_s_1_client"),
         ("cpu_idle_1_client", "the machine's idle share of CPU time during the 1-process run (null: no /proc/stat)"),
         ("cpu_idle_n_clients", "the same during the run of `clients` processes"),
+        (
+            "daemon_loop_on_cpu_1_client",
+            "share of the 1-process run's wall time the daemon's event loop spent on a CPU (null: no --daemon-pid)",
+        ),
+        ("daemon_loop_waiting_1_client", "the same, runnable but waiting for a CPU"),
+        ("daemon_loop_on_cpu_n_clients", "daemon_loop_on_cpu_1_client during the run of `clients` processes"),
+        ("daemon_loop_waiting_n_clients", "daemon_loop_waiting_1_client during the run of `clients` processes"),
     ),
 )
 
@@ -58,6 +65,14 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
             usable = bench.format_cpus(os.sched_getaffinity(0))
             wanted = bench.format_cpus(args.cpus)
             raise InvalidArgument(f"--cpus: cannot run on CPUs {wanted} ({error.strerror}); usable: {usable}") from None
+    if args.daemon_pid is not None:
+        try:
+            bench.schedstat(args.daemon_pid)
+        except OSError as error:
+            raise InvalidArgument(
+                f"--daemon-pid: cannot read the scheduler statistics of process {args.daemon_pid}'s main thread "
+                f"({error.strerror or error}); give the pid of the running dmabufd"
+            ) from None
     with output.progress_bar("bench", transfer=False) as update:
         update(total=STEPS, completed=0, description=f"warm-up ({min(100, iterations)} allocations)")
         bench.latencies(client, size, heap, min(100, iterations))
@@ -69,9 +84,9 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         pool_fresh_s, pool_recycled_s = bench.pool_times(client, heap)
         seconds = args.seconds
         update(completed=4, description="throughput, 1 client process")
-        single = bench.throughput(client.runtime_dir, size, heap, 1, seconds)
+        single = bench.throughput(client.runtime_dir, size, heap, 1, seconds, daemon_pid=args.daemon_pid)
         update(completed=5, description=f"throughput, {args.clients} client processes")
-        multi = bench.throughput(client.runtime_dir, size, heap, args.clients, seconds)
+        multi = bench.throughput(client.runtime_dir, size, heap, args.clients, seconds, daemon_pid=args.daemon_pid)
         update(completed=6)
     alloc_p50, health_p50 = bench.percentile(alloc_s, 0.5), bench.percentile(health_s, 0.5)
     result: dict[str, Any] = output.versioned(
@@ -97,6 +112,10 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         clients_speedup=multi.allocs_per_s / single.allocs_per_s,
         cpu_idle_1_client=single.cpu_idle,
         cpu_idle_n_clients=multi.cpu_idle,
+        daemon_loop_on_cpu_1_client=single.daemon_loop.on_cpu if single.daemon_loop else None,
+        daemon_loop_waiting_1_client=single.daemon_loop.waiting if single.daemon_loop else None,
+        daemon_loop_on_cpu_n_clients=multi.daemon_loop.on_cpu if multi.daemon_loop else None,
+        daemon_loop_waiting_n_clients=multi.daemon_loop.waiting if multi.daemon_loop else None,
     )
     if args.json:
         output.emit_json(result)
@@ -122,6 +141,10 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
     for label, run in (("1 client", single), (f"{args.clients} clients", multi)):
         if run.cpu_idle is not None:
             table.add_row(f"machine CPU idle, {label}", f"{run.cpu_idle:.0%}")
+    for label, run in (("1 client", single), (f"{args.clients} clients", multi)):
+        if run.daemon_loop is not None:
+            share = run.daemon_loop
+            table.add_row(f"daemon loop on CPU / waiting, {label}", f"{share.on_cpu:.0%} / {share.waiting:.0%}")
     output.stdout.print(table)
     return 0
 
@@ -165,4 +188,11 @@ def register(add: AddCommand) -> None:
         metavar="LIST",
         help="run the bench and its client processes on these CPUs only (1, 2-3, 0,2-3): "
         "with the daemon on others, shows what scheduling placement costs",
+    )
+    command.add_argument(
+        "--daemon-pid",
+        type=output.positive_int,
+        metavar="PID",
+        help="the running dmabufd's pid: report how much of each throughput run its event loop spent on a CPU "
+        "and how much runnable but waiting for one (from /proc/PID/task/PID/schedstat)",
     )

@@ -197,3 +197,49 @@ def test_granted_pool_is_not_recycled_while_the_receiver_holds_it(daemon: Runnin
         assert not again.recycled, "the consumer still holds the old frames"
         received.close()
         again.close()
+
+
+def test_a_granted_pool_is_never_recycled(daemon: RunningDaemon) -> None:
+    """A receiver may keep a mapping, or an fd in flight in a socket, that
+    /proc does not show once it has closed its own fds: frames that went to
+    a grant are freed, not handed to the owner's next pool."""
+    with daemon.connect() as producer, daemon.connect() as consumer:
+        pool = producer.allocate_pool("GREY", 32, 32, 2, recycle=True)
+        inodes = {b.info.inode for b in pool.buffers}
+        consumer.redeem(producer.grant(pool).token).close()
+        pool.close()
+        again = producer.allocate_pool("GREY", 32, 32, 2, recycle=True)
+        assert not again.recycled
+        assert not {b.info.inode for b in again.buffers} & inodes
+        again.close()
+
+
+def test_a_resealed_frame_is_never_recycled(client: dmabufd_client.Client) -> None:
+    """Any holder of a read-write memfd fd can add seals; a frame that
+    carries one it was not made with (here F_SEAL_FUTURE_WRITE: nobody may
+    write it any more) must not come back in a pool."""
+    pool = client.allocate_pool("GREY", 32, 32, 2, recycle=True)
+    sealed = pool.buffers[0].info.inode
+    fcntl.fcntl(pool.buffers[0].fileno(), fcntl.F_ADD_SEALS, 0x0010)  # F_SEAL_FUTURE_WRITE
+    pool.close()
+    again = client.allocate_pool("GREY", 32, 32, 2, recycle=True)
+    assert sealed not in {b.info.inode for b in again.buffers}
+    for buffer in again.buffers:
+        with buffer.map(Access.WRITE) as mapping:
+            mapping.memoryview[:5] = b"fresh"
+    again.close()
+
+
+def test_read_only_grant_of_a_buffer_whose_seals_are_sealed(client: dmabufd_client.Client) -> None:
+    """A holder of the read-write fd added F_SEAL_SEAL: the daemon can no
+    longer seal it read-only, and says so (FAILED_PRECONDITION), before
+    sealing any buffer of the grant."""
+    first, second = client.allocate(4096), client.allocate(4096)
+    fcntl.fcntl(second.fileno(), fcntl.F_ADD_SEALS, 0x0001)  # F_SEAL_SEAL
+    with pytest.raises(dmabufd_client.FailedPrecondition, match=f"buffer {second.id} can take no more seals"):
+        client.grant([first, second], read_only=True)
+    with first.map(Access.WRITE) as mapping:  # the grant sealed nothing
+        mapping.memoryview[:2] = b"ok"
+    assert client.grant([second]).id > 0  # read-write sharing still works
+    first.close()
+    second.close()

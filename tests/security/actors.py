@@ -551,6 +551,69 @@ def redeem(link: Link, *, runtime_dir: str) -> None:
 
 
 @actor
+def mapped_receiver(link: Link, *, runtime_dir: str) -> None:
+    """Redeem a grant token ("redeem"), map every buffer read-write and
+    close the fds, keeping only the mappings (made with libc's mmap:
+    Python's mmap keeps a dup of the fd); on "peek", read each mapping's
+    first 16 bytes, then overwrite them with b"EVIL"."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    client = dmabufd_client.connect(runtime_dir)
+    token = str(link.wait("redeem")["token"])
+    received = client.redeem(token)
+    regions = []
+    for buffer in received.buffers:
+        address = libc.mmap(None, buffer.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, buffer.fileno(), 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+        regions.append((ctypes.c_char * 16).from_address(address))
+    inodes = [buffer.info.inode for buffer in received.buffers]
+    received.close()
+    link.emit("mapped", inodes=inodes)
+    link.wait("peek")
+    heads = [bytes(region[:16]).hex() for region in regions]
+    for region in regions:
+        ctypes.memmove(region, b"EVIL", 4)
+    link.emit("result", heads=heads)
+
+
+@actor
+def hold_granted(link: Link, *, runtime_dir: str) -> None:
+    """Connect ("connected"), redeem the grant named by "redeem" and keep
+    its fds ("holding"), close them on "let-go"."""
+    client = dmabufd_client.connect(runtime_dir)
+    link.emit("connected")
+    grant_id = int(link.wait("redeem")["grant_id"])
+    received = client.redeem(grant_id=grant_id)
+    link.emit("holding", buffers=len(received.buffers))
+    link.wait("let-go")
+    received.close()
+    link.emit("result")
+
+
+@actor
+def grant_release_reallocate(link: Link, *, runtime_dir: str, to_uid: int, size: str, recover_s: float) -> None:
+    """Allocate `size` (the whole quota), grant it to `to_uid` ("granted"),
+    and on "release" release it and allocate `size` again ("while-held").
+    On "after", try again until it works (at most `recover_s`)."""
+    client = dmabufd_client.connect(runtime_dir)
+    buffer = client.allocate(size)
+    grant = client.grant([buffer], to_uid=to_uid)
+    link.emit("granted", grant_id=grant.id)
+    link.wait("release")
+    buffer.close()
+    link.emit("while-held", outcome=outcome(lambda: client.allocate(size)))
+    link.wait("after")
+    let_go = time.monotonic()
+    after = outcome(lambda: client.allocate(size))
+    while after["status"] != "OK" and time.monotonic() - let_go < recover_s:
+        time.sleep(0.1)
+        after = outcome(lambda: client.allocate(size))
+    link.emit("result", after=after, recovered_after_s=time.monotonic() - let_go)
+
+
+@actor
 def pool_partial_release(link: Link, *, runtime_dir: str, fourcc: str, width: int, height: int, count: int) -> None:
     """Allocate a recycled pool, release ONE of its buffers as if it were a
     lone buffer, then end the session with the pool still held (its fds

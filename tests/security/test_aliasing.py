@@ -105,3 +105,44 @@ def test_releasing_one_buffer_of_a_pool(daemon_factory: DaemonFactory, spawn: Sp
     assert warm_fds(daemon) <= count
     assert_served(served)
     assert_recovered(daemon, before, kept=lambda: warm_fds(daemon))
+
+
+def test_grant_receiver_keeps_a_mapping_of_a_recycled_pool(
+    daemon_factory: DaemonFactory, spawn: Spawn, victim_of: VictimOf
+) -> None:
+    """Attack: root grants a recycled pool by token; uid 12345 redeems it,
+    maps every frame read-write and closes the fds (a mapping shows in no
+    fd table). Root releases the pool and allocates an identical one.
+    Defence: the released frames are never recycled (they went to a grant
+    receiver), so the new pool is fresh memory: the receiver's mappings
+    see none of what root writes into it, and root's frames keep their
+    bytes when the receiver writes through its mappings."""
+    daemon = daemon_factory(public=True)
+    before = footprint(daemon)
+    victim = victim_of(daemon)
+    attacker = spawn("mapped_receiver", runtime_dir=str(daemon.runtime_dir))
+    victim.start()
+    attacker.go()
+    with daemon.connect() as owner:
+        pool = owner.allocate_pool(*POOL, recycle=True, name="aliasd")
+        attacker.send("redeem", token=owner.grant(pool).token)
+        mapped = attacker.expect("mapped")
+        pool.close()
+        new = owner.allocate_pool(*POOL, recycle=True, name="aliasd")
+        secret = b"ROOT SECRET 0123"
+        for buffer in new.buffers:
+            with buffer.map(Access.WRITE) as mapping:
+                mapping.memoryview[: len(secret)] = secret
+        attacker.send("peek")
+        result = attacker.result()
+        print(f"new pool recycled: {new.recycled}; the receiver's mappings read {result['heads']}")
+        assert not new.recycled
+        assert not {buffer.info.inode for buffer in new.buffers} & set(mapped["inodes"])
+        assert secret.hex() not in result["heads"]
+        for buffer in new.buffers:
+            with buffer.map(Access.READ) as mapping:
+                assert bytes(mapping.memoryview[: len(secret)]) == secret
+        new.close()
+    served = victim.stop()
+    assert_served(served)
+    assert_recovered(daemon, before, kept=lambda: warm_fds(daemon, ":aliasd"))

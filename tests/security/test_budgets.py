@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import DaemonFactory
+from tests.conftest import ROOTLESS_UID, DaemonFactory
 from tests.security.conftest import (
     RSS_SLACK_BYTES,
     RssWatch,
@@ -127,5 +127,51 @@ def test_header_with_a_million_tensors(
     assert outcome["status"] == "INVALID_ARGUMENT", outcome["status"]
     assert outcome["seconds"] < 5.0
     assert growth <= RSS_SLACK_BYTES, f"the daemon's RSS grew by {growth / 2**20:.0f} MiB parsing the header"
+    assert_served(served)
+    assert_recovered(daemon, before)
+
+
+def test_buffer_a_grant_receiver_still_holds_stays_charged(
+    daemon_factory: DaemonFactory, spawn: Spawn, victim_of: VictimOf
+) -> None:
+    """Attack: uid 12346, quota 16 MiB, allocates 16 MiB, grants it to uid
+    12345, which redeems it and keeps the fd; 12346 releases it and
+    allocates 16 MiB again (two uids working together launder a quota).
+    Defence: RESOURCE_EXHAUSTED while the receiver holds the buffer (it
+    stays charged to its owner); once the receiver lets go, 16 MiB is
+    allocated within 5 s."""
+    owner_uid = 12346
+    daemon = daemon_factory(f'[quota.uids.{owner_uid}]\nmax_bytes = "16M"\n', public=True)
+    before = footprint(daemon)
+    victim = victim_of(daemon)
+    receiver = spawn("hold_granted", runtime_dir=str(daemon.runtime_dir))
+    owner = spawn(
+        "grant_release_reallocate",
+        uid=owner_uid,
+        runtime_dir=str(daemon.runtime_dir),
+        to_uid=ROOTLESS_UID,
+        size="16M",
+        recover_s=5.0,
+    )
+    victim.start()
+    receiver.go()
+    receiver.expect("connected")
+    owner.go()
+    receiver.send("redeem", grant_id=owner.expect("granted")["grant_id"])
+    receiver.expect("holding")
+    owner.send("release")
+    while_held = owner.expect("while-held")["outcome"]
+    receiver.send("let-go")
+    receiver.result()
+    owner.send("after")
+    result = owner.result()
+    served = victim.stop()
+    print(
+        f"16 MiB again while the receiver holds the released 16 MiB: {while_held['status']}; "
+        f"after it let go: {result['after']['status']} in {result['recovered_after_s']:.2f} s"
+    )
+    assert while_held["status"] == "RESOURCE_EXHAUSTED", while_held
+    assert result["after"]["status"] == "OK", result["after"]
+    assert result["recovered_after_s"] <= 5.0
     assert_served(served)
     assert_recovered(daemon, before)

@@ -59,7 +59,7 @@ class SharingApi(ServiceBase):
 
     async def ReleasePool(self, request: pb.ReleasePoolRequest, context: Context) -> pb.ReleaseResponse:
         def handle(session: Session, _ticket: bytes) -> pb.ReleaseResponse:
-            released = self._pools.release(session, request.pool_id, owner_pid=session.peer.pid)
+            released = self._pools.release(session, request.pool_id)
             return pb.ReleaseResponse(released_bytes=released)
 
         return await self._serve(context, handle)
@@ -93,13 +93,16 @@ class SharingApi(ServiceBase):
             entry = self._grants.take(session, token_hex=request.token, grant_id=request.grant_id)
             try:
                 for record in entry.records:
+                    # First: a release from now on looks in the receiver's
+                    # processes too, and the buffer is never recycled.
+                    record.buffer.add_recipient(session.peer.uid, session.peer.pid)
                     record.buffer.entitle(session.id)
                 session.outbox.deliver(
                     ticket, [Outgoing(record.id, record.buffer, entry.read_only) for record in entry.records]
                 )
             finally:
                 entry.put()  # the outbox holds its own references until it has sent them
-            pool = self._pools.note_holder(entry.pool_id, session.peer.pid) if entry.pool_id else None
+            pool = self._pools.get(entry.pool_id) if entry.pool_id else None
             return pb.RedeemResponse(
                 buffers=[buffer_info(record) for record in entry.records],
                 pool=self._pool_info(pool) if pool is not None else None,

@@ -17,9 +17,15 @@ outbox checks entitles() at the moment it writes, so a grant, pool or model
 can never deliver a buffer that was released, or that now belongs to
 someone else.
 
-Locking: _lock guards _refs, the entitlement set and the read-only fd. It
-is a leaf lock: nothing is called with it held except close() of this
-buffer's own fds in _release and the one reopen in seal_read_only.
+Recipients: the (uid, pid) of every grant receiver the buffer went to.
+Released, it stays charged while any of their processes holds it too, and
+it is never given to a new owner (reusable()): a receiver may still map it,
+or keep an fd in flight in a socket where /proc cannot see it.
+
+Locking: _lock guards _refs, the entitlement set, the recipients and the
+read-only fd. It is a leaf lock: nothing is called with it held except
+close() of this buffer's own fds in _release, the one reopen in
+seal_read_only and the seals read in reusable().
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import os
 import threading
 
 from dmabufd.heaps.backend import Allocation, BackendKind
+from dmabufd.heaps.memfd import MEMFD_SEALS
+from dmabufd_common import uapi
 
 
 class BufferReleased(RuntimeError):
@@ -36,7 +44,7 @@ class BufferReleased(RuntimeError):
 
 
 class Buffer:
-    __slots__ = ("_entitled", "_lock", "_read_only_fd", "_refs", "_revoked", "allocation")
+    __slots__ = ("_entitled", "_lock", "_read_only_fd", "_recipients", "_refs", "_revoked", "allocation")
 
     def __init__(self, allocation: Allocation) -> None:
         self.allocation = allocation
@@ -45,6 +53,7 @@ class Buffer:
         self._entitled: set[int] = set()
         self._revoked = False
         self._read_only_fd: int | None = None
+        self._recipients: set[tuple[int, int]] = set()
 
     def __repr__(self) -> str:
         return f"<Buffer ino={self.identity[1]} {self.kind.name} {self.size} refs={self._refs}>"
@@ -132,6 +141,32 @@ class Buffer:
             self._revoked = False
             self._entitled.clear()
 
+    # -- who else got it --------------------------------------------------
+
+    def add_recipient(self, uid: int, pid: int) -> None:
+        """A grant receiver (`pid` of `uid`) was given this buffer's fd."""
+        with self._lock:
+            self._recipients.add((uid, pid))
+
+    def recipients(self) -> frozenset[tuple[int, int]]:
+        with self._lock:
+            return frozenset(self._recipients)
+
+    def reusable(self) -> bool:
+        """Whether a new owner may get this buffer (a recycled pool): only
+        if it never left its owners' uid, was never sealed read-only, and,
+        a memfd, carries no seal but the ones it was made with (any holder
+        of a read-write fd can add seals, F_SEAL_WRITE among them)."""
+        with self._lock:
+            if self._recipients or self._read_only_fd is not None or self._refs <= 0:
+                return False
+            if self.kind is not BackendKind.MEMFD:
+                return True
+            try:
+                return fcntl.fcntl(self.allocation.fd, fcntl.F_GET_SEALS) == MEMFD_SEALS
+            except OSError:
+                return False
+
     # -- read-only sharing ----------------------------------------------
 
     def seal_read_only(self, seals: int) -> None:
@@ -146,6 +181,19 @@ class Buffer:
             fcntl.fcntl(self.allocation.fd, fcntl.F_ADD_SEALS, seals)
             if self._read_only_fd is None:
                 self._read_only_fd = os.open(f"/proc/self/fd/{self.allocation.fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def can_seal(self) -> bool:
+        """Whether seals may still be added: any holder of a read-write
+        memfd fd can add F_SEAL_SEAL, after which nothing more can be."""
+        if self.kind is not BackendKind.MEMFD:
+            return False
+        with self._lock:
+            if self._refs <= 0:
+                return False
+            try:
+                return not fcntl.fcntl(self.allocation.fd, fcntl.F_GET_SEALS) & uapi.F_SEAL_SEAL
+            except OSError:
+                return False
 
     @property
     def read_only(self) -> bool:

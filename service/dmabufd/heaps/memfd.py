@@ -17,6 +17,9 @@ from dmabufd.heaps.backend import Allocation, BackendKind, HeapBackend, HeapSpec
 from dmabufd_common import uapi
 
 MEMFD_HEAP_NAME = "memfd"
+# What every memfd buffer is made with (a recycled one must still carry
+# exactly these: heaps/buffer.py, reusable()).
+MEMFD_SEALS = uapi.F_SEAL_SHRINK | uapi.F_SEAL_GROW
 
 
 def sealed_memfd(kernel_name: str, size: int, seals: int) -> int:
@@ -36,5 +39,5 @@ MEMFD_SPEC = HeapSpec(MEMFD_HEAP_NAME, BackendKind.MEMFD, "")
 
 class MemfdBackend(HeapBackend):
     def allocate(self, size: int, kernel_name: str) -> Allocation:
-        fd = sealed_memfd(kernel_name, size, uapi.F_SEAL_SHRINK | uapi.F_SEAL_GROW)
+        fd = sealed_memfd(kernel_name, size, MEMFD_SEALS)
         return Allocation(fd, size, BackendKind.MEMFD)

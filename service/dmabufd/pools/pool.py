@@ -13,8 +13,9 @@ Recycling: a pool allocated with `recycle` goes, on release, into a warm
 cache keyed by (uid, heap, format, frame layout) instead of being freed,
 so a pipeline that restarts gets its buffers back without allocating. The
 cache gives buffers back only to the same uid (old frames are not
-scrubbed), only once no process known to hold them (the owner, grant
-redeemers) still has any of them open, and only within
+scrubbed), only whole frames that no process of the uid still holds (the
+ledger's release), whose buffers never went to a grant receiver or got
+seals they were not made with (Buffer.reusable()), and only within
 pools.recycle_budget_bytes; anything else is freed.
 
 Lifetime: a pool's buffers are ordinary ledger records (pool_id set), so
@@ -32,14 +33,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from dmabufd.broker import BufferBroker
 from dmabufd.errors import BufferNotFound, InvalidRequest
 from dmabufd.heaps.backend import round_to_page
 from dmabufd.heaps.buffer import Buffer
-from dmabufd.sessions import procfs
 from dmabufd.sessions.ledger import BufferRecord, Ledger
 from dmabufd.sessions.session import Session
 
@@ -98,8 +98,6 @@ class Pool:
     recycle: bool
     recycled: bool
     allocation_seconds: float
-    # pids that redeemed grants of this pool's buffers (checked before recycling)
-    holders: set[int] = field(default_factory=set)
 
     @property
     def records(self) -> list[BufferRecord]:
@@ -223,25 +221,21 @@ class PoolTable:
             raise BufferNotFound(f"this session holds no pool with id {pool_id}")
         return pool
 
-    def note_holder(self, pool_id: int, pid: int) -> Pool | None:
-        """Remember that `pid` received the pool's fds (a grant): it must
-        have closed them before the pool may be recycled."""
+    def get(self, pool_id: int) -> Pool | None:
+        """The pool, whoever holds it (a grant's receiver describes it)."""
         with self._lock:
-            pool = self._pools.get(pool_id)
-            if pool is not None:
-                pool.holders.add(pid)
-            return pool
+            return self._pools.get(pool_id)
 
-    def release(self, session: Session, pool_id: int, owner_pid: int | None) -> int:
+    def release(self, session: Session, pool_id: int) -> int:
         """Release a pool's buffers from the books, recycling them if asked
-        and safe. `owner_pid` is None when the owner is known to be gone."""
+        and safe."""
         pool = self.find(session, pool_id)
         with self._lock:
             del self._pools[pool.id]
         released, returned = self._ledger.release(
             session, [r.id for r in pool.records], pool_id=pool.id, keep=pool.recycle
         )
-        self._retire(pool, returned, owner_pid)
+        self._retire(pool, returned)
         return released
 
     def release_session(self, session: Session) -> None:
@@ -257,25 +251,26 @@ class PoolTable:
                 )
             except BufferNotFound:
                 continue
-            self._retire(pool, returned, None)
+            self._retire(pool, returned)
 
-    def _retire(self, pool: Pool, returned: list[BufferRecord], owner_pid: int | None) -> None:
+    def _retire(self, pool: Pool, returned: list[BufferRecord]) -> None:
         """Recycle or free a released pool's buffers. `returned` are the
         records whose references the ledger handed back (the buffers no
-        process of the owner's uid still holds); only whole frames whose
-        buffers all came back, and that no grant receiver still holds, are
-        kept warm."""
+        process of the owner's uid or of a grant receiver's still holds);
+        only whole frames whose buffers all came back and are all
+        reusable are kept warm."""
         if not returned:
             return
-        back = {record.id for record in returned}
-        frames = [[record.buffer for record in frame] for frame in pool.frames if all(r.id in back for r in frame)]
-        identities = [buffer.identity for frame in frames for buffer in frame]
-        pids = set(pool.holders) | ({owner_pid} if owner_pid is not None else set())
-        in_use = any(procfs.open_files(pid, identities).files for pid in pids)
+        back = {record.id: record.buffer for record in returned}
+        frames = [
+            [back[record.id] for record in frame]
+            for frame in pool.frames
+            if all(record.id in back and back[record.id].reusable() for record in frame)
+        ]
         size = sum(buffer.size for frame in frames for buffer in frame)
         key: WarmKey = (pool.uid, pool.heap, pool.format, tuple(record.size for record in pool.frames[0]))
         with self._lock:
-            keep = bool(frames) and not in_use and self._warm_bytes() + size <= self._budget
+            keep = bool(frames) and self._warm_bytes() + size <= self._budget
             if keep:
                 self._warm.setdefault(key, []).extend(frames)
         kept = {id(buffer) for frame in frames for buffer in frame} if keep else set()

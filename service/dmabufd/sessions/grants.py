@@ -41,7 +41,7 @@ import itertools
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -70,7 +70,6 @@ class GrantEntry:
     to_uid: int | None
     token: bytes | None
     read_only: bool
-    redeemed_by: set[int] = field(default_factory=set)  # pids
 
     @property
     def bytes(self) -> int:
@@ -88,8 +87,18 @@ def seal_read_only(records: list[BufferRecord]) -> None:
                 f"buffer {record.id} is a {record.kind.name.lower().replace('_', ' ')} dma-buf: the kernel cannot "
                 "make it read-only for one holder; grant it read-write, or use memfd buffers"
             )
+    # Seals cannot be taken back: check every buffer before sealing any.
     for record in records:
-        record.buffer.seal_read_only(uapi.F_SEAL_FUTURE_WRITE)
+        if not record.buffer.can_seal():
+            raise NotEnforceable(
+                f"buffer {record.id} can take no more seals: a holder of a read-write fd sealed them "
+                "(F_SEAL_SEAL); grant it read-write"
+            )
+    for record in records:
+        try:
+            record.buffer.seal_read_only(uapi.F_SEAL_FUTURE_WRITE)
+        except OSError as error:  # sealed meanwhile by a holder
+            raise NotEnforceable(f"buffer {record.id} cannot be sealed read-only: {error.strerror}") from None
 
 
 class GrantTable:
@@ -182,7 +191,6 @@ class GrantTable:
             if entry is None or entry.owner.closed or any(record.released for record in entry.records):
                 raise unknown
             del self._grants[entry.id]
-            entry.redeemed_by.add(receiver.peer.pid)
             return entry
 
     def _drop(self, predicate: Callable[[GrantEntry], bool]) -> None:

@@ -8,9 +8,10 @@ concurrent calls can never together exceed a quota.
 
 A quota charges what the client can still reach. Releasing a buffer takes
 it out of the session's books (it can no longer be granted, listed or
-sent), but while a process of the client's uid still holds it (an fd or a
-mapping, as /proc shows) it stays charged, "lingering"; reap() frees the
-charge once it is really gone. Root is checked in the session's own
+sent), but while a process of the client's uid, or of a uid a grant gave
+it to, still holds it (an fd or a mapping, as /proc shows) it stays
+charged to the owner, "lingering"; reap() frees the charge once it is
+really gone. Root is checked in the session's own
 process only (scanning every root process on each release would cost more
 than root's quota protects).
 
@@ -216,7 +217,7 @@ class Ledger:
             return
         for buffer in buffers:
             buffer.revoke()
-        held = procfs.still_held(self._holders(uid, pid), (buffer.identity for buffer in buffers))
+        held = procfs.still_held(self._holders(uid, pid, buffers), (buffer.identity for buffer in buffers))
         gone = [buffer for buffer in buffers if buffer.identity not in held]
         with self._lock:
             for buffer in buffers:
@@ -312,7 +313,7 @@ class Ledger:
         for record in records:
             record.buffer.revoke()
         uid = records[0].uid
-        held = procfs.still_held(self._holders(uid, pid), (r.identity for r in records))
+        held = procfs.still_held(self._holders(uid, pid, [r.buffer for r in records]), (r.identity for r in records))
         gone = [r for r in records if r.identity not in held]
         with self._lock:
             for record in records:
@@ -328,11 +329,20 @@ class Ledger:
         return sum(r.size for r in records), gone
 
     @staticmethod
-    def _holders(uid: int, pid: int) -> list[int]:
-        """The processes that may hold a buffer of `uid`'s."""
-        if uid == 0 or uid == os.geteuid():
-            return [pid]
-        return procfs.processes_of(uid)
+    def _holders(uid: int, pid: int, buffers: list[Buffer], processes: dict[int, list[int]] | None = None) -> list[int]:
+        """The processes that may hold `buffers` of `uid`'s (the session's
+        process `pid`): those of the uid, and of every uid a grant gave them
+        to. `processes` caches processes_of() across calls of one check."""
+        known = {} if processes is None else processes
+        pids: set[int] = set()
+        for holder_uid, holder_pid in {(uid, pid)}.union(*(buffer.recipients() for buffer in buffers)):
+            if holder_uid == 0 or holder_uid == os.geteuid():
+                pids.add(holder_pid)
+            else:
+                if holder_uid not in known:
+                    known[holder_uid] = procfs.processes_of(holder_uid)
+                pids.update(known[holder_uid])
+        return sorted(pids)
 
     def reap(self) -> int:
         """Free the charge of lingering buffers no process holds any more;
@@ -341,12 +351,16 @@ class Ledger:
             lingering = list(self._lingering)
         if not lingering:
             return 0
+        # Entries that may be held by the same processes are checked together.
+        processes: dict[int, list[int]] = {}
+        groups: dict[tuple[int, ...], list[_Lingering]] = {}
+        for entry in lingering:
+            pids = tuple(self._holders(entry.uid, entry.pid, [entry.buffer], processes))
+            groups.setdefault(pids, []).append(entry)
         gone: list[_Lingering] = []
-        for uid in {entry.uid for entry in lingering}:
-            mine = [entry for entry in lingering if entry.uid == uid]
-            pids = sorted({entry.pid for entry in mine}) if uid in (0, os.geteuid()) else procfs.processes_of(uid)
-            held = procfs.still_held(pids, (entry.buffer.identity for entry in mine))
-            gone += [entry for entry in mine if entry.buffer.identity not in held]
+        for pids, entries in groups.items():
+            held = procfs.still_held(pids, (entry.buffer.identity for entry in entries))
+            gone += [entry for entry in entries if entry.buffer.identity not in held]
         with self._lock:
             for entry in gone:
                 self._lingering.remove(entry)

@@ -28,6 +28,7 @@ from dmabufd.sessions.ledger import Ledger
 from dmabufd.sessions.limits import UidLimits
 from dmabufd.sessions.session import Peer, Session, SessionTable
 from dmabufd.transport.activation import InheritedSockets
+from dmabufd.transport.closer import Closer
 from dmabufd.transport.fdserver import FdServer
 from dmabufd.transport.grpc_server import ControlServer
 from dmabufd.transport.runtime_dir import RuntimeDir, apply_socket_policy
@@ -62,7 +63,8 @@ class Daemon:
         self.registry = HeapRegistry(config.heaps, probe=supported_methods)
         self.grants = GrantTable(config.limits.grant_buffers)
         self.ledger = Ledger(config, on_release=self.grants.buffers_released)
-        self.sessions = SessionTable(on_close=self._on_session_closed)
+        self.closer = Closer()
+        self.sessions = SessionTable(on_close=self._on_session_closed, closer=self.closer)
         self.limits = UidLimits(config.limits)
         self.broker = BufferBroker(config, self.registry, self.ledger)
         self.loader = FileLoader(config.loading, self.broker)
@@ -74,6 +76,7 @@ class Daemon:
             self.sessions,
             self._admit,
             config.limits,
+            self.closer,
         )
         self.executors = Executors(
             calls=ThreadPoolExecutor(max_workers=CALL_WORKERS, thread_name_prefix="call"),
@@ -92,6 +95,7 @@ class Daemon:
             grants=self.grants,
             limits=self.limits,
             executors=self.executors,
+            closer=self.closer,
         )
         self.fd_server.serve_requests(servicer.serve_frame)
         self.control = ControlServer(

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import concurrent.futures
 import concurrent.futures.thread
+import contextlib
 import ctypes
 import functools
 import json
@@ -562,19 +563,19 @@ def mapped_receiver(link: Link, *, runtime_dir: str) -> None:
     client = dmabufd_client.connect(runtime_dir)
     token = str(link.wait("redeem")["token"])
     received = client.redeem(token)
-    regions = []
+    addresses: list[int] = []
     for buffer in received.buffers:
         address = libc.mmap(None, buffer.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, buffer.fileno(), 0)
         if address in (None, ctypes.c_void_p(-1).value):
             raise OSError(ctypes.get_errno(), "mmap failed")
-        regions.append((ctypes.c_char * 16).from_address(address))
+        addresses.append(address)
     inodes = [buffer.info.inode for buffer in received.buffers]
     received.close()
     link.emit("mapped", inodes=inodes)
     link.wait("peek")
-    heads = [bytes(region[:16]).hex() for region in regions]
-    for region in regions:
-        ctypes.memmove(region, b"EVIL", 4)
+    heads = [ctypes.string_at(address, 16).hex() for address in addresses]
+    for address in addresses:
+        ctypes.memmove(address, b"EVIL", 4)
     link.emit("result", heads=heads)
 
 
@@ -611,6 +612,84 @@ def grant_release_reallocate(link: Link, *, runtime_dir: str, to_uid: int, size:
         time.sleep(0.1)
         after = outcome(lambda: client.allocate(size))
     link.emit("result", after=after, recovered_after_s=time.monotonic() - let_go)
+
+
+def _lingering_socket() -> tuple[socket.socket, socket.socket]:
+    """A loopback TCP socket whose close() blocks: SO_LINGER for an hour and
+    unsent data behind a peer that never reads (a zero window). Returns
+    (it, the peer); resetting the peer lets a close return."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stuck.connect(server.getsockname())
+    peer, _ = server.accept()
+    server.close()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, (1).to_bytes(4, "little") + (3600).to_bytes(4, "little"))
+    stuck.setblocking(False)
+    try:
+        while True:
+            stuck.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    return stuck, peer
+
+
+def _fd_session(runtime_dir: str) -> tuple[socket.socket, str]:
+    """A raw connection to the fd socket, and what it first received."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(str(Path(runtime_dir) / fdwire.FD_SOCKET_NAME))
+    return sock, _first_frame(sock, 5.0)
+
+
+@actor
+def blocking_closes(link: Link, *, runtime_dir: str, sockets: int) -> None:
+    """Give the daemon `sockets` files whose close blocks: one attached to
+    a FILE frame (a deposit) on a session that then hangs up, the rest each
+    attached to a TICKET frame (which carries no fd: refused). Then try a
+    new session ("stuck"). On "release", reset their peers so the closes
+    return, and try a new session again."""
+    peers = []
+    deposit, hello = _fd_session(runtime_dir)
+    stuck, peer = _lingering_socket()
+    peers.append(peer)
+    deposit.sendmsg(
+        [fdwire.encode(fdwire.FileTicket(secrets.token_bytes(fdwire.TICKET_BYTES)))],
+        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, stuck.fileno().to_bytes(4, "little"))],
+    )
+    stuck.close()  # the daemon holds the only reference
+    time.sleep(0.2)
+    deposit.close()
+    session, _ = _fd_session(runtime_dir)
+    for _ in range(sockets - 1):
+        stuck, peer = _lingering_socket()
+        peers.append(peer)
+        with contextlib.suppress(OSError):  # the session may be ended on the way
+            session.sendmsg(
+                [fdwire.encode(fdwire.Ticket(secrets.token_bytes(fdwire.TICKET_BYTES)))],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, stuck.fileno().to_bytes(4, "little"))],
+            )
+        stuck.close()
+    time.sleep(0.5)
+    while_stuck, first = _fd_session(runtime_dir)
+    while_stuck.close()
+    link.emit("stuck", hello=hello, new_session=first)
+    link.wait("release")
+    for peer in peers:
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, (1).to_bytes(4, "little") + (0).to_bytes(4, "little"))
+        peer.close()
+    released = time.monotonic()
+    first = ""
+    while time.monotonic() - released < 10.0:
+        again, first = _fd_session(runtime_dir)
+        again.close()
+        if first.startswith("HELLO"):
+            break
+        time.sleep(0.1)
+    session.close()
+    link.emit("result", after_release=first, seconds=time.monotonic() - released)
 
 
 @actor

@@ -4,6 +4,11 @@ must lose its own session or calls, never slow down anyone else's."""
 
 from __future__ import annotations
 
+import time
+
+import grpc
+
+from dmabufd.transport.closer import MAX_PENDING_PER_UID
 from tests.conftest import DaemonFactory
 from tests.security.conftest import (
     Spawn,
@@ -139,5 +144,35 @@ def test_allocate_frames_flooded_and_never_read(
     assert result["sent"] > 64, "the flood got past the outbox limit"
     assert result["hangup_after_s"] is not None, "the daemon kept the session of a client that never reads"
     assert result["hangup_after_s"] <= OUTBOX_STALL_S + 4
+    assert_served(served)
+    assert_recovered(daemon, before)
+
+
+def test_files_whose_close_blocks(daemon_factory: DaemonFactory, spawn: Spawn, victim_of: VictimOf) -> None:
+    """Attack: uid 12345 sends the daemon TCP sockets whose close() blocks
+    for an hour (SO_LINGER, unsent data behind a zero window): one as a
+    FILE deposit on a session that then hangs up, the others attached to
+    TICKET frames, which the daemon refuses. Closing any of them on the
+    event loop would freeze every client.
+    Defence: the closer takes them off the loop, so the victim is served
+    throughout; once MAX_PENDING_PER_UID of the uid's fds are waiting, its
+    sessions end and a new one is refused (RESOURCE_EXHAUSTED); when the
+    closes return, the uid is served again and the daemon's fds are back
+    to their baseline."""
+    daemon = daemon_factory(public=True)
+    before = footprint(daemon)
+    victim = victim_of(daemon)
+    attacker = spawn("blocking_closes", runtime_dir=str(daemon.runtime_dir), sockets=MAX_PENDING_PER_UID + 2)
+    victim.start()
+    attacker.go()
+    stuck = attacker.expect("stuck", timeout_s=60)
+    time.sleep(1.0)  # the victim goes on while the closes hang
+    served = victim.stop()
+    attacker.send("release")
+    result = attacker.result()
+    print(f"while stuck: new session {stuck['new_session']}, victim {served}; after release: {result}")
+    assert stuck["hello"] == "HELLO"
+    assert stuck["new_session"] == f"ERROR {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}", stuck
+    assert result["after_release"] == "HELLO", result
     assert_served(served)
     assert_recovered(daemon, before)

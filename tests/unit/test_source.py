@@ -32,9 +32,13 @@ from dmabufd.loading.method import Method
 from dmabufd.loading.methods import Piece
 from dmabufd.loading.source import SourceFile, from_client_fd, open_as_client
 from dmabufd.sessions.session import Peer
+from dmabufd.transport.closer import Closer
 from dmabufd_common import uapi
 
 OTHER_UID = 12345
+
+# Lets go of the files the tests open, as the daemon's does.
+CLOSER = Closer()
 
 
 def peer(uid: int) -> Peer:
@@ -72,7 +76,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def opened(path: Path | str, who: Peer, roots: tuple[Path, ...]) -> bytes:
-    loaded = open_as_client(str(path), who, roots)
+    loaded = open_as_client(str(path), who, roots, CLOSER)
     try:
         return os.pread(loaded.buffered_fd, 100, 0)
     finally:
@@ -98,19 +102,19 @@ def test_bounded_cuts_long_text_and_says_how_long_it_was() -> None:
 def test_o_path_fd_is_refused(root: Path) -> None:
     fd = os.open(root / "data.bin", os.O_PATH | os.O_CLOEXEC)
     with pytest.raises(AccessDenied, match=r"O_PATH.*open the file for reading and send that fd"):
-        from_client_fd(fd, peer(os.geteuid()))
+        from_client_fd(fd, peer(os.geteuid()), CLOSER)
     assert not fd_is_open(fd), "a refused fd is closed"
 
 
 def test_write_only_fd_is_refused(root: Path) -> None:
     fd = os.open(root / "data.bin", os.O_WRONLY | os.O_CLOEXEC)
     with pytest.raises(AccessDenied, match=r"writing only.*open the file for reading and send that fd"):
-        from_client_fd(fd, peer(os.geteuid()))
+        from_client_fd(fd, peer(os.geteuid()), CLOSER)
     assert not fd_is_open(fd)
 
 
 def test_read_write_fd_is_accepted(root: Path) -> None:
-    loaded = from_client_fd(os.open(root / "data.bin", os.O_RDWR | os.O_CLOEXEC), peer(os.geteuid()))
+    loaded = from_client_fd(os.open(root / "data.bin", os.O_RDWR | os.O_CLOEXEC), peer(os.geteuid()), CLOSER)
     try:
         assert os.pread(loaded.buffered_fd, 100, 0) == b"weights"
         assert loaded.size == 7
@@ -141,7 +145,7 @@ def _socket_fd(_root: Path) -> int:
 def test_fd_of_a_file_that_is_not_regular_is_refused(root: Path, make: Callable[[Path], int], kind: str) -> None:
     fd = make(root)
     with pytest.raises(InvalidRequest, match=f"is {kind}, not a regular file"):
-        from_client_fd(fd, peer(os.geteuid()))
+        from_client_fd(fd, peer(os.geteuid()), CLOSER)
     assert not fd_is_open(fd)
 
 
@@ -164,21 +168,21 @@ def test_path_through_the_roots_real_name_opens(root: Path, tmp_path: Path) -> N
 
 def test_path_outside_every_root_is_refused(root: Path, tmp_path: Path) -> None:
     with pytest.raises(AccessDenied, match="outside the directories this daemon loads from"):
-        open_as_client(str(tmp_path / "secret.bin"), peer(os.geteuid()), (root,))
+        open_as_client(str(tmp_path / "secret.bin"), peer(os.geteuid()), (root,), CLOSER)
     with pytest.raises(AccessDenied, match="outside the directories"):
-        open_as_client(f"{root}x/data.bin", peer(os.geteuid()), (root,))
+        open_as_client(f"{root}x/data.bin", peer(os.geteuid()), (root,), CLOSER)
 
 
 @pytest.mark.parametrize("target", ["absolute", "relative"])
 def test_symlink_inside_the_root_pointing_outside_is_refused(root: Path, tmp_path: Path, target: str) -> None:
     (root / "escape").symlink_to(tmp_path / "secret.bin" if target == "absolute" else "../secret.bin")
     with pytest.raises(AccessDenied, match="leads outside the directories this daemon loads from"):
-        open_as_client(str(root / "escape"), peer(os.geteuid()), (root,))
+        open_as_client(str(root / "escape"), peer(os.geteuid()), (root,), CLOSER)
 
 
 def test_dotdot_escape_is_refused(root: Path) -> None:
     with pytest.raises(AccessDenied, match="leads outside the directories"):
-        open_as_client(f"{root}/a/../../secret.bin", peer(os.geteuid()), (root,))
+        open_as_client(f"{root}/a/../../secret.bin", peer(os.geteuid()), (root,), CLOSER)
 
 
 def test_magic_link_is_refused(tmp_path: Path) -> None:
@@ -188,14 +192,14 @@ def test_magic_link_is_refused(tmp_path: Path) -> None:
     try:
         for path in (f"/proc/self/fd/{fd}", f"/proc/self/root{tmp_path}/secret.bin"):
             with pytest.raises(AccessDenied, match="magic link"):
-                open_as_client(path, peer(os.geteuid()), (Path("/proc"),))
+                open_as_client(path, peer(os.geteuid()), (Path("/proc"),), CLOSER)
     finally:
         os.close(fd)
 
 
 def test_missing_file_is_not_found(root: Path) -> None:
     with pytest.raises(FileNotFound, match="does not exist"):
-        open_as_client(str(root / "missing.bin"), peer(os.geteuid()), (root,))
+        open_as_client(str(root / "missing.bin"), peer(os.geteuid()), (root,), CLOSER)
 
 
 @pytest.mark.timeout(10)
@@ -205,13 +209,13 @@ def test_path_of_a_file_that_is_not_regular_is_refused_without_blocking(root: Pa
         listening.bind(str(root / "socket"))
         me = peer(os.geteuid())
         with pytest.raises(InvalidRequest, match="is a FIFO, not a regular file"):
-            open_as_client(str(root / "fifo"), me, (root,))
+            open_as_client(str(root / "fifo"), me, (root,), CLOSER)
         with pytest.raises(InvalidRequest, match="is a directory, not a regular file"):
-            open_as_client(str(root / "a"), me, (root,))
+            open_as_client(str(root / "a"), me, (root,), CLOSER)
         with pytest.raises(InvalidRequest, match="is a directory"):
-            open_as_client(str(root), me, (root,))
+            open_as_client(str(root), me, (root,), CLOSER)
         with pytest.raises(InvalidRequest, match="a socket"):
-            open_as_client(str(root / "socket"), me, (root,))
+            open_as_client(str(root / "socket"), me, (root,), CLOSER)
 
 
 @pytest.fixture
@@ -237,14 +241,14 @@ def no_syscalls(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_malformed_paths_are_refused_before_any_system_call(path: str, message: str) -> None:
     started = time.monotonic()
     with pytest.raises(InvalidRequest, match=message) as caught:
-        open_as_client(path, peer(os.geteuid()), (Path("/srv"),))
+        open_as_client(path, peer(os.geteuid()), (Path("/srv"),), CLOSER)
     assert time.monotonic() - started < 0.1
     assert len(str(caught.value)) < 300, "the message does not echo the whole path"
 
 
 def test_errors_do_not_echo_a_long_path(root: Path) -> None:
     with pytest.raises(AccessDenied) as caught:
-        open_as_client("/elsewhere/" + "y" * 4000, peer(os.geteuid()), (root,))
+        open_as_client("/elsewhere/" + "y" * 4000, peer(os.geteuid()), (root,), CLOSER)
     assert len(str(caught.value)) < 400
     assert "(4011 chars)" in str(caught.value)
 
@@ -256,7 +260,7 @@ def test_long_dotdot_path_resolves_in_linear_time(root: Path) -> None:
     started = time.monotonic()
     assert opened(walk + "data.bin", peer(os.geteuid()), (root,)) == b"weights"
     with pytest.raises(AccessDenied, match="leads outside"):
-        open_as_client(walk + "../secret.bin", peer(os.geteuid()), (root,))
+        open_as_client(walk + "../secret.bin", peer(os.geteuid()), (root,), CLOSER)
     assert time.monotonic() - started < 0.5
 
 
@@ -276,7 +280,7 @@ def test_resolution_retries_when_the_kernel_cannot_prove_dotdot_stayed_beneath(
     assert opened(root / "data.bin", peer(os.geteuid()), (root,)) == b"weights"
     failures[0] = 1000
     with pytest.raises(FileChanged, match="try again"):
-        open_as_client(str(root / "data.bin"), peer(os.geteuid()), (root,))
+        open_as_client(str(root / "data.bin"), peer(os.geteuid()), (root,), CLOSER)
 
 
 def test_kernel_without_openat2_says_so(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,7 +289,7 @@ def test_kernel_without_openat2_says_so(root: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(source, "_openat2", missing)
     with pytest.raises(InvalidRequest, match="kernel lacks openat2"):
-        open_as_client(str(root / "data.bin"), peer(os.geteuid()), (root,))
+        open_as_client(str(root / "data.bin"), peer(os.geteuid()), (root,), CLOSER)
 
 
 # credentials
@@ -325,7 +329,7 @@ def test_path_is_opened_with_the_clients_credentials(root: Path) -> None:
     client = peer(OTHER_UID)
     assert opened(root / "data.bin", client, (root,)) == b"weights"
     with pytest.raises(AccessDenied, match=f"uid {OTHER_UID} may not read .*private.bin"):
-        open_as_client(str(root / "private.bin"), client, (root,))
+        open_as_client(str(root / "private.bin"), client, (root,), CLOSER)
     assert opened(root / "private.bin", peer(0), (root,)) == b"root only", "root's own loads still work"
 
 
@@ -333,9 +337,9 @@ def test_client_fd_is_reopened_only_with_the_clients_credentials(root: Path) -> 
     """A client that was handed an fd of a file it may not open gets its
     bytes through that fd, but the daemon does not reopen the file for it."""
     require_root()
-    private = from_client_fd(os.open(root / "private.bin", os.O_RDONLY | os.O_CLOEXEC), peer(OTHER_UID))
-    public = from_client_fd(os.open(root / "data.bin", os.O_RDONLY | os.O_CLOEXEC), peer(OTHER_UID))
-    own = from_client_fd(os.open(root / "private.bin", os.O_RDONLY | os.O_CLOEXEC), peer(0))
+    private = from_client_fd(os.open(root / "private.bin", os.O_RDONLY | os.O_CLOEXEC), peer(OTHER_UID), CLOSER)
+    public = from_client_fd(os.open(root / "data.bin", os.O_RDONLY | os.O_CLOEXEC), peer(OTHER_UID), CLOSER)
+    own = from_client_fd(os.open(root / "private.bin", os.O_RDONLY | os.O_CLOEXEC), peer(0), CLOSER)
     try:
         assert private.direct_fd is None
         assert os.pread(private.buffered_fd, 100, 0) == b"root only"
@@ -353,14 +357,14 @@ def test_daemon_that_is_not_root_never_acts_as_another_uid(root: Path, monkeypat
 
     monkeypatch.setattr(credentials, "open_as", forbidden)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    loaded = from_client_fd(os.open(root / "data.bin", os.O_RDONLY | os.O_CLOEXEC), peer(OTHER_UID))
+    loaded = from_client_fd(os.open(root / "data.bin", os.O_RDONLY | os.O_CLOEXEC), peer(OTHER_UID), CLOSER)
     try:
         assert loaded.direct_fd is None
         assert os.pread(loaded.buffered_fd, 100, 0) == b"weights"
     finally:
         loaded.close()
     with pytest.raises(AccessDenied, match="not root"):
-        open_as_client(str(root / "data.bin"), peer(OTHER_UID), (root,))
+        open_as_client(str(root / "data.bin"), peer(OTHER_UID), (root,), CLOSER)
 
 
 @pytest.fixture
@@ -519,7 +523,7 @@ def test_digest_of_a_file_truncated_while_hashing_never_kills_the_process() -> N
 def test_source_file_closes_the_fd_it_refuses(root: Path) -> None:
     fd = os.open(root, os.O_RDONLY | os.O_CLOEXEC)
     with pytest.raises(InvalidRequest):
-        SourceFile(fd, "the directory", peer(os.geteuid()))
+        SourceFile(fd, "the directory", peer(os.geteuid()), CLOSER)
     assert not fd_is_open(fd)
 
 
@@ -531,7 +535,7 @@ def test_file_on_a_block_device_is_block_backed(tmp_path: Path) -> None:
     path.write_bytes(b"w" * 8192)
     if os.major(path.stat().st_dev) == 0:
         pytest.fail(f"{tmp_path} is not on a block device here: this test needs one (the host's own disk)")
-    loaded = SourceFile(os.open(path, os.O_RDONLY), "weights.bin", peer(os.getuid()))
+    loaded = SourceFile(os.open(path, os.O_RDONLY), "weights.bin", peer(os.getuid()), CLOSER)
     try:
         assert loaded.block_backed
         # ext4 on the host does O_DIRECT at 512 bytes or finer: the reopen is kept
@@ -543,7 +547,7 @@ def test_file_on_a_block_device_is_block_backed(tmp_path: Path) -> None:
 def test_memfd_is_not_block_backed_and_gets_no_direct_fd() -> None:
     fd = os.memfd_create("weights", os.MFD_CLOEXEC)
     os.write(fd, b"w" * 8192)
-    loaded = SourceFile(fd, "a memfd", peer(os.getuid()))
+    loaded = SourceFile(fd, "a memfd", peer(os.getuid()), CLOSER)
     try:
         assert not loaded.block_backed
     finally:
@@ -559,7 +563,7 @@ def _route_with(methods: tuple[Method, ...]) -> HeapBackend:
 def test_auto_skips_direct_copy_file_range_for_a_file_not_on_a_block_device() -> None:
     fd = os.memfd_create("weights", os.MFD_CLOEXEC)
     os.write(fd, b"w" * 8192)
-    loaded = SourceFile(fd, "a memfd", peer(os.getuid()))
+    loaded = SourceFile(fd, "a memfd", peer(os.getuid()), CLOSER)
     try:
         backend = _route_with((Method.DIRECT_CFR, Method.BUFFERED_READ))
         assert choose_method(backend, Method.AUTO, loaded) is Method.BUFFERED_READ
@@ -572,7 +576,7 @@ def test_auto_skips_direct_copy_file_range_for_a_file_not_on_a_block_device() ->
 def test_auto_takes_direct_copy_file_range_for_a_file_on_a_block_device(tmp_path: Path) -> None:
     path = tmp_path / "weights.bin"
     path.write_bytes(b"w" * 8192)
-    loaded = SourceFile(os.open(path, os.O_RDONLY), "weights.bin", peer(os.getuid()))
+    loaded = SourceFile(os.open(path, os.O_RDONLY), "weights.bin", peer(os.getuid()), CLOSER)
     try:
         backend = _route_with((Method.DIRECT_CFR, Method.BUFFERED_READ))
         assert choose_method(backend, Method.AUTO, loaded) is Method.DIRECT_CFR

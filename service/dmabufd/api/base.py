@@ -55,6 +55,7 @@ from dmabufd.sessions.grants import GrantTable
 from dmabufd.sessions.ledger import BufferRecord, Ledger
 from dmabufd.sessions.limits import UidLimits
 from dmabufd.sessions.session import Session, SessionTable
+from dmabufd.transport.closer import Closer
 from dmabufd_common import fdwire
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 from dmabufd_common.api.v1 import dmabufd_pb2_grpc as pb_grpc
@@ -161,8 +162,10 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
         grants: GrantTable,
         limits: UidLimits,
         executors: Executors,
+        closer: Closer,
     ) -> None:
         self._pools = pools
+        self._closer = closer
         self._grants = grants
         self._admins = admins
         self._loader = loader

@@ -31,7 +31,7 @@ from dmabufd.errors import BufferNotFound, DeliveryFailed, DmabufdError, Invalid
 from dmabufd.loading.loader import LoadOutcome, LoadRequest, TransferReport, choose_heap, choose_method
 from dmabufd.loading.method import Method
 from dmabufd.loading.models import ModelLoad, ResidentModel
-from dmabufd.loading.source import SourceFile, close_quietly, from_client_fd, open_as_client
+from dmabufd.loading.source import SourceFile, from_client_fd, open_as_client
 from dmabufd.observability import metrics
 from dmabufd.sessions.session import Session
 from dmabufd.transport.outbox import Outgoing
@@ -172,11 +172,12 @@ class LoadingApi(ServiceBase):
         kind = source.WhichOneof("source")
         deposited = self._sessions.take_file(session, ticket)
         if kind == "path":
-            close_quietly(deposited)
-            return open_as_client(source.path, session.peer, self._loading.roots)
+            if deposited is not None:
+                self._closer.close(session.peer.uid, [deposited])
+            return open_as_client(source.path, session.peer, self._loading.roots, self._closer)
         if deposited is None:
             raise InvalidRequest("no file: send its fd in a FILE frame with the call's ticket, or name a path")
-        return from_client_fd(deposited, session.peer)
+        return from_client_fd(deposited, session.peer, self._closer)
 
     async def _stream(
         self,

@@ -22,18 +22,19 @@ what the client itself could have read.
 Lifetime of the fds:
 - The client's fd (from_client_fd) and the fd openat2 returns (open_as_client)
   become the SourceFile's buffered_fd; the SourceFile owns it from then on,
-  and the caller closes it with SourceFile.close(). When from_client_fd or
-  the SourceFile constructor refuses a file, it closes the fd itself before
+  and the caller lets it go with SourceFile.close(). When from_client_fd or
+  the SourceFile constructor refuses a file, it lets the fd go itself before
   raising, so the caller has nothing to close.
 - direct_fd (the O_DIRECT reopen, or None) belongs to the SourceFile too and
-  is closed by SourceFile.close().
+  goes with SourceFile.close().
+- Letting go of a file is handing it to the closer (transport/closer.py),
+  never os.close() here: the last close of a client's file can block.
 - The O_PATH fd of a root lives only for one open_as_client() call, which
   closes it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -58,6 +59,7 @@ from dmabufd.errors import (
 from dmabufd.loading import credentials
 from dmabufd.loading.methods import DIO_ALIGN
 from dmabufd.sessions.session import Peer
+from dmabufd.transport.closer import Closer
 from dmabufd_common import uapi
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,9 @@ class SourceFile:
     Takes ownership of `fd` at once: if the file is refused (not a regular
     file), the fd is closed before the error is raised."""
 
-    def __init__(self, fd: int, description: str, peer: Peer) -> None:
+    def __init__(self, fd: int, description: str, peer: Peer, closer: Closer) -> None:
+        self._closer = closer
+        self._uid = peer.uid
         self.buffered_fd = fd
         self.direct_fd: int | None = None
         self.description = description
@@ -126,7 +130,7 @@ class SourceFile:
             # (major 0), and the kernel series copies only with files on a
             # block device (anything else is EXDEV).
             self.block_backed = os.major(info.st_dev) != 0
-            self.direct_fd = _reopen_direct(fd, info, peer)
+            self.direct_fd = _reopen_direct(fd, info, peer, closer)
         except BaseException:
             self.close()
             raise
@@ -152,9 +156,9 @@ class SourceFile:
         return offset, length
 
     def close(self) -> None:
-        for fd in (self.buffered_fd, self.direct_fd):
-            if fd is not None and fd >= 0:
-                os.close(fd)
+        """Let go of the file through the closer: closing a client's file
+        can block (transport/closer.py)."""
+        self._closer.close(self._uid, [fd for fd in (self.buffered_fd, self.direct_fd) if fd is not None])
         self.buffered_fd = -1
         self.direct_fd = None
 
@@ -170,7 +174,7 @@ def _as_client(peer: Peer, action: Callable[[], int]) -> int | None:
     return credentials.open_as(peer.uid, peer.gid, peer.groups, action)
 
 
-def _reopen_direct(fd: int, info: os.stat_result, peer: Peer) -> int | None:
+def _reopen_direct(fd: int, info: os.stat_result, peer: Peer, closer: Closer) -> int | None:
     """An O_DIRECT descriptor of the same file, opened as the client, or
     None: the client may not open the file itself (it sent an fd it was
     given), the daemon cannot act as the client, or the file system does
@@ -188,7 +192,7 @@ def _reopen_direct(fd: int, info: os.stat_result, peer: Peer) -> int | None:
     # anyway because reading another file would break the rule silently.
     again = os.fstat(direct)
     if (again.st_dev, again.st_ino) != (info.st_dev, info.st_ino):
-        os.close(direct)
+        closer.close(peer.uid, [direct])
         return None
     # O_DIRECT is only direct where the file system says so: f2fs and ext4
     # take the page cache for encrypted, verity or compressed files (and
@@ -199,31 +203,31 @@ def _reopen_direct(fd: int, info: os.stat_result, peer: Peer) -> int | None:
         alignment.direct and DIO_ALIGN % alignment.offset == 0 and DIO_ALIGN % alignment.memory == 0
     ):
         log.debug("no direct I/O at %d-byte alignment on this file (%s): buffered reads", DIO_ALIGN, alignment)
-        os.close(direct)
+        closer.close(peer.uid, [direct])
         return None
     return direct
 
 
-def from_client_fd(fd: int, peer: Peer) -> SourceFile:
-    """Take ownership of an fd the client `peer` sent (closed here if refused)."""
+def from_client_fd(fd: int, peer: Peer, closer: Closer) -> SourceFile:
+    """Take ownership of an fd the client `peer` sent (let go here if refused)."""
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError as error:
-        close_quietly(fd)
+        closer.close(peer.uid, [fd])
         raise InvalidRequest(f"the file descriptor sent is unusable: {os.strerror(error.errno or 0)}") from None
     if flags & os.O_PATH:
-        os.close(fd)
+        closer.close(peer.uid, [fd])
         raise AccessDenied(
             "the file descriptor sent was opened with O_PATH, which gives no right to read the file: "
             "open the file for reading and send that fd"
         )
     if flags & os.O_ACCMODE not in (os.O_RDONLY, os.O_RDWR):
-        os.close(fd)
+        closer.close(peer.uid, [fd])
         raise AccessDenied(
             "the file descriptor sent is open for writing only, or for neither reading nor writing: "
             "open the file for reading and send that fd"
         )
-    return SourceFile(fd, "the file descriptor sent", peer)
+    return SourceFile(fd, "the file descriptor sent", peer, closer)
 
 
 def _components(path: str) -> list[str]:
@@ -313,7 +317,7 @@ def _roots_text(roots: tuple[Path, ...]) -> str:
     return ", ".join(bounded(str(root)) for root in roots)
 
 
-def open_as_client(path: str, peer: Peer, roots: tuple[Path, ...]) -> SourceFile:
+def open_as_client(path: str, peer: Peer, roots: tuple[Path, ...], closer: Closer) -> SourceFile:
     """Open `path` for `peer`, beneath one of `roots`, with the peer's
     credentials. The caller owns the SourceFile and closes it."""
     if not roots:
@@ -345,7 +349,7 @@ def open_as_client(path: str, peer: Peer, roots: tuple[Path, ...]) -> SourceFile
         os.close(root_fd)
     if fd is None:
         raise AccessDenied("the daemon cannot open files as another user (it is not root); send an fd instead")
-    return SourceFile(fd, bounded(path), peer)
+    return SourceFile(fd, bounded(path), peer, closer)
 
 
 def _open_error(path: str, code: int, uid: int, roots: tuple[Path, ...]) -> DmabufdError:
@@ -381,9 +385,3 @@ def _open_error(path: str, code: int, uid: int, roots: tuple[Path, ...]) -> Dmab
     if code == errno.ETIMEDOUT:
         return InvalidRequest(f"opening {shown} did not finish in time; its file system may be hung")
     return InvalidRequest(f"cannot open {shown}: {reason}")
-
-
-def close_quietly(fd: int | None) -> None:
-    if fd is not None and fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(fd)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import secrets
 import threading
 import time
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dmabufd.errors import AccessDenied, SessionInvalid
+from dmabufd.transport.closer import Closer
 from dmabufd.transport.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,13 @@ class Session:
 
 
 class SessionTable:
-    def __init__(self, on_close: Callable[[Session], None], ticket_wait_s: float = TICKET_WAIT_S) -> None:
+    def __init__(
+        self, on_close: Callable[[Session], None], closer: Closer, ticket_wait_s: float = TICKET_WAIT_S
+    ) -> None:
+        """Deposited files are let go through `closer`, never closed here:
+        closing a client's file can block (transport/closer.py)."""
         self._on_close = on_close
+        self._closer = closer
         self._ticket_wait_s = ticket_wait_s
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -137,8 +142,7 @@ class SessionTable:
             if not waiter.done():
                 waiter.set_exception(SessionInvalid(f"the session ended ({reason})"))
         session.waiters.clear()
-        for fd in deposits:
-            os.close(fd)
+        self._closer.close(session.peer.uid, deposits)
         self._on_close(session)
         log.info(
             "session %d closed: %s",
@@ -180,8 +184,7 @@ class SessionTable:
                 session.tickets[ticket] = time.monotonic()
                 if file_fd is not None:
                     session.deposits[ticket] = file_fd
-        for fd in expired:
-            os.close(fd)
+        self._closer.close(session.peer.uid, expired)
         if problem is None:
             waiter = session.waiters.pop(ticket, None)
             if waiter is not None and not waiter.done():
@@ -210,7 +213,7 @@ class SessionTable:
         """A call that failed before its handler ran: close its file."""
         fd = self.take_file(session, ticket)
         if fd is not None:
-            os.close(fd)
+            self._closer.close(session.peer.uid, [fd])
 
     def discard_ticket(self, session: Session, ticket_hex: str | None) -> None:
         """A call refused before it claimed its ticket (a per-uid limit)
@@ -223,7 +226,7 @@ class SessionTable:
             arrived = session.tickets.pop(ticket, None)
             fd = session.deposits.pop(ticket, None) if arrived is not None else None
         if fd is not None:
-            os.close(fd)
+            self._closer.close(session.peer.uid, [fd])
 
     def session_for(self, token_hex: str | None) -> Session:
         """The session a call names (no ticket checked yet)."""
@@ -253,8 +256,7 @@ class SessionTable:
                 return True
             stolen = any(other.tickets.get(ticket) for other in self._by_token.values() if other is not session)
         if expired is not None:
-            if expired >= 0:
-                os.close(expired)
+            self._closer.close(session.peer.uid, [expired])
             raise SessionInvalid(f"the call's ticket expired ({TICKET_TTL_S:.0f} s after it arrived); send a fresh one")
         if stolen:
             raise AccessDenied("the session token does not belong to the fd socket the call's ticket was sent on")

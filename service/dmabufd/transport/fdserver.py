@@ -6,10 +6,14 @@ non-blocking, so no client can make the loop wait; what a client may cost
 is bounded (frames read per wake-up, protocol errors, sessions per uid,
 the outbox's backlog).
 
-Lifetime: a session's socket belongs to its Outbox (closed in Outbox.close);
-its pidfd belongs to this server and is closed in _end(). A file fd that
-arrives in a FILE frame goes to the session table (a deposit) or is closed
-here before _accept_frame returns.
+Lifetime: a session's socket belongs to its Outbox (handed to the closer in
+Outbox.close); its pidfd belongs to this server and is closed in _end(). A
+file fd that arrives in a FILE frame goes to the session table (a deposit);
+every other fd a client sends goes to the closer before _accept_frame
+returns. None is closed here: a client's file may take as long to close as
+the client likes (transport/closer.py). A uid with more than
+closer.MAX_PENDING_PER_UID fds not closed yet loses its sessions and may
+open none until they are.
 
 Accept: when the daemon runs out of fds (EMFILE, ENFILE) or memory, it stops
 accepting for a while (backing off up to ACCEPT_BACKOFF_MAX_S) instead of
@@ -38,6 +42,7 @@ import grpc
 from dmabufd.config import LimitsConfig
 from dmabufd.sessions import procfs
 from dmabufd.sessions.session import Peer, Session, SessionTable
+from dmabufd.transport.closer import MAX_PENDING_PER_UID, Closer
 from dmabufd.transport.outbox import Outbox
 from dmabufd_common import fdwire
 
@@ -64,6 +69,13 @@ Admission = Callable[[Peer], str | None]
 RequestSink = Callable[[Session, fdwire.AllocateFrame], None]
 
 
+def _closing_refusal(uid: int, closing: int) -> str:
+    return (
+        f"uid {uid} has {closing} files it sent that the daemon is still closing (a file whose close does not "
+        "return, e.g. on a FUSE mount that stopped answering); they must close first"
+    )
+
+
 def _peer_of(sock: socket.socket) -> Peer:
     pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     return Peer(pid, uid, gid, procfs.supplementary_groups(pid), procfs.command_name(pid))
@@ -82,10 +94,16 @@ class _Live:
 
 class FdServer:
     def __init__(
-        self, listen_on: Path | socket.socket, sessions: SessionTable, admit: Admission, limits: LimitsConfig
+        self,
+        listen_on: Path | socket.socket,
+        sessions: SessionTable,
+        admit: Admission,
+        limits: LimitsConfig,
+        closer: Closer,
     ) -> None:
         """listen_on: a path to bind at start(), or a listening socket."""
         self._sessions = sessions
+        self._closer = closer
         self._admit = admit
         self._limits = limits
         self._requests: RequestSink | None = None
@@ -157,24 +175,38 @@ class FdServer:
         self._resume_timer = None
         self._require_loop().add_reader(self._listener.fileno(), self._accept)
 
-    def _refuse(self, conn: socket.socket, code: grpc.StatusCode, reason: str) -> None:
+    def _refuse(self, conn: socket.socket, uid: int, code: grpc.StatusCode, reason: str) -> None:
         with contextlib.suppress(OSError):  # a full or dead socket: the close says enough
             conn.send(fdwire.encode(fdwire.ErrorFrame(code.value[0], reason)), socket.MSG_DONTWAIT)
-        conn.close()
+        self._let_go(conn, uid)
+
+    def _let_go(self, conn: socket.socket, uid: int) -> None:
+        """Close a connection that never became a session, through the
+        closer: files the client sent may already be queued in it."""
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)  # nothing more can arrive
+        self._closer.close(uid, [conn.detach()])
 
     def _open_session(self, conn: socket.socket) -> None:
         loop = self._require_loop()
         conn.setblocking(False)
+        uid = -1  # whose closing queue a connection goes to before its peer is known
         try:
             peer = _peer_of(conn)
+            uid = peer.uid
             refusal = self._admit(peer)
             if refusal is not None:
                 log.warning("refused pid %d uid %d: %s", peer.pid, peer.uid, refusal)
-                self._refuse(conn, grpc.StatusCode.PERMISSION_DENIED, refusal)
+                self._refuse(conn, peer.uid, grpc.StatusCode.PERMISSION_DENIED, refusal)
+                return
+            closing = self._closer.pending(peer.uid)
+            if closing >= MAX_PENDING_PER_UID:
+                self._refuse(conn, peer.uid, grpc.StatusCode.RESOURCE_EXHAUSTED, _closing_refusal(peer.uid, closing))
                 return
             if self._sessions.count_for(peer.uid) >= self._limits.sessions_per_uid:
                 self._refuse(
                     conn,
+                    peer.uid,
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"uid {peer.uid} already has {self._limits.sessions_per_uid} sessions (limits.sessions_per_uid); "
                     "close some, or share one session between threads",
@@ -183,7 +215,7 @@ class FdServer:
             pidfd = os.pidfd_open(peer.pid)
         except OSError as error:
             log.warning("fd socket: dropping a connection: %s", os.strerror(error.errno or errno.EIO))
-            conn.close()
+            self._let_go(conn, uid)
             if error.errno in _OUT_OF_RESOURCES:
                 self._pause_accepting(error)
             return
@@ -199,6 +231,7 @@ class FdServer:
             max_frames=self._limits.outbox_frames,
             stall_s=self._limits.outbox_stall_s,
             on_overflow=overflow,
+            dispose=lambda fd: self._closer.close(peer.uid, [fd]),
         )
         session = Session(session_id, peer, outbox)
         self._sessions.open(session)
@@ -225,6 +258,8 @@ class FdServer:
                 self._end(session, "client closed its fd socket")
                 return
             problem = self._accept_frame(session, data, fds, flags)
+            if fds and self._closing_too_much(session):
+                return
             if problem is not None and not self._reject(live, problem):
                 return
 
@@ -257,9 +292,16 @@ class FdServer:
                 return None
             return f"a client may not send {type(frame).__name__} frames"
         finally:
-            for fd in fds:
-                if fd != kept:
-                    os.close(fd)
+            self._closer.close(session.peer.uid, [fd for fd in fds if fd != kept])
+
+    def _closing_too_much(self, session: Session) -> bool:
+        """End the session if its uid's fds are not being closed (a file
+        whose close does not return): True if it was ended."""
+        closing = self._closer.pending(session.peer.uid)
+        if closing < MAX_PENDING_PER_UID:
+            return False
+        self._end(session, _closing_refusal(session.peer.uid, closing))
+        return True
 
     def _reject(self, live: _Live, problem: str) -> bool:
         """Answer a bad frame with an ERROR frame; False once the session ended."""

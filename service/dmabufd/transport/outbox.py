@@ -9,8 +9,9 @@ session is still open and that each buffer still entitles this session
 else in the meantime is never sent.
 
 Lifetime: an Outbox owns the daemon's end of one session's fd socket from
-accept to close(); only the event loop touches the socket, so no thread can
-write to a socket number that was closed and reused. A queued frame owns a
+accept to close(), which hands it to the closer; only the event loop
+touches the socket, so no thread can write to a socket number that was
+closed and reused. A queued frame owns a
 reference on each buffer it carries (taken by deliver(), given back when
 the frame is written or dropped), so the fds it names stay open until the
 kernel has them.
@@ -81,8 +82,11 @@ class Outbox:
         max_frames: int,
         stall_s: float,
         on_overflow: Callable[[str], None],
+        dispose: Callable[[int], None],
     ) -> None:
+        """dispose(fd) takes the socket's fd at close() to close it off the loop."""
         self.session_id = session_id
+        self._dispose = dispose
         self._sock = sock
         self._loop = loop
         self._max_frames = max_frames
@@ -345,7 +349,9 @@ class Outbox:
             self._writing = False
         with contextlib.suppress(OSError):  # already disconnected
             self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
+        # Closing the socket drops the files still queued in it, whose last
+        # close can block: the closer does it (transport/closer.py).
+        self._dispose(self._sock.detach())
         for frame in dropped:
             for item in frame.items:
                 item.buffer.put()

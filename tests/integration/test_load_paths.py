@@ -7,7 +7,13 @@ heaps."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
+import signal
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +25,7 @@ from dmabufd.loading import page_cache
 from dmabufd.loading.method import PartSource
 from dmabufd.loading.methods import Piece
 from dmabufd.loading.transfer import merge
-from tests.conftest import DaemonFactory
+from tests.conftest import DaemonFactory, run_as_rootless_client
 from tests.integration.test_loading import loaded_bytes, make_file
 
 SIZE = 48 << 20
@@ -145,3 +151,70 @@ def test_parts_are_merged_in_file_order() -> None:
         (16, 4, PartSource.PAGE_CACHE),
         (24, 4, PartSource.PAGE_CACHE),
     ]
+
+
+def test_another_uid_learns_nothing_of_the_page_cache_of_a_file_it_may_only_read(
+    daemon_factory: DaemonFactory, data_file: tuple[Path, bytes]
+) -> None:
+    """cachestat tells only a caller that may write the file or owns it.
+    The daemon (root) may always ask: for a client that could not, a warm
+    file's parts must not say what the page cache holds (the client could
+    probe another uid's file reads without ever touching it)."""
+    path, _ = data_file
+    public = Path(tempfile.mkdtemp(prefix="dmabufd-cache-"))
+    try:
+        public.chmod(0o755)
+        shared = public / "weights.bin"
+        shared.write_bytes(path.read_bytes()[: 4 << 20])
+        shared.chmod(0o644)
+        warm_cache(shared)
+        daemon = daemon_factory(public=True)
+        body = (
+            f"with open({str(shared)!r}, 'rb') as f, c.load_file(f) as loaded:\n"
+            "    print(sorted({part.source for part in loaded.stats.parts}), loaded.stats.bytes_from_cache)\n"
+        )
+        result = run_as_rootless_client(daemon, body)
+        assert result.returncode == 0, result.stderr
+        assert "page-cache" not in result.stdout, result.stdout
+        assert result.stdout.split()[-1] == "0", result.stdout
+        with daemon.connect() as client, client.load_file(shared) as loaded:  # root may know
+            assert loaded.stats.bytes_from_cache == 4 << 20
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
+def test_a_file_lease_does_not_hold_a_load(daemon_factory: DaemonFactory, data_file: tuple[Path, bytes]) -> None:
+    """The daemon reopens a client's fd with O_DIRECT; a write lease on the
+    file would make that open wait for the lease's holder (up to
+    lease-break-time, 45 s by default). The reopen gives up at once, and
+    the load reads the client's own fd."""
+    path, data = data_file
+    daemon = daemon_factory()
+    previous = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease's break notice
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        began = time.monotonic()
+        with daemon.connect() as client, client.load_file(fd, verify=True) as loaded:
+            seconds = time.monotonic() - began
+            assert loaded_bytes(loaded) == data
+            assert "device" not in {part.source for part in loaded.stats.parts}
+        assert seconds < 10, f"the load waited {seconds:.1f} s for the lease"
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(fd)
+        signal.signal(signal.SIGIO, previous)
+
+
+def test_an_fd_opened_with_o_direct_is_refused_with_a_reason(
+    daemon_factory: DaemonFactory, data_file: tuple[Path, bytes]
+) -> None:
+    path, _ = data_file
+    daemon = daemon_factory()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        with daemon.connect() as client, pytest.raises(dmabufd_client.InvalidArgument, match="opened with O_DIRECT"):
+            client.load_file(fd)
+    finally:
+        os.close(fd)

@@ -95,6 +95,37 @@ def test_changed_file_is_a_different_model(client: dmabufd_client.Client, tmp_pa
     assert old_steps.tolist() == list(range(10))
 
 
+def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_a_different_model(
+    daemon: RunningDaemon, tmp_path: Path
+) -> None:
+    """A file's owner can rewrite it (same inode, same size) and set its
+    mtime back; a deleted file's inode number goes to the next file made,
+    possibly another uid's, which can copy size and mtime. Only the ctime,
+    which nobody sets, tells: such a file is not the resident model."""
+    path = tmp_path / "m.safetensors"
+    make_model(path, 6)
+    before = path.stat()
+    with daemon.connect() as first, first.load_model(path) as old:
+        old_bias = old["layer.0.bias"].tobytes()
+        with open(path, "r+b") as fh:  # same size, new bytes, same inode
+            fh.write(make_model_bytes(tmp_path, 7))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = path.stat()
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+        with daemon.connect() as second, second.load_model(path) as new:
+            assert not new.shared
+            assert new.metadata == {"seed": "7"}
+            assert new["layer.0.bias"].tobytes() != old_bias
+
+
+def make_model_bytes(directory: Path, seed: int) -> bytes:
+    scratch = directory / f"scratch-{seed}.safetensors"
+    make_model(scratch, seed)
+    data = scratch.read_bytes()
+    scratch.unlink()
+    return data
+
+
 def test_idle_models_are_evicted_under_the_budget(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     daemon = daemon_factory('[loading]\nmodel_budget_bytes = "3M"\n')
     for seed in (10, 11):

@@ -14,6 +14,7 @@ every buffer it made. Nothing is booked or delivered until all bytes are in.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -84,11 +85,20 @@ class LoadOutcome:
     bytes: int
 
 
-def plan_buffers(offset: int, length: int, largest: int) -> list[BufferPlan]:
-    """Cut [offset, offset + length) into buffers of at most `largest` bytes."""
+def plan_buffers(offset: int, length: int, largest: int, most: int) -> list[BufferPlan]:
+    """Cut [offset, offset + length) into buffers of at most `largest`
+    bytes, at most `most` of them (else InvalidRequest)."""
     largest = largest // PAGE_SIZE * PAGE_SIZE
     if largest < 2 * DIO_ALIGN:
         raise InvalidRequest(f"buffers of at most {largest} bytes are too small to load into")
+    # Counted before any plan is made: a sparse file may claim exabytes.
+    # Each buffer but the first starts aligned and holds `largest` bytes.
+    needed = 1 + -(-max(0, length - (largest - offset % DIO_ALIGN)) // largest)
+    if needed > most:
+        raise InvalidRequest(
+            f"{length} bytes in buffers of at most {largest} bytes need {needed} buffers; "
+            f"a call may make {most}: allow larger buffers or load less"
+        )
     plans: list[BufferPlan] = []
     position, end = offset, offset + length
     while position < end:
@@ -204,6 +214,8 @@ class FileLoader:
         the next method (what was copied is simply copied over). Without
         `fallback` (the client named the method) the load fails instead."""
         lanes = self.lanes(backend.spec.kind)
+        if not source.page_cache_visible:  # what the page cache holds is not the client's to learn
+            lanes = dataclasses.replace(lanes, page_cache=False)
         work = [(allocation, chunk) for allocation, plan in targets for chunk in chunks(plan.piece, lanes.chunk_bytes)]
 
         def run(chosen: Method) -> tuple[Moved, int]:
@@ -243,6 +255,7 @@ class FileLoader:
         needed = max((p.piece.file_offset + p.piece.length for _, p in targets), default=0)
         if os.fstat(source.buffered_fd).st_size < needed:
             raise FileChanged("the file was truncated while loading")
+        source.check_unchanged()
         cpu = moved.cpu_seconds
         if verify:
             began = time.thread_time()
@@ -287,12 +300,7 @@ class FileLoader:
         largest = self._broker.largest_buffer(backend)
         if request.max_buffer_bytes:
             largest = min(largest, request.max_buffer_bytes)
-        plans = plan_buffers(offset, length, largest)
-        if len(plans) > self._broker.max_batch:
-            raise InvalidRequest(
-                f"{length} bytes in buffers of at most {largest} bytes need {len(plans)} buffers; "
-                f"a call may make {self._broker.max_batch}: allow larger buffers or load less"
-            )
+        plans = plan_buffers(offset, length, largest, self._broker.max_batch)
         began_cpu = time.thread_time()
         started = time.monotonic()
         sizes = [plan.size for plan in plans]

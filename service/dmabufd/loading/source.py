@@ -99,12 +99,22 @@ class _OpenHow(ctypes.Structure):
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """What makes two loads the same file (for sharing resident models)."""
+    """What makes two loads the same file (for sharing resident models).
+
+    The ctime is in it because nobody can set it: a file's owner can put
+    back its mtime after rewriting it, and a deleted file's inode number is
+    given to the next file made on that file system, possibly another
+    uid's, made to the same size and mtime."""
 
     device: int
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> FileIdentity:
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 class SourceFile:
@@ -124,7 +134,12 @@ class SourceFile:
             kind = stat.S_IFMT(info.st_mode)
             if kind != stat.S_IFREG:
                 raise InvalidRequest(f"{description} is {_KINDS.get(kind, 'not a regular file')}, not a regular file")
-            self.identity = FileIdentity(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+            self.identity = FileIdentity.of(info)
+            # What the client may learn of the page cache (cachestat): the
+            # kernel tells only a caller that may write the file or owns it.
+            self.page_cache_visible = (
+                peer.uid in (0, info.st_uid) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+            )
             # A block device's number: the file's data lives on it. Memory,
             # network and pseudo file systems have anonymous device numbers
             # (major 0), and the kernel series copies only with files on a
@@ -138,6 +153,13 @@ class SourceFile:
     @property
     def size(self) -> int:
         return self.identity.size
+
+    def check_unchanged(self) -> None:
+        """FileChanged if the file was written, truncated or replaced in
+        place since it was opened (its identity moved): what was loaded
+        may mix old and new bytes."""
+        if FileIdentity.of(os.fstat(self.buffered_fd)) != self.identity:
+            raise FileChanged(f"{self.description} changed while it was being loaded; load it again")
 
     def check_range(self, offset: int, length: int) -> tuple[int, int]:
         """(offset, length) with length 0 meaning "to the end"; refuses
@@ -181,13 +203,18 @@ def _reopen_direct(fd: int, info: os.stat_result, peer: Peer, closer: Closer) ->
     no direct I/O (tmpfs before 6.6, 9p, overlayfs...). Loads then read
     the buffered fd, so any failure here only costs speed."""
     magic = f"/proc/self/fd/{fd}"
+    # O_NONBLOCK: an open that would wait for a file lease to be broken
+    # (which its holder can make last lease-break-time) fails at once, and
+    # the load reads the buffered fd instead. Cleared once open.
+    flags = os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        direct = _as_client(peer, lambda: os.open(magic, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC))
+        direct = _as_client(peer, lambda: os.open(magic, flags))
     except OSError as error:
         log.debug("no O_DIRECT reopen for uid %d: %s", peer.uid, error)
         return None
     if direct is None:
         return None
+    fcntl.fcntl(direct, fcntl.F_SETFL, fcntl.fcntl(direct, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     # The magic link names the open file itself, so this holds; checked
     # anyway because reading another file would break the rule silently.
     again = os.fstat(direct)
@@ -220,6 +247,12 @@ def from_client_fd(fd: int, peer: Peer, closer: Closer) -> SourceFile:
         raise AccessDenied(
             "the file descriptor sent was opened with O_PATH, which gives no right to read the file: "
             "open the file for reading and send that fd"
+        )
+    if flags & os.O_DIRECT:
+        closer.close(peer.uid, [fd])
+        raise InvalidRequest(
+            "the file descriptor sent was opened with O_DIRECT, which reads only aligned ranges: send one opened "
+            "without it (the daemon reads the file with direct I/O itself where it can)"
         )
     if flags & os.O_ACCMODE not in (os.O_RDONLY, os.O_RDWR):
         closer.close(peer.uid, [fd])

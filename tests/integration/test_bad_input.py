@@ -8,6 +8,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -277,3 +278,17 @@ class TestFdSocketAbuse:
             stub.Allocate(pb.AllocateRequest(size=1 << 20, count=1024), metadata=metadata, timeout=0.001)
         assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         client._fds.discard(ticket)
+
+
+def test_a_file_whose_reads_fail_is_named_not_an_internal_error(client: dmabufd_client.Client) -> None:
+    """Reading /sys/class/net/lo/speed fails with EINVAL (a loopback device
+    has no speed), as a bad sector fails with EIO: the client is told the
+    read failed and why, for LoadFile and LoadModel alike."""
+    path = Path("/sys/class/net/lo/speed")
+    with (
+        open(path, "rb") as fh,
+        pytest.raises(dmabufd_client.InvalidArgument, match=r"reading the file failed: .*\(EINVAL\)"),
+    ):
+        client.load_file(fh)
+    with open(path, "rb") as fh, pytest.raises(dmabufd_client.InvalidArgument, match=r"\(EINVAL\)"):
+        client.load_model(fh)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +29,7 @@ import grpc
 
 from dmabufd.api.base import ServiceBase, buffer_info
 from dmabufd.api.routing import route_of
-from dmabufd.errors import BufferNotFound, DeliveryFailed, DmabufdError, InvalidRequest, LoadCancelled
+from dmabufd.errors import BufferNotFound, DeliveryFailed, DmabufdError, InvalidRequest, LoadCancelled, OutOfMemory
 from dmabufd.loading.loader import LoadOutcome, LoadRequest, TransferReport, choose_heap, choose_method
 from dmabufd.loading.method import Method
 from dmabufd.loading.models import ModelLoad, ResidentModel
@@ -165,6 +167,31 @@ def _method(value: int) -> Method:
         raise InvalidRequest(f"unknown load method {value}") from None
 
 
+# What runs on a load thread: the load itself.
+Work = Callable[[Session, bytes, Progress, ModelStream | None], pb.LoadProgress]
+
+# A load's system calls fail for the file's sake (EIO from the device, a
+# special file that refuses reads) or for memory's: either is the client's
+# to know, named, not an internal error.
+_OUT_OF_MEMORY = (errno.ENOMEM, errno.ENOSPC, errno.EDQUOT)
+
+
+def _reads_explained(work: Work) -> Work:
+    """`work`, with an OSError it raises turned into the status it means."""
+
+    def explained(session: Session, ticket: bytes, progress: Progress, stream: ModelStream | None) -> pb.LoadProgress:
+        try:
+            return work(session, ticket, progress, stream)
+        except OSError as error:
+            code = error.errno or errno.EIO
+            what = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+            if code in _OUT_OF_MEMORY:
+                raise OutOfMemory(f"the load ran out of memory: {what}") from None
+            raise InvalidRequest(f"reading the file failed: {what}; it cannot be loaded as it is") from None
+
+    return explained
+
+
 class LoadingApi(ServiceBase):
     def _open_source(self, session: Session, ticket: bytes, source: pb.FileSource) -> SourceFile:
         """The file a load names: the fd sent with the call's ticket, or a
@@ -182,7 +209,7 @@ class LoadingApi(ServiceBase):
     async def _stream(
         self,
         context: Context,
-        work: Callable[[Session, bytes, Progress, ModelStream | None], pb.LoadProgress],
+        work: Work,
         *,
         stream_model: bool = False,
         undo: Callable[[Session], None] | None = None,
@@ -208,7 +235,9 @@ class LoadingApi(ServiceBase):
                         loop = asyncio.get_running_loop()
                         if stream_model:
                             pending = ModelStream(loop, session, ticket, self._describe)
-                        future = loop.run_in_executor(self._executors.loads, work, session, ticket, progress, pending)
+                        future = loop.run_in_executor(
+                            self._executors.loads, _reads_explained(work), session, ticket, progress, pending
+                        )
                         try:
                             reported = -1
                             while True:

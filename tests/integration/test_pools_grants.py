@@ -243,3 +243,19 @@ def test_read_only_grant_of_a_buffer_whose_seals_are_sealed(client: dmabufd_clie
     assert client.grant([second]).id > 0  # read-write sharing still works
     first.close()
     second.close()
+
+
+def test_a_token_grant_named_by_its_id_looks_like_no_grant(daemon: RunningDaemon) -> None:
+    """Grant ids are counted: telling "exists, but not for you" from "no
+    such grant" would let anyone learn who grants what. Both are NOT_FOUND
+    with one message."""
+    with daemon.connect() as producer, daemon.connect() as stranger:
+        buffer = producer.allocate(4096)
+        grant = producer.grant([buffer])
+        with pytest.raises(dmabufd_client.NotFound) as by_id:
+            stranger.redeem(grant_id=grant.id)
+        with pytest.raises(dmabufd_client.NotFound) as unknown:
+            stranger.redeem(grant_id=grant.id + 1000)
+        assert by_id.value.message == unknown.value.message
+        stranger.redeem(grant.token).close()  # the token still works
+        buffer.close()

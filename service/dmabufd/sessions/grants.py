@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from dmabufd.errors import AccessDenied, BufferNotFound, DmabufdError, InvalidRequest
+from dmabufd.errors import BufferNotFound, DmabufdError, InvalidRequest
 from dmabufd.heaps.backend import BackendKind
 from dmabufd.heaps.buffer import BufferReleased
 from dmabufd.sessions.ledger import BufferRecord
@@ -167,7 +167,10 @@ class GrantTable:
         """Claim a grant for `receiver` (once); the caller then owns its
         references (GrantEntry.put). NOT_FOUND for anything that is not an
         open grant the receiver may redeem: no oracle for tokens."""
-        unknown = BufferNotFound("no such grant (never made, already redeemed, revoked, or its owner is gone)")
+        unknown = BufferNotFound(
+            "no such grant for this uid (never made, already redeemed, revoked, its owner is gone, "
+            "or it is one redeemed with its token)"
+        )
         token = b""
         if token_hex:
             try:
@@ -183,10 +186,10 @@ class GrantTable:
                     None,
                 )
             else:
+                # Another uid's grant, or a token grant, looks like none at
+                # all: ids are counted, and would tell who grants what.
                 entry = self._grants.get(grant_id)
                 if entry is not None and entry.to_uid != receiver.peer.uid:
-                    if entry.to_uid is None:
-                        raise AccessDenied("this grant is redeemed with its token, not its id")
                     entry = None
             if entry is None or entry.owner.closed or any(record.released for record in entry.records):
                 raise unknown

@@ -124,7 +124,7 @@ class Daemon:
         try:
             self.grants.owner_closed(session)
             self.pools.release_session(session)
-            self.models.release_session(session.id, session.peer.uid)
+            self.models.release_session(session.id, session.peer.uid, session.peer.pid)
             released = self.ledger.release_session(session)
         except Exception:
             log.exception("session %d: clean-up failed", session.id, extra=fields)

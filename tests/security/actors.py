@@ -953,6 +953,38 @@ def ticketless_calls(link: Link, *, runtime_dir: str, count: int, timeout_s: flo
 # -- budgets -------------------------------------------------------------------------
 
 
+def _memfds() -> set[int]:
+    """This process's fds that are memfds."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:"):
+                found.add(int(name))
+    return found
+
+
+@actor
+def model_kept(link: Link, *, runtime_dir: str, first: str, second: str, recover_s: float) -> None:
+    """Load the model at `first`, keep copies of its buffers' fds, release
+    the model, and load the model at `second` (together more than the
+    quota). Then close the copies and try again until it works (at most
+    `recover_s`)."""
+    client = dmabufd_client.connect(runtime_dir)
+    before = _memfds()
+    model = client.load_model(first)
+    kept = [os.dup(fd) for fd in _memfds() - before]
+    model.close()
+    while_held = outcome(lambda: client.load_model(second).close())
+    for fd in kept:
+        os.close(fd)
+    let_go = time.monotonic()
+    after = outcome(lambda: client.load_model(second).close())
+    while after["status"] != "OK" and time.monotonic() - let_go < recover_s:
+        time.sleep(0.1)
+        after = outcome(lambda: client.load_model(second).close())
+    link.emit("result", kept=len(kept), while_held=while_held, after=after, recovered_after_s=time.monotonic() - let_go)
+
+
 @actor
 def quota_kept(link: Link, *, runtime_dir: str, size: str, hold: str, recover_s: float) -> None:
     """Allocate a whole quota, release it in the daemon's books but keep

@@ -17,6 +17,7 @@ from tests.security.conftest import (
     VictimOf,
     assert_recovered,
     assert_served,
+    fd_links,
     footprint,
     safetensors_bytes,
     write_file,
@@ -175,3 +176,40 @@ def test_buffer_a_grant_receiver_still_holds_stays_charged(
     assert result["recovered_after_s"] <= 5.0
     assert_served(served)
     assert_recovered(daemon, before)
+
+
+def test_model_released_but_still_held_stays_charged(
+    daemon_factory: DaemonFactory, spawn: Spawn, victim_of: VictimOf, shared_dir: Path
+) -> None:
+    """Attack: uid 12345, quota 16 MiB, loads a 12 MiB model, keeps copies
+    of its buffers' fds, releases the model, and loads another 12 MiB
+    model (24 MiB reachable on a 16 MiB quota; evicted, the first would
+    live on in those fds, charged to nobody).
+    Defence: RESOURCE_EXHAUSTED while the copies are held; once they are
+    closed, the second model loads within 5 s."""
+    paths = []
+    for seed in (1, 2):
+        weights = np.random.default_rng(seed).integers(0, 256, 12 << 20, dtype=np.uint8).tobytes()
+        path = shared_dir / f"model{seed}.safetensors"
+        write_file(path, safetensors_bytes({"weights": weights}), 0o644)
+        paths.append(str(path))
+    daemon = daemon_factory(quota_config("16M"), public=True)
+    before = footprint(daemon)
+    victim = victim_of(daemon)
+    attacker = spawn("model_kept", runtime_dir=str(daemon.runtime_dir), first=paths[0], second=paths[1], recover_s=5.0)
+    victim.start()
+    attacker.go()
+    result = attacker.result()
+    served = victim.stop()
+    print(
+        f"second model while {result['kept']} fds of the released first are held: {result['while_held']['status']}; "
+        f"after letting go: {result['after']['status']} in {result['recovered_after_s']:.2f} s"
+    )
+    assert result["kept"] >= 1
+    assert result["while_held"]["status"] == "RESOURCE_EXHAUSTED", result["while_held"]
+    assert result["after"]["status"] == "OK", result["after"]
+    assert result["recovered_after_s"] <= 5.0
+    assert_served(served)
+    # Both models stay resident for the next client (an fd and a read-only
+    # fd of each buffer); nothing else may be left.
+    assert_recovered(daemon, before, kept=lambda: sum("/memfd:dmabufd:model" in link for link in fd_links(daemon.pid)))

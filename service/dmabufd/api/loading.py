@@ -393,6 +393,7 @@ class LoadingApi(ServiceBase):
                 model, shared = self._models.acquire(
                     session.id,
                     session.peer.uid,
+                    session.peer.pid,
                     source,
                     how,
                     progress=progress.add,
@@ -418,7 +419,7 @@ class LoadingApi(ServiceBase):
                         ],
                     )
             except BaseException:
-                self._models.release(session.id, session.peer.uid, model.id)
+                self._models.release(session.id, session.peer.uid, session.peer.pid, model.id)
                 raise
             if not shared:  # this call read the file
                 report = self._report_of(model)
@@ -438,7 +439,7 @@ class LoadingApi(ServiceBase):
             # The client never learns the model's id: nothing would release
             # it before the session ends, and the uid would pay for it.
             for model_id in held:
-                self._models.release(session.id, session.peer.uid, model_id)
+                self._models.release(session.id, session.peer.uid, session.peer.pid, model_id)
 
         async for message in self._stream(context, work, stream_model=request.stream, undo=undo):
             yield message
@@ -510,7 +511,7 @@ class LoadingApi(ServiceBase):
 
     async def ReleaseModel(self, request: pb.ReleaseModelRequest, context: Context) -> pb.ReleaseModelResponse:
         def handle(session: Session, _ticket: bytes) -> pb.ReleaseModelResponse:
-            if not self._models.release(session.id, session.peer.uid, request.model_id):
+            if not self._models.release(session.id, session.peer.uid, session.peer.pid, request.model_id):
                 raise BufferNotFound(f"this session holds no model with id {request.model_id}")
             return pb.ReleaseModelResponse()
 

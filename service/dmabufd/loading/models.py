@@ -23,7 +23,9 @@ it is entitled to receive them (heaps/buffer.py).
 Charges: model memory counts against the model budget and, while they hold
 it, against the quota of every uid that holds it (each pays the whole
 model: it is what that uid can reach), so no uid can take more of the
-budget than its quota allows. The header is parsed within
+budget than its quota allows. A uid that lets go of a model stays charged
+for each buffer one of its processes still holds (a copy of an fd, a
+mapping) until it is gone, as for a released buffer (Ledger.unhold_held). The header is parsed within
 loading.max_header_bytes and loading.max_tensors.
 
 Streaming: a load may hand the model's buffers to its caller before their
@@ -332,6 +334,7 @@ class ModelCache:
         self,
         session_id: int,
         uid: int,
+        pid: int,
         source: SourceFile,
         how: ModelLoad,
         *,
@@ -378,7 +381,7 @@ class ModelCache:
                 targets = [(b.allocation, plan) for b, plan in zip(model.buffers, model.plans, strict=True)]
                 self._loader.verify(source, targets)
             except BaseException:
-                self.release(session_id, uid, model.id)
+                self.release(session_id, uid, pid, model.id)
                 raise
         return model, True
 
@@ -393,19 +396,30 @@ class ModelCache:
         for buffer in model.buffers:
             buffer.entitle(session_id)
 
-    def _unhold(self, model: ResidentModel, session_id: int, uid: int, everything: bool) -> None:
-        """Drop one (or every) reference of `session_id` (caller holds _lock)."""
+    def _unhold(self, model: ResidentModel, session_id: int, uid: int, everything: bool) -> list[Buffer]:
+        """Drop one (or every) reference of `session_id` (caller holds
+        _lock). When the uid's last session lets go, returns the model's
+        buffers, a reference taken on each, for _let_go() to settle the
+        uid's charge once _lock is dropped; else []."""
         left = 0 if everything else model.holders[session_id] - 1
         if left:
             model.holders[session_id] = left
-            return
+            return []
         del model.holders[session_id]
         for buffer in model.buffers:
             buffer.disentitle(session_id)
         model.charged[uid] -= 1
-        if not model.charged[uid]:
-            del model.charged[uid]
-            self._ledger.unhold(uid, model.bytes, len(model.buffers))
+        if model.charged[uid]:
+            return []
+        del model.charged[uid]
+        return [buffer.get() for buffer in model.buffers]
+
+    def _let_go(self, uid: int, pid: int, buffers: list[Buffer]) -> None:
+        """The uid's charge for a model it let go of ends for the buffers
+        none of its processes still holds (an fd it kept, or a mapping);
+        the rest stay charged until they are gone (Ledger.unhold_held)."""
+        if buffers:
+            self._ledger.unhold_held(uid, pid, buffers)
 
     def _load_and_publish(
         self,
@@ -575,20 +589,23 @@ class ModelCache:
             log.info("model %d evicted (%s)", victim.id, format_size(victim.bytes))
             victim.close()
 
-    def release(self, session_id: int, uid: int, model_id: int) -> bool:
+    def release(self, session_id: int, uid: int, pid: int, model_id: int) -> bool:
         with self._lock:
             model = self._by_id.get(model_id)
             if model is None or session_id not in model.holders:
                 return False
-            self._unhold(model, session_id, uid, everything=False)
+            let_go = self._unhold(model, session_id, uid, everything=False)
             model.last_used = time.monotonic()
-            return True
+        self._let_go(uid, pid, let_go)
+        return True
 
-    def release_session(self, session_id: int, uid: int) -> None:
+    def release_session(self, session_id: int, uid: int, pid: int) -> None:
+        let_go: list[Buffer] = []
         with self._lock:
             for model in self._models.values():
                 if session_id in model.holders:
-                    self._unhold(model, session_id, uid, everything=True)
+                    let_go += self._unhold(model, session_id, uid, everything=True)
+        self._let_go(uid, pid, let_go)
 
     def resident(self) -> tuple[int, int]:
         """(models, bytes) resident now."""

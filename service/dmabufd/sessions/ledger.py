@@ -206,6 +206,22 @@ class Ledger:
         with self._lock:
             self._uncharge(uid, count, nbytes)
 
+    def unhold_held(self, uid: int, pid: int, buffers: list[Buffer]) -> None:
+        """End a hold() of `buffers` (a resident model `uid` let go of; the
+        model lives on for others): those a process of the uid still holds
+        stay charged, lingering, until reap() finds them gone; the rest
+        are uncharged now. Takes over one reference of the caller's on
+        each (the lingering entry's)."""
+        held = procfs.still_held(self._holders(uid, pid, buffers), (buffer.identity for buffer in buffers))
+        gone = [buffer for buffer in buffers if buffer.identity not in held]
+        with self._lock:
+            for buffer in buffers:
+                if buffer.identity in held:
+                    self._lingering.append(_Lingering(uid, pid, buffer.size, buffer))
+            self._uncharge(uid, len(gone), sum(buffer.size for buffer in gone))
+        for buffer in gone:
+            buffer.put()
+
     def linger(self, uid: int, pid: int, buffers: list[Buffer]) -> None:
         """Buffers charged with hold() whose fds may have gone out without
         ever being booked (a streamed model whose load failed) end as
@@ -217,15 +233,7 @@ class Ledger:
             return
         for buffer in buffers:
             buffer.revoke()
-        held = procfs.still_held(self._holders(uid, pid, buffers), (buffer.identity for buffer in buffers))
-        gone = [buffer for buffer in buffers if buffer.identity not in held]
-        with self._lock:
-            for buffer in buffers:
-                if buffer.identity in held:
-                    self._lingering.append(_Lingering(uid, pid, buffer.size, buffer))
-            self._uncharge(uid, len(gone), sum(buffer.size for buffer in gone))
-        for buffer in gone:
-            buffer.put()
+        self.unhold_held(uid, pid, buffers)
 
     def commit(
         self,

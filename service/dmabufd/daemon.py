@@ -107,6 +107,8 @@ class Daemon:
             self.metrics = MetricsServer(config.metrics, runtime_dir, build_registry(collector))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task[None] | None = None
+        # Loop only: session clean-ups waiting for, or running on, a thread.
+        self._clean_ups: set[asyncio.Task[None]] = set()
         self._stopping = False
 
     def _runtime(self) -> RuntimeDir:
@@ -115,9 +117,18 @@ class Daemon:
 
     def _on_session_closed(self, session: Session) -> None:
         """On the loop, as a session ends: its clean-up may block (closing
-        fds frees memory, /proc reads), so it runs on the calls executor."""
+        fds frees memory, /proc reads), so it runs on the calls executor,
+        within its uid's share of the threads: a uid that ends many
+        sessions at once waits for its own turns, not the others'."""
         assert self._loop is not None
-        self._loop.run_in_executor(self.executors.calls, self._clean_up, session)
+        task = self._loop.create_task(self._clean_up_in_turn(session))
+        self._clean_ups.add(task)
+        task.add_done_callback(self._clean_ups.discard)
+
+    async def _clean_up_in_turn(self, session: Session) -> None:
+        assert self._loop is not None
+        async with self.limits.thread(session.peer.uid):
+            await self._loop.run_in_executor(self.executors.calls, self._clean_up, session)
 
     def _clean_up(self, session: Session) -> None:
         fields = {"session": session.id, "pid": session.peer.pid, "uid": session.peer.uid}
@@ -207,7 +218,8 @@ class Daemon:
         self.fd_server.stop()
         await self.servicer.finish_frames()
         self.discovery.stop()
-        # Waits for the session clean-ups fd_server.stop() queued.
+        # The session clean-ups fd_server.stop() started, then the threads.
+        await asyncio.gather(*self._clean_ups, return_exceptions=True)
         self.executors.calls.shutdown(wait=True)
         self.executors.loads.shutdown(wait=True)
         self.grants.close()

@@ -42,6 +42,8 @@ class ProcHoldings:
 
     readable: bool
     files: frozenset[FileIdentity]
+    # How many fds the process has (walked, unless over the limit asked).
+    fds: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,10 @@ def dmabufs_of(pid: int) -> DmabufHoldings:
     return DmabufHoldings(True, len(sizes), sum(sizes.values()))
 
 
-def open_files(pid: int, wanted: Iterable[FileIdentity]) -> ProcHoldings:
+def open_files(pid: int, wanted: Iterable[FileIdentity], most: int | None = None) -> ProcHoldings:
     """Walk /proc/<pid>/fd and report which `wanted` files are open there.
+    A process with more than `most` fds is not walked: it is reported
+    holding every wanted file.
 
     stat() through the magic link reaches the file itself, so a dma-buf's or
     memfd's identity compares equal to fstat() of the daemon's own fd.
@@ -86,6 +90,8 @@ def open_files(pid: int, wanted: Iterable[FileIdentity]) -> ProcHoldings:
         names = os.listdir(fd_dir)
     except OSError:
         return ProcHoldings(False, frozenset())
+    if most is not None and len(names) > most:
+        return ProcHoldings(True, wanted_set, len(names))
     seen: set[FileIdentity] = set()
     for name in names:
         try:
@@ -94,7 +100,7 @@ def open_files(pid: int, wanted: Iterable[FileIdentity]) -> ProcHoldings:
             continue
         if (info.st_dev, info.st_ino) in wanted_set:
             seen.add((info.st_dev, info.st_ino))
-    return ProcHoldings(True, frozenset(seen))
+    return ProcHoldings(True, frozenset(seen), len(names))
 
 
 # A process's maps are read up to this much; one with more (a client that
@@ -148,17 +154,31 @@ def processes_of(uid: int) -> list[int]:
     return pids
 
 
+# The fds one check walks, over every process it looks at: a uid that keeps
+# thousands of fds open in many processes would otherwise make each of its
+# releases cost seconds of a thread the other clients share. Past it, the
+# files not found yet are taken as held: they stay charged, and the reaper
+# looks again later.
+MAX_FDS_PER_CHECK = 16384
+
+
 def still_held(pids: Iterable[int], wanted: Iterable[FileIdentity]) -> frozenset[FileIdentity]:
-    """Which `wanted` files any of `pids` holds, by an fd or a mapping."""
+    """Which `wanted` files any of `pids` holds, by an fd or a mapping
+    (all of them, once MAX_FDS_PER_CHECK fds were walked)."""
     remaining = frozenset(wanted)
     held: set[FileIdentity] = set()
     own = os.getpid()
+    budget = MAX_FDS_PER_CHECK
     for pid in pids:
         if not remaining:
             break
         if pid == own:
             continue
-        found = set(open_files(pid, remaining).files) | _mapped(pid, remaining)
+        holdings = open_files(pid, remaining, most=budget)
+        budget -= holdings.fds
+        if budget < 0:
+            return frozenset(held | remaining)
+        found = set(holdings.files) | _mapped(pid, remaining)
         held |= found
         remaining = remaining - found
     return frozenset(held)

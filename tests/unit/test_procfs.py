@@ -1,0 +1,51 @@
+"""What /proc tells the ledger (sessions/procfs.py), and what a check of
+it may cost."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from dmabufd.sessions import procfs
+
+
+@pytest.fixture
+def holder() -> Iterator[tuple[int, tuple[int, int]]]:
+    """A process holding one memfd (whose identity is given) and 64 other fds."""
+    memfd = os.memfd_create("held")
+    spare = [os.open("/dev/null", os.O_RDONLY) for _ in range(64)]
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        pass_fds=[memfd, *spare],
+    )
+    info = os.fstat(memfd)
+    for fd in (memfd, *spare):
+        os.close(fd)
+    try:
+        yield child.pid, (info.st_dev, info.st_ino)
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=10)
+
+
+def test_a_held_file_is_found_and_a_gone_one_is_not(holder: tuple[int, tuple[int, int]]) -> None:
+    pid, held = holder
+    gone = (held[0], held[1] + 1_000_000)
+    assert procfs.still_held([pid], [held, gone]) == {held}
+
+
+def test_a_check_past_its_fd_budget_takes_everything_as_held(
+    holder: tuple[int, tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A uid with many fds in many processes cannot make one release walk
+    them all: past the budget, what was not found yet stays charged."""
+    pid, held = holder
+    gone = (held[0], held[1] + 1_000_000)
+    monkeypatch.setattr(procfs, "MAX_FDS_PER_CHECK", 16)
+    assert procfs.still_held([pid], [held, gone]) == {held, gone}

@@ -201,16 +201,18 @@ class _Holding:
         return True
 
     def _let_go(self) -> None:
+        # The fds first: the daemon keeps a model released while this
+        # process still holds it charged until it sees it gone.
         try:
-            if self.published:
-                self._release(self.model_id)
-        finally:
             for fd in self.fds.values():
                 try:
                     if self.dma_buf:
                         uapi.dma_buf_sync(fd, uapi.SyncFlags.END | uapi.SyncFlags.READ)
                 finally:
                     os.close(fd)
+        finally:
+            if self.published:
+                self._release(self.model_id)
 
 
 class Model(Mapping[str, Any]):

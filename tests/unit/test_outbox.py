@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
@@ -265,3 +266,55 @@ async def test_a_reply_on_a_full_socket_waits_in_the_queue_behind_the_frames_bef
     for buffer in buffers:
         buffer.put()
     assert all(buffer.allocation.fd == -1 for buffer in buffers)
+
+
+@on_a_loop
+async def test_a_call_that_is_over_leaves_nothing_behind_when_its_frame_is_dropped(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A call that failed or was cancelled (a client's deadline) while its
+    frame was still queued, whose buffer is then released, so the frame is
+    dropped: nobody will ask why, so the reason is not kept (a client could
+    repeat this for as long as its session lives)."""
+    daemon_end, _client_end = pair
+    outbox = make_outbox(daemon_end, [], max_frames=64)
+    buffer = new_buffer()
+    deliver_from_a_thread(outbox, TICKET, [Outgoing(1, buffer)])
+    outbox.forget(TICKET)  # the handler's call ended before its frame went out
+    buffer.revoke()
+    await asyncio.sleep(0)  # the loop drops the frame
+    assert outbox._failed == {}
+    assert outbox._abandoned == set()
+    buffer.put()
+    outbox.close("test over")
+
+
+@on_a_loop
+async def test_a_wait_for_a_frame_that_is_cancelled_leaves_nothing_behind(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    daemon_end, client_end = pair
+    daemon_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    with contextlib.suppress(BlockingIOError):  # fill the socket: frames queue
+        while True:
+            daemon_end.send(b"x" * 512)
+    outbox = make_outbox(daemon_end, [], max_frames=64)
+    buffer = new_buffer()
+    outbox.deliver(TICKET, [Outgoing(1, buffer)])
+    waiting = asyncio.create_task(outbox.flushed(TICKET))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    buffer.revoke()
+    client_end.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            client_end.recv(4096)
+    for _ in range(10):  # the writer callback runs once the socket drains
+        await asyncio.sleep(0.01)
+    assert outbox._queue == collections.deque()
+    assert outbox._failed == {}
+    assert outbox._abandoned == set()
+    buffer.put()
+    outbox.close("test over")

@@ -96,6 +96,9 @@ class Outbox:
         self._queue: collections.deque[_Frame] = collections.deque()
         self._pending: dict[bytes, int] = {}  # ticket -> frames not written yet
         self._failed: dict[bytes, DmabufdError] = {}  # ticket -> why its frames were dropped
+        # Tickets with frames queued whose call is over (forget): their
+        # failures are dropped with their last frame, not kept for a waiter.
+        self._abandoned: set[bytes] = set()
         # ticket of an ALLOCATE frame -> the buffers its REPLY will carry
         # (each holds a reference of the outbox's until the REPLY is queued).
         self._parked: dict[bytes, list[Outgoing]] = {}
@@ -213,9 +216,13 @@ class Outbox:
             self._loop.call_soon_threadsafe(self._flush)
 
     def forget(self, ticket: bytes) -> None:
-        """The call that used `ticket` is over: drop what it left behind."""
+        """The call that used `ticket` is over: drop what it left behind,
+        and what its frames still queued will leave (nobody waits for
+        them any more)."""
         with self._lock:
             self._failed.pop(ticket, None)
+            if ticket in self._pending:
+                self._abandoned.add(ticket)
 
     # -- event loop ------------------------------------------------------
 
@@ -244,6 +251,10 @@ class Outbox:
                 if problem is not None and frame.ticket is not None:
                     self._failed.setdefault(frame.ticket, problem)
                 done = self._done_one(frame.ticket)
+                if done is not None and done in self._abandoned:
+                    self._abandoned.discard(done)
+                    self._failed.pop(done, None)
+                    done = None
             for item in frame.items:
                 item.buffer.put()
             if done is not None:
@@ -313,11 +324,15 @@ class Outbox:
             return
         waiter = self._loop.create_future()
         self._waiters[ticket] = waiter
+        written = False
         try:
             # The stall check ends the session well before this runs out.
             await asyncio.wait_for(waiter, timeout=2 * self._stall_s + 1)
+            written = True
         finally:
             self._waiters.pop(ticket, None)
+            if not written:  # cancelled (the client went away), timed out, or failed
+                self.forget(ticket)
 
     def stalled_for(self, now: float) -> float:
         """How long the oldest unwritten frame has waited (0 if none)."""
@@ -341,9 +356,10 @@ class Outbox:
             dropped += [_Frame(b"", items, None, 0.0) for items in self._parked.values()]
             self._parked.clear()
             failure = DeliveryFailed(f"the session ended before its fds were sent ({reason})")
-            for ticket in self._pending:
+            for ticket in self._pending.keys() - self._abandoned:
                 self._failed[ticket] = failure
             self._pending.clear()
+            self._abandoned.clear()
         if self._writing:
             self._loop.remove_writer(self._sock.fileno())
             self._writing = False

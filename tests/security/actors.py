@@ -637,6 +637,12 @@ def _lingering_socket() -> tuple[socket.socket, socket.socket]:
     return stuck, peer
 
 
+def _reset(peer: socket.socket) -> None:
+    """Close a lingering socket's peer with a reset: its close returns."""
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, (1).to_bytes(4, "little") + (0).to_bytes(4, "little"))
+    peer.close()
+
+
 def _fd_session(runtime_dir: str) -> tuple[socket.socket, str]:
     """A raw connection to the fd socket, and what it first received."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -646,40 +652,47 @@ def _fd_session(runtime_dir: str) -> tuple[socket.socket, str]:
 
 @actor
 def blocking_closes(link: Link, *, runtime_dir: str, sockets: int) -> None:
-    """Give the daemon `sockets` files whose close blocks: one attached to
-    a FILE frame (a deposit) on a session that then hangs up, the rest each
-    attached to a TICKET frame (which carries no fd: refused). Then try a
-    new session ("stuck"). On "release", reset their peers so the closes
-    return, and try a new session again."""
-    peers = []
-    deposit, hello = _fd_session(runtime_dir)
-    stuck, peer = _lingering_socket()
-    peers.append(peer)
-    deposit.sendmsg(
-        [fdwire.encode(fdwire.FileTicket(secrets.token_bytes(fdwire.TICKET_BYTES)))],
-        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, stuck.fileno().to_bytes(4, "little"))],
-    )
-    stuck.close()  # the daemon holds the only reference
-    time.sleep(0.2)
-    deposit.close()
-    session, _ = _fd_session(runtime_dir)
-    for _ in range(sockets - 1):
-        stuck, peer = _lingering_socket()
-        peers.append(peer)
-        with contextlib.suppress(OSError):  # the session may be ended on the way
-            session.sendmsg(
-                [fdwire.encode(fdwire.Ticket(secrets.token_bytes(fdwire.TICKET_BYTES)))],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, stuck.fileno().to_bytes(4, "little"))],
-            )
-        stuck.close()
-    time.sleep(0.5)
-    while_stuck, first = _fd_session(runtime_dir)
-    while_stuck.close()
-    link.emit("stuck", hello=hello, new_session=first)
+    """Give the daemon `sockets` files whose close blocks, as FILE frames
+    (deposits, 12 per session), closing this process's copies, then hang
+    up each session: the daemon holds the last reference of each and lets
+    go of them as the sessions end. Then try new sessions until one is
+    refused, for at most 10 s ("stuck"). On "release", reset the files'
+    peers so the closes return, and try a new session again."""
+    peers: list[socket.socket] = []
+    hello = ""
+    left = sockets
+    while left:
+        session, first = _fd_session(runtime_dir)
+        hello = hello or first
+        if not first.startswith("HELLO"):  # refused already: enough is stuck
+            session.close()
+            break
+        for _ in range(min(left, 12)):
+            stuck, peer = _lingering_socket()
+            try:
+                session.sendmsg(
+                    [fdwire.encode(fdwire.FileTicket(secrets.token_bytes(fdwire.TICKET_BYTES)))],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, stuck.fileno().to_bytes(4, "little"))],
+                )
+            except OSError:  # the daemon ended the session: enough is stuck
+                _reset(peer)  # this copy is the last: let its close return
+                stuck.close()
+                left = 0
+                break
+            peers.append(peer)
+            stuck.close()  # before the session ends: the daemon's reference is the last
+            left -= 1
+        session.close()
+    began = time.monotonic()
+    refused = ""
+    while time.monotonic() - began < 10.0 and not refused.startswith("ERROR"):
+        probe, refused = _fd_session(runtime_dir)
+        probe.close()
+        time.sleep(0.1)
+    link.emit("stuck", hello=hello, new_session=refused)
     link.wait("release")
     for peer in peers:
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, (1).to_bytes(4, "little") + (0).to_bytes(4, "little"))
-        peer.close()
+        _reset(peer)
     released = time.monotonic()
     first = ""
     while time.monotonic() - released < 10.0:
@@ -688,7 +701,6 @@ def blocking_closes(link: Link, *, runtime_dir: str, sockets: int) -> None:
         if first.startswith("HELLO"):
             break
         time.sleep(0.1)
-    session.close()
     link.emit("result", after_release=first, seconds=time.monotonic() - released)
 
 

@@ -150,9 +150,9 @@ def test_allocate_frames_flooded_and_never_read(
 
 def test_files_whose_close_blocks(daemon_factory: DaemonFactory, spawn: Spawn, victim_of: VictimOf) -> None:
     """Attack: uid 12345 sends the daemon TCP sockets whose close() blocks
-    for an hour (SO_LINGER, unsent data behind a zero window): one as a
-    FILE deposit on a session that then hangs up, the others attached to
-    TICKET frames, which the daemon refuses. Closing any of them on the
+    for an hour (SO_LINGER, unsent data behind a zero window) as FILE
+    deposits, and hangs up: the daemon holds the last reference of each
+    and lets go of them as the sessions end. Closing any of them on the
     event loop would freeze every client.
     Defence: the closer takes them off the loop, so the victim is served
     throughout; once MAX_PENDING_PER_UID of the uid's fds are waiting, its

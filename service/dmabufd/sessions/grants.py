@@ -18,7 +18,8 @@ What each party can rely on (docs/camera.md has the full table):
 - Redeeming opens no fd: read-write grants send the buffer's own fd,
   read-only ones the O_RDONLY fd the buffer keeps once it is sealed.
 - Redeemed buffers are not booked to the receiver (they are the owner's,
-  and count against the owner's quota while the owner holds them).
+  and count against the owner's quota while the owner holds them, and
+  after the owner released them while a receiver's process still does).
 - read_only is offered only where the kernel enforces it: memfd buffers
   are sealed with F_SEAL_FUTURE_WRITE (from then on nobody, the owner
   included, can map them writable or write() them; mappings made before
@@ -30,12 +31,13 @@ Lifetime: a grant owns one reference on each of its buffers from make()
 until it is redeemed, revoked, dropped (a buffer released) or its owner's
 session ends; take() hands those references to the caller.
 
-Locking: _lock guards the table; it is a leaf lock (buffers are put and
-fds sent with it dropped).
+Locking: _lock guards the table and its token index; it is a leaf lock
+(buffers are put and fds sent with it dropped).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import itertools
 import secrets
@@ -107,6 +109,9 @@ class GrantTable:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._grants: dict[int, GrantEntry] = {}
+        # SHA-256 of each open token grant's token -> the grant: a redeem
+        # looks one up instead of comparing against every open grant.
+        self._by_token: dict[bytes, GrantEntry] = {}
 
     def check_ids(self, buffer_ids: list[int]) -> None:
         """A grant names distinct buffers, and not too many: refuse before
@@ -156,6 +161,8 @@ class GrantTable:
             entry = GrantEntry(next(self._ids), owner, records, pool_id, to_uid, token, read_only)
             if not (full or released):
                 self._grants[entry.id] = entry
+                if token is not None:
+                    self._by_token[hashlib.sha256(token).digest()] = entry
         if full or released:
             entry.put()
             if full:
@@ -181,10 +188,9 @@ class GrantTable:
                 raise unknown
         with self._lock:
             if token:
-                entry = next(
-                    (g for g in self._grants.values() if g.token is not None and hmac.compare_digest(g.token, token)),
-                    None,
-                )
+                entry = self._by_token.get(hashlib.sha256(token).digest())
+                if entry is not None and (entry.token is None or not hmac.compare_digest(entry.token, token)):
+                    entry = None
             else:
                 # Another uid's grant, or a token grant, looks like none at
                 # all: ids are counted, and would tell who grants what.
@@ -193,14 +199,20 @@ class GrantTable:
                     entry = None
             if entry is None or entry.owner.closed or any(record.released for record in entry.records):
                 raise unknown
-            del self._grants[entry.id]
+            self._remove(entry)
             return entry
+
+    def _remove(self, entry: GrantEntry) -> None:
+        """Take an open grant out of the table (caller holds _lock)."""
+        del self._grants[entry.id]
+        if entry.token is not None:
+            del self._by_token[hashlib.sha256(entry.token).digest()]
 
     def _drop(self, predicate: Callable[[GrantEntry], bool]) -> None:
         with self._lock:
             dropped = [g for g in self._grants.values() if predicate(g)]
             for entry in dropped:
-                del self._grants[entry.id]
+                self._remove(entry)
         for entry in dropped:
             entry.put()
 
@@ -209,7 +221,7 @@ class GrantTable:
             entry = self._grants.get(grant_id)
             if entry is None or entry.owner is not owner:
                 raise BufferNotFound(f"this session has no open grant {grant_id}")
-            del self._grants[grant_id]
+            self._remove(entry)
         entry.put()
 
     def owner_closed(self, owner: Session) -> None:

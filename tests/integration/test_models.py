@@ -144,6 +144,22 @@ def test_idle_models_are_evicted_under_the_budget(daemon_factory: DaemonFactory,
             client.load_model(tmp_path / "huge.safetensors")
 
 
+def test_a_model_header_counts_against_the_budget(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    """A resident model keeps its parsed header (names, shapes, metadata as
+    Python objects, many times the header's size): 12,000 one-byte tensors
+    make a 0.6 MB header in a file of under a megabyte, which must not slip
+    under a 16 MiB budget that counted only buffers."""
+    daemon = daemon_factory('[loading]\nmodel_budget_bytes = "16M"\n')
+    tensors = {f"tensor_{index:05d}": np.array([index % 256], dtype=np.uint8) for index in range(12_000)}
+    save_file(tensors, str(tmp_path / "many.safetensors"))
+    make_model(tmp_path / "few.safetensors", 14)
+    with daemon.connect() as client:
+        with pytest.raises(dmabufd_client.ResourceExhausted, match="its parsed header"):
+            client.load_model(tmp_path / "many.safetensors")
+        with client.load_model(tmp_path / "few.safetensors") as model:
+            assert model["steps"].tolist() == list(range(10))
+
+
 def test_tensors_never_straddle_buffers(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     daemon = daemon_factory('[heaps]\nmax_buffer_bytes = "1M"\n')
     rng = np.random.default_rng(7)

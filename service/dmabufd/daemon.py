@@ -51,6 +51,7 @@ def raise_fd_limit() -> int:
 CALL_WORKERS = 8
 LOAD_WORKERS = 4
 REAP_INTERVAL_S = 1.0
+STOP_CLOSE_WAIT_S = 2.0
 
 
 class Daemon:
@@ -226,6 +227,10 @@ class Daemon:
         self.models.close()
         self.pools.close()
         self.ledger.close()
+        # Clients' files still closing: a close that does not return (a
+        # hung FUSE server) must not hold up the stop.
+        if not self.closer.settle(STOP_CLOSE_WAIT_S):
+            log.warning("stopping with clients' files still closing after %.0f s", STOP_CLOSE_WAIT_S)
         if self.runtime is not None:
             self.runtime.release()
         log.info("dmabufd stopped")

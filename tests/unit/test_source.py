@@ -51,6 +51,12 @@ def require_root() -> None:
 
 
 def fd_is_open(fd: int) -> bool:
+    """Whether `fd` is open, once every fd handed to the closer is closed."""
+    assert CLOSER.settle(5.0), "the closer did not close what it was given"
+    return _open_now(fd)
+
+
+def _open_now(fd: int) -> bool:
     try:
         os.fstat(fd)
     except OSError as error:
@@ -322,6 +328,25 @@ def test_open_as_another_uid_gets_that_uids_access(root: Path) -> None:
         os.close(directory)
     assert (os.getgroups(), _fsuid_of_this_thread()) == (groups, fsuid), "the caller's thread never switched"
     assert credentials._in_flight == {}
+
+
+def test_an_open_as_a_client_runs_without_the_daemons_capabilities() -> None:
+    """The thread that opens as a client has no effective capability left
+    (a ptrace check on a /proc file, say, must see the client, not root);
+    the caller's thread keeps its own."""
+    require_root()
+    seen: list[str] = []
+
+    def action() -> int:
+        with open("/proc/thread-self/status") as status:
+            seen.extend(line.split()[1] for line in status if line.startswith("CapEff:"))
+        return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+
+    os.close(credentials.open_as(OTHER_UID, OTHER_UID, frozenset(), action))
+    assert seen == ["0000000000000000"]
+    with open("/proc/thread-self/status") as status:
+        mine = next(line.split()[1] for line in status if line.startswith("CapEff:"))
+    assert int(mine, 16) != 0
 
 
 def test_path_is_opened_with_the_clients_credentials(root: Path) -> None:

@@ -13,8 +13,9 @@ never blocks.
 
 Threads: one worker per uid that has fds waiting, started by the first and
 ending when its queue is empty, so a uid whose closes hang holds up only
-its own. _lock guards the queues and the counts; it is a leaf lock, never
-held across a close() or a thread start.
+its own. _lock (a condition: settle() waits on it) guards the queues and
+the counts; it is a leaf lock, never held across a close() or a thread
+start.
 
 Bounds: pending(uid) counts the fds of a uid not closed yet. Past
 MAX_PENDING_PER_UID the fd server ends that uid's sessions and refuses new
@@ -42,7 +43,7 @@ MAX_PENDING_PER_UID = 64
 
 class Closer:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition(threading.Lock())
         self._queues: dict[int, collections.deque[int]] = {}
         self._pending: dict[int, int] = {}
 
@@ -65,6 +66,12 @@ class Closer:
                 log.warning("cannot start a closing thread (%s): closing uid %d's fds in place", error, uid)
                 self._work(uid)
 
+    def settle(self, timeout_s: float) -> bool:
+        """Wait until every fd handed over is closed (at stop, and in
+        tests); False if some are still waiting after `timeout_s`."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._pending, timeout_s)
+
     def pending(self, uid: int) -> int:
         """How many of `uid`'s fds are waiting or being closed."""
         with self._lock:
@@ -86,3 +93,4 @@ class Closer:
                     self._pending[uid] = left
                 else:
                     del self._pending[uid]
+                    self._lock.notify_all()

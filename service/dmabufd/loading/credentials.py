@@ -7,7 +7,10 @@ LSMs) decide what the client may read, not a re-implementation of them.
 Linux keeps credentials per thread; glibc's setuid() family broadcasts a
 change to every thread of the process, but the raw setfsuid, setfsgid and
 setgroups system calls change only the calling thread. Leaving fsuid 0
-also drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH for that thread.
+also drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH for that thread; the
+thread then drops every other effective capability too (capset, also per
+thread), so that no check an open makes (ptrace access to a /proc file,
+say) passes on the daemon's privileges.
 
 Each open gets a thread of its own that switches its credentials, runs the
 open and exits. Nothing else ever runs on it, and its borrowed identity
@@ -37,12 +40,14 @@ from collections.abc import Callable
 OPEN_TIMEOUT_S = 30.0
 MAX_OPENS_PER_UID = 8
 
-# (setgroups, setfsuid, setfsgid) by machine: the 32-bit-id-safe variants.
+# (setgroups, setfsuid, setfsgid, capget, capset) by machine: the
+# 32-bit-id-safe variants.
 _SYSCALLS = {
-    "x86_64": (116, 122, 123),
-    "aarch64": (159, 151, 152),
-    "arm64": (159, 151, 152),
+    "x86_64": (116, 122, 123, 125, 126),
+    "aarch64": (159, 151, 152, 90, 91),
+    "arm64": (159, 151, 152, 90, 91),
 }
+_CAPABILITY_VERSION_3 = 0x20080522
 _NO_ID = 0xFFFFFFFF
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -59,7 +64,7 @@ _slots = threading.Condition()
 _in_flight: dict[int, int] = {}
 
 
-def _numbers() -> tuple[int, int, int]:
+def _numbers() -> tuple[int, int, int, int, int]:
     machine = platform.machine()
     if machine not in _SYSCALLS:
         raise OSError(errno.ENOSYS, f"opening files as a client is not implemented for {machine}")
@@ -82,13 +87,36 @@ def _set_fs_id(number: int, value: int) -> None:
         raise OSError(errno.EPERM, f"could not switch the file-system id to {value} (it is {current})")
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32))
+
+
+def _drop_effective_capabilities(capget: int, capset: int) -> None:
+    """Clear the calling thread's effective capability set (permitted and
+    inheritable stay: the thread ends with its open)."""
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for number in (capget, capset):
+        if number == capset:
+            for word in data:
+                word.effective = 0
+        if _libc.syscall(ctypes.c_long(number), ctypes.byref(header), data) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"{'capget' if number == capget else 'capset'}: {os.strerror(error)}")
+
+
 def _become(uid: int, gid: int, groups: frozenset[int]) -> None:
-    """Switch the calling thread; raises before returning unless all three
-    switches took, so no action ever runs half switched."""
-    setgroups, setfsuid, setfsgid = _numbers()
+    """Switch the calling thread; raises before returning unless every
+    switch took, so no action ever runs half switched."""
+    setgroups, setfsuid, setfsgid, capget, capset = _numbers()
     _set_groups(setgroups, sorted(groups | {gid}))
     _set_fs_id(setfsgid, gid)
     _set_fs_id(setfsuid, uid)
+    _drop_effective_capabilities(capget, capset)
 
 
 class _Attempt:

@@ -7,6 +7,8 @@ import fcntl
 import mmap
 import os
 import struct
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +139,7 @@ def test_idle_models_are_evicted_under_the_budget(daemon_factory: DaemonFactory,
             pass
         held = client.load_model(tmp_path / "m11.safetensors")
         assert client.stats().models == 1, "the idle model made room"
-        with pytest.raises(dmabufd_client.ResourceExhausted, match="in use hold"):
+        with pytest.raises(dmabufd_client.ResourceExhausted, match="in use and loads running hold"):
             client.load_model(tmp_path / "m12.safetensors")
         held.close()
         with pytest.raises(dmabufd_client.ResourceExhausted, match="whole model budget"):
@@ -158,6 +160,36 @@ def test_a_model_header_counts_against_the_budget(daemon_factory: DaemonFactory,
             client.load_model(tmp_path / "many.safetensors")
         with client.load_model(tmp_path / "few.safetensors") as model:
             assert model["steps"].tolist() == list(range(10))
+
+
+def test_loads_running_at_once_cannot_pass_the_budget_together(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    """Two models that each fit the budget but not both, loaded at once by
+    two clients: the first load's bytes are reserved as it starts, so the
+    second is refused whichever way they overlap; never both resident."""
+    daemon = daemon_factory('[loading]\nmodel_budget_bytes = "12M"\n')
+    for seed in (20, 21):
+        make_model(tmp_path / f"m{seed}.safetensors", seed, megabytes=8)
+    start = threading.Barrier(2)
+    outcomes: dict[int, str] = {}
+
+    def load(seed: int) -> None:
+        with daemon.connect() as client:
+            start.wait()
+            try:
+                model = client.load_model(tmp_path / f"m{seed}.safetensors")
+            except dmabufd_client.ResourceExhausted:
+                outcomes[seed] = "refused"
+                return
+            outcomes[seed] = "loaded"
+            time.sleep(0.5)  # held while the other one tries
+            model.close()
+
+    threads = [threading.Thread(target=load, args=(seed,)) for seed in (20, 21)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(outcomes.values()) == ["loaded", "refused"], outcomes
 
 
 def test_tensors_never_straddle_buffers(daemon_factory: DaemonFactory, tmp_path: Path) -> None:

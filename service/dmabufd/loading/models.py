@@ -43,9 +43,10 @@ loads do; every load, streamed or not, also notes when its first tensor
 with bytes had them all in (ResidentModel.first_tensor_seconds), from the
 same start.
 
-Locking: _lock guards the tables, holders and charges. A load runs outside
-it; concurrent requests for the same model wait for the first one's load
-(_loading). Readiness._lock guards one load's per-tensor counts (a leaf).
+Locking: _lock guards the tables, holders, charges and the budget that
+loads running have reserved. A load runs outside it; concurrent requests
+for the same model wait for the first one's load (_loading).
+Readiness._lock guards one load's per-tensor counts (a leaf).
 """
 
 from __future__ import annotations
@@ -343,6 +344,8 @@ class ModelCache:
         self._models: dict[ModelKey, ResidentModel] = {}
         self._by_id: dict[int, ResidentModel] = {}
         self._loading: dict[ModelKey, threading.Event] = {}
+        # Budget bytes reserved by loads running (_make_room), by model.
+        self._reserved: dict[ModelKey, int] = {}
         self._next_id = 1
 
     def _key(self, source: SourceFile, backend: HeapBackend, uid: int) -> ModelKey:
@@ -469,6 +472,7 @@ class ModelCache:
         finally:
             with self._lock:
                 del self._loading[key]
+                self._reserved.pop(key, None)  # published (counted as resident now) or failed
             loading.set()
 
     def _load(
@@ -497,7 +501,7 @@ class ModelCache:
                 f"{how.max_buffers} (heaps.max_batch): load it into a heap that allows larger buffers"
             )
         needed = sum(plan.size for plan in plans)
-        self._make_room(needed + header_cost(header))
+        self._make_room(key, needed + header_cost(header))
         # Charged before allocating, like any allocation; kept by the caller
         # (the model's first holder) if the load succeeds.
         self._ledger.hold(uid, needed, len(plans))
@@ -583,7 +587,10 @@ class ModelCache:
             self._next_id += 1
             return model_id
 
-    def _make_room(self, needed: int) -> None:
+    def _make_room(self, key: ModelKey, needed: int) -> None:
+        """Evict idle models until `needed` more fits the budget, and
+        reserve it for the load of `key` until it is published or fails:
+        loads running at once cannot together pass the budget."""
         if needed > self._budget:
             raise QuotaExceeded(
                 f"the model needs {format_size(needed)} (its buffers, and its parsed header), more than the whole "
@@ -591,7 +598,7 @@ class ModelCache:
             )
         evicted: list[ResidentModel] = []
         with self._lock:
-            resident = sum(model.budget_bytes for model in self._models.values())
+            resident = sum(model.budget_bytes for model in self._models.values()) + sum(self._reserved.values())
             idle = sorted((m for m in self._models.values() if not m.holders), key=lambda m: m.last_used)
             while resident + needed > self._budget and idle:
                 victim = idle.pop(0)
@@ -601,9 +608,10 @@ class ModelCache:
                 evicted.append(victim)
             if resident + needed > self._budget:
                 raise QuotaExceeded(
-                    f"the model needs {format_size(needed)} but resident models in use hold "
+                    f"the model needs {format_size(needed)} but resident models in use and loads running hold "
                     f"{format_size(resident)} of the {format_size(self._budget)} budget"
                 )
+            self._reserved[key] = needed
         for victim in evicted:
             log.info("model %d evicted (%s)", victim.id, format_size(victim.bytes))
             victim.close()

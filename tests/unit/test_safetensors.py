@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from dmabufd.loading.safetensors import MAX_HEADER_BYTES, MAX_TENSORS, BadModel, Header, read_header
+from dmabufd.loading.safetensors import MAX_HEADER_BYTES, MAX_TENSORS, BadModel, Header, parse_header, read_header
 
 
 def write(path: Path, header: object, data: bytes = b"", raw_header: bytes | None = None) -> int:
@@ -252,3 +252,25 @@ def test_messages_stay_short(bad: Path, header: object) -> None:
         parse(bad, header, bytes(8))
     assert len(str(raised.value)) <= 300, str(raised.value)
     assert "..." in str(raised.value)
+
+
+def test_a_header_of_nested_arrays_is_refused_before_it_is_parsed() -> None:
+    """Two bytes of "[]" cost the JSON parser about a hundred bytes of
+    memory, all of it built with the GIL held: such a header is refused by
+    counting brackets, not parsed."""
+    bomb = b'{"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":[' + b"[]," * 200_000 + b"[]]}}"
+    bomb += b" " * (-len(bomb) % 8)
+    with pytest.raises(BadModel, match=r"brackets for at most 1 tensors"):
+        parse_header(bomb, 8 + len(bomb) + 1)
+
+
+def test_metadata_strings_full_of_braces_still_parse() -> None:
+    """A chat template or a JSON config kept as a metadata string is full
+    of braces: they are inside a string, and within the slack allowed."""
+    template = "{% for message in messages %}{{ message['content'] }}{% endfor %}" * 1000
+    raw = json.dumps(
+        {"__metadata__": {"chat_template": template}, "t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}
+    ).encode()
+    raw += b" " * (-len(raw) % 8)
+    header = parse_header(raw, 8 + len(raw) + 1)
+    assert header.metadata["chat_template"] == template

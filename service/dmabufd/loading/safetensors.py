@@ -127,6 +127,30 @@ def read_header(
     return parse_header(raw, file_size, max_tensors=max_tensors)
 
 
+# Brackets a header may have besides three per tensor (its entry's braces,
+# its shape, its offsets): the root, __metadata__, and brackets inside
+# strings (names, metadata values), which the count below cannot tell from
+# structure. Also one per 16 bytes of header, for metadata strings that
+# hold JSON or templates.
+_BRACKETS_SLACK = 65536
+
+
+def _check_brackets(raw: bytes) -> None:
+    """Refuse a header whose brackets outnumber what its tensors need, before
+    parsing it: nested empty arrays cost the JSON parser about 55 bytes of
+    memory per byte of header and hold the GIL while it builds them, so a
+    16 MiB header of them stalls every client for seconds and takes
+    gigabytes. A bytes count costs microseconds."""
+    brackets = raw.count(b"[") + raw.count(b"{")
+    tensors = raw.count(b'"data_offsets"')
+    allowed = 3 * tensors + _BRACKETS_SLACK + len(raw) // 16
+    if brackets > allowed:
+        raise BadModel(
+            f"the header has {brackets} brackets for at most {tensors} tensors; a safetensors header needs about "
+            "three per tensor (nested arrays or objects in its entries are not part of the format)"
+        )
+
+
 def parse_header(raw: bytes, file_size: int, *, max_tensors: int = MAX_TENSORS) -> Header:
     """Validate `raw`, the header's JSON bytes, for a file of `file_size`
     bytes (the 8-byte length, the header, then the data)."""
@@ -134,6 +158,7 @@ def parse_header(raw: bytes, file_size: int, *, max_tensors: int = MAX_TENSORS) 
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise BadModel(f"the header is not valid UTF-8 (byte {error.start} of the header)") from None
+    _check_brackets(raw)
     metadata, entries = _top_level(text, _delicate_numbers(raw), max_tensors)
     data_start = 8 + len(raw)
     data_size = file_size - data_start

@@ -689,7 +689,12 @@ def blocking_closes(link: Link, *, runtime_dir: str, sockets: int) -> None:
         probe, refused = _fd_session(runtime_dir)
         probe.close()
         time.sleep(0.1)
-    link.emit("stuck", hello=hello, new_session=refused)
+    link.emit("refused", hello=hello, new_session=refused)
+    link.wait("flood")
+    for _ in range(200):  # refused connections with nothing in them: closed at once, not queued
+        probe, _ = _fd_session(runtime_dir)
+        probe.close()
+    link.emit("stuck")
     link.wait("release")
     for peer in peers:
         _reset(peer)

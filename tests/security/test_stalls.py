@@ -156,23 +156,32 @@ def test_files_whose_close_blocks(daemon_factory: DaemonFactory, spawn: Spawn, v
     event loop would freeze every client.
     Defence: the closer takes them off the loop, so the victim is served
     throughout; once MAX_PENDING_PER_UID of the uid's fds are waiting, its
-    sessions end and a new one is refused (RESOURCE_EXHAUSTED); when the
-    closes return, the uid is served again and the daemon's fds are back
-    to their baseline."""
+    sessions end and a new one is refused (RESOURCE_EXHAUSTED), and 200
+    more refused connections, with nothing in them, cost the daemon no fd;
+    when the closes return, the uid is served again and the daemon's fds
+    are back to their baseline."""
     daemon = daemon_factory(public=True)
     before = footprint(daemon)
     victim = victim_of(daemon)
     attacker = spawn("blocking_closes", runtime_dir=str(daemon.runtime_dir), sockets=MAX_PENDING_PER_UID + 2)
     victim.start()
     attacker.go()
-    stuck = attacker.expect("stuck", timeout_s=60)
+    stuck = attacker.expect("refused", timeout_s=60)
+    fds_stuck = daemon.fd_count()
+    attacker.send("flood")
+    attacker.expect("stuck", timeout_s=60)
+    fds_after_flood = daemon.fd_count()
     time.sleep(1.0)  # the victim goes on while the closes hang
     served = victim.stop()
     attacker.send("release")
     result = attacker.result()
-    print(f"while stuck: new session {stuck['new_session']}, victim {served}; after release: {result}")
+    print(
+        f"while stuck: new session {stuck['new_session']}, daemon fds {fds_stuck} then {fds_after_flood} after "
+        f"200 refused connections, victim {served}; after release: {result}"
+    )
     assert stuck["hello"] == "HELLO"
     assert stuck["new_session"] == f"ERROR {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}", stuck
+    assert fds_after_flood - fds_stuck < 10, "refused connections queued behind the hung close"
     assert result["after_release"] == "HELLO", result
     assert_served(served)
     assert_recovered(daemon, before)

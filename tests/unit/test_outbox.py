@@ -58,7 +58,7 @@ def make_outbox(sock: socket.socket, overflows: list[str], max_frames: int = 4) 
         max_frames=max_frames,
         stall_s=1.0,
         on_overflow=overflows.append,
-        dispose=os.close,
+        dispose=lambda sock: sock.close(),
     )
 
 

@@ -3,13 +3,14 @@
 close() of a client's file can block for as long as the client likes: the
 last close of a file on a FUSE mount waits for the FUSE server's reply to
 FLUSH, a TCP socket with SO_LINGER waits for unsent data to drain, a tty for
-its output. The same holds for the daemon's own fd socket of a session: its
-receive queue may still hold files the client sent, and closing the socket
-drops them. So none of these is closed on the event loop or on an executor
-thread: every fd a client sent (kept as a FILE deposit or refused), every
-fd the daemon opened on a client's file (the O_DIRECT reopen, a path
-opened as the client) and every session's fd socket goes to close(), which
-never blocks.
+its output. The same holds for the daemon's end of a client's connection: its receive
+queue may still hold files the client sent, and closing the socket drops
+them. So none of these is closed on the event loop or on an executor
+thread: every fd a client sent (kept as a FILE deposit or refused) and
+every fd the daemon opened on a client's file (the O_DIRECT reopen, a path
+opened as the client) goes to close(), which never blocks; a connection
+goes to close_socket(), which reads its queue first and closes it in place
+when no file is queued in it (nearly always), else hands it to close().
 
 Threads: one worker per uid that has fds waiting, started by the first and
 ending when its queue is empty, so a uid whose closes hang holds up only
@@ -18,10 +19,13 @@ the counts; it is a leaf lock, never held across a close() or a thread
 start.
 
 Bounds: pending(uid) counts the fds of a uid not closed yet. Past
-MAX_PENDING_PER_UID the fd server ends that uid's sessions and refuses new
-ones (transport/fdserver.py), so what a hung close makes the daemon hold
-stays bounded: one thread per uid, and the fds its sessions could send
-before they were ended.
+MAX_PENDING_PER_UID the fd server ends each session of that uid that
+sends fds, and refuses new sessions; loads refuse to open files
+(transport/fdserver.py, api/loading.py). A refused connection is queued
+only if the client put a file in it, and the files a uid can have in
+flight are bounded by the kernel (its RLIMIT_NOFILE). So what a hung close
+makes the daemon hold stays bounded: one thread per uid, and fds the
+client had to send.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import collections
 import contextlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterable
 
@@ -41,11 +46,43 @@ log = logging.getLogger(__name__)
 MAX_PENDING_PER_UID = 64
 
 
+# A socket's queue holds at most a few hundred messages (its sender's
+# buffer bounds it); reading more than this many from one means something
+# is wrong, and the socket goes to a worker.
+MAX_DRAINED_MESSAGES = 1024
+_CREDENTIALS_SPACE = socket.CMSG_SPACE(12)  # struct ucred
+_CTRUNC = int(socket.MSG_CTRUNC)
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+def holds_no_files(sock: socket.socket) -> bool:
+    """Shut `sock` down and read what its queue holds: True once it is
+    empty, so that closing it cannot drop a client's file; False at the
+    first message that carries fds (left queued). With SO_PASSCRED every
+    message comes with credentials, so a read without them is the end of
+    the queue, even after zero-length messages."""
+    with contextlib.suppress(OSError):  # not connected any more: its queue can still be read
+        sock.shutdown(socket.SHUT_RDWR)  # nothing more can arrive
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        for _ in range(MAX_DRAINED_MESSAGES):
+            _, ancillary, flags, _ = sock.recvmsg(1, _CREDENTIALS_SPACE, _PEEK)
+            if flags & _CTRUNC or any(kind == socket.SCM_RIGHTS for _, kind, _ in ancillary):
+                return False
+            if not ancillary:
+                return True
+            sock.recv(1, socket.MSG_DONTWAIT)  # a message without files: dropped
+    except OSError:
+        return False
+    return False
+
+
 class Closer:
     def __init__(self) -> None:
         self._lock = threading.Condition(threading.Lock())
         self._queues: dict[int, collections.deque[int]] = {}
         self._pending: dict[int, int] = {}
+        self._workers: set[int] = set()  # uids whose worker thread runs
 
     def close(self, uid: int, fds: Iterable[int]) -> None:
         """Close `fds` (now the closer's) on `uid`'s worker. Any thread."""
@@ -53,18 +90,29 @@ class Closer:
         if not fds:
             return
         with self._lock:
-            queue = self._queues.get(uid)
-            start = queue is None
-            if queue is None:
-                queue = self._queues[uid] = collections.deque()
-            queue.extend(fds)
+            self._queues.setdefault(uid, collections.deque()).extend(fds)
             self._pending[uid] = self._pending.get(uid, 0) + len(fds)
+            start = uid not in self._workers
+            self._workers.add(uid)
         if start:
             try:
                 threading.Thread(target=self._work, args=(uid,), name=f"close-uid-{uid}", daemon=True).start()
-            except RuntimeError as error:  # no thread to be had: close here, and hope
-                log.warning("cannot start a closing thread (%s): closing uid %d's fds in place", error, uid)
-                self._work(uid)
+            except RuntimeError as error:
+                # No thread to be had: the fds stay queued (never closed
+                # here, which may be the event loop); the next close() of
+                # this uid tries again.
+                log.warning("cannot start a closing thread for uid %d (%s): its fds wait", uid, error)
+                with self._lock:
+                    self._workers.discard(uid)
+
+    def close_socket(self, uid: int, sock: socket.socket) -> None:
+        """Let go of a socket a client is connected to: closed right here if
+        its queue holds none of the client's files (holds_no_files), else
+        by `uid`'s worker. Any thread."""
+        if holds_no_files(sock):
+            sock.close()
+        else:
+            self.close(uid, [sock.detach()])
 
     def settle(self, timeout_s: float) -> bool:
         """Wait until every fd handed over is closed (at stop, and in
@@ -83,6 +131,7 @@ class Closer:
                 queue = self._queues[uid]
                 if not queue:
                     del self._queues[uid]
+                    self._workers.discard(uid)
                     return
                 fd = queue.popleft()
             with contextlib.suppress(OSError):

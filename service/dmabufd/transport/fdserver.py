@@ -181,11 +181,9 @@ class FdServer:
         self._let_go(conn, uid)
 
     def _let_go(self, conn: socket.socket, uid: int) -> None:
-        """Close a connection that never became a session, through the
-        closer: files the client sent may already be queued in it."""
-        with contextlib.suppress(OSError):
-            conn.shutdown(socket.SHUT_RDWR)  # nothing more can arrive
-        self._closer.close(uid, [conn.detach()])
+        """Close a connection that never became a session (files the client
+        sent may already be queued in it: closer.close_socket)."""
+        self._closer.close_socket(uid, conn)
 
     def _open_session(self, conn: socket.socket) -> None:
         loop = self._require_loop()
@@ -231,7 +229,7 @@ class FdServer:
             max_frames=self._limits.outbox_frames,
             stall_s=self._limits.outbox_stall_s,
             on_overflow=overflow,
-            dispose=lambda fd: self._closer.close(peer.uid, [fd]),
+            dispose=lambda sock: self._closer.close_socket(peer.uid, sock),
         )
         session = Session(session_id, peer, outbox)
         self._sessions.open(session)

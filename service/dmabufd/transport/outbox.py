@@ -35,7 +35,6 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
-import contextlib
 import logging
 import socket
 import threading
@@ -82,9 +81,10 @@ class Outbox:
         max_frames: int,
         stall_s: float,
         on_overflow: Callable[[str], None],
-        dispose: Callable[[int], None],
+        dispose: Callable[[socket.socket], None],
     ) -> None:
-        """dispose(fd) takes the socket's fd at close() to close it off the loop."""
+        """dispose(socket) takes the socket at close(), to close it without
+        ever blocking the loop."""
         self.session_id = session_id
         self._dispose = dispose
         self._sock = sock
@@ -363,11 +363,9 @@ class Outbox:
         if self._writing:
             self._loop.remove_writer(self._sock.fileno())
             self._writing = False
-        with contextlib.suppress(OSError):  # already disconnected
-            self._sock.shutdown(socket.SHUT_RDWR)
         # Closing the socket drops the files still queued in it, whose last
-        # close can block: the closer does it (transport/closer.py).
-        self._dispose(self._sock.detach())
+        # close can block: the closer sees to it (transport/closer.py).
+        self._dispose(self._sock)
         for frame in dropped:
             for item in frame.items:
                 item.buffer.put()

@@ -29,13 +29,22 @@ import grpc
 
 from dmabufd.api.base import ServiceBase, buffer_info
 from dmabufd.api.routing import route_of
-from dmabufd.errors import BufferNotFound, DeliveryFailed, DmabufdError, InvalidRequest, LoadCancelled, OutOfMemory
+from dmabufd.errors import (
+    BufferNotFound,
+    DeliveryFailed,
+    DmabufdError,
+    InvalidRequest,
+    LoadCancelled,
+    OutOfMemory,
+    Overloaded,
+)
 from dmabufd.loading.loader import LoadOutcome, LoadRequest, TransferReport, choose_heap, choose_method
 from dmabufd.loading.method import Method
 from dmabufd.loading.models import ModelLoad, ResidentModel
 from dmabufd.loading.source import SourceFile, from_client_fd, open_as_client
 from dmabufd.observability import metrics
 from dmabufd.sessions.session import Session
+from dmabufd.transport.closer import MAX_PENDING_PER_UID
 from dmabufd.transport.outbox import Outgoing
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 
@@ -192,12 +201,25 @@ def _reads_explained(work: Work) -> Work:
     return explained
 
 
+def _log_failed_undo(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("letting go of a cancelled load's model failed", exc_info=done.exception())
+
+
 class LoadingApi(ServiceBase):
     def _open_source(self, session: Session, ticket: bytes, source: pb.FileSource) -> SourceFile:
         """The file a load names: the fd sent with the call's ticket, or a
         path opened with the client's credentials. Runs on a load worker."""
         kind = source.WhichOneof("source")
         deposited = self._sessions.take_file(session, ticket)
+        closing = self._closer.pending(session.peer.uid)
+        if closing >= MAX_PENDING_PER_UID:  # each load leaves files to close: not while they hang
+            if deposited is not None:
+                self._closer.close(session.peer.uid, [deposited])
+            raise Overloaded(
+                f"uid {session.peer.uid} has {closing} files the daemon is still closing (a file whose close does "
+                "not return, e.g. on a FUSE mount that stopped answering); loads wait until they are closed"
+            )
         if kind == "path":
             if deposited is not None:
                 self._closer.close(session.peer.uid, [deposited])
@@ -288,7 +310,9 @@ class LoadingApi(ServiceBase):
                     # it (it failed first, or never ran: cancelled in the queue).
                     self._sessions.drop_file(session, ticket)
                     if not answered and undo is not None:
-                        undo(session)
+                        # Off the loop: letting go of a model reads /proc.
+                        undone = asyncio.get_running_loop().run_in_executor(self._executors.calls, undo, session)
+                        undone.add_done_callback(_log_failed_undo)
             yield result
         except DmabufdError as error:
             if not isinstance(error, LoadCancelled):

@@ -8,6 +8,7 @@ import asyncio
 import gc
 import logging
 import resource
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -133,14 +134,23 @@ class Daemon:
 
     def _clean_up(self, session: Session) -> None:
         fields = {"session": session.id, "pid": session.peer.pid, "uid": session.peer.uid}
+        released = 0
+        # Each step on its own: one that fails must not leave the session's
+        # buffers booked for ever.
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("grants", lambda: self.grants.owner_closed(session)),
+            ("pools", lambda: self.pools.release_session(session)),
+            ("models", lambda: self.models.release_session(session.id, session.peer.uid, session.peer.pid)),
+        ]
+        for what, step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("session %d: clean-up of its %s failed", session.id, what, extra=fields)
         try:
-            self.grants.owner_closed(session)
-            self.pools.release_session(session)
-            self.models.release_session(session.id, session.peer.uid, session.peer.pid)
             released = self.ledger.release_session(session)
         except Exception:
-            log.exception("session %d: clean-up failed", session.id, extra=fields)
-            return
+            log.exception("session %d: clean-up of its buffers failed", session.id, extra=fields)
         if released:
             log.info(
                 "session %d: released %d bytes it still held",

@@ -6,7 +6,9 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import shutil
 import struct
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 import dmabufd_client
 from dmabufd_common import uapi
-from tests.conftest import DaemonFactory, RunningDaemon
+from tests.conftest import DaemonFactory, RunningDaemon, run_as_rootless_client
 
 
 def make_model(path: Path, seed: int, megabytes: int = 1) -> dict[str, Any]:
@@ -126,6 +128,45 @@ def make_model_bytes(directory: Path, seed: int) -> bytes:
     data = scratch.read_bytes()
     scratch.unlink()
     return data
+
+
+def test_a_model_taken_again_while_copies_of_its_fds_live_is_charged_once(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """A process that let go of a model but kept copies of its fds stays
+    charged for it (lingering); taking the model again must not charge it
+    a second time. A non-root uid: root is checked in its own process."""
+    public = Path(tempfile.mkdtemp(prefix="dmabufd-model-"))
+    public.chmod(0o755)
+    make_model(public / "m.safetensors", 30)
+    (public / "m.safetensors").chmod(0o644)
+    daemon = daemon_factory(public=True)
+    body = (
+        "import contextlib, os\n"
+        "def memfds():\n"
+        "    found = set()\n"
+        "    for name in os.listdir('/proc/self/fd'):\n"
+        "        with contextlib.suppress(OSError):\n"
+        "            if os.readlink(f'/proc/self/fd/{name}').startswith('/memfd:'):\n"
+        "                found.add(int(name))\n"
+        "    return found\n"
+        "charged = lambda: c.stats().clients[0].charged_bytes\n"
+        "before = memfds()\n"
+        f"model = c.load_model({str(public / 'm.safetensors')!r})\n"
+        "kept = [os.dup(fd) for fd in memfds() - before]\n"
+        "model.close()\n"
+        "once = charged()\n"
+        f"again = c.load_model({str(public / 'm.safetensors')!r})\n"
+        "print(once, charged())\n"
+    )
+    try:
+        result = run_as_rootless_client(daemon, body)
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+    assert result.returncode == 0, result.stderr
+    once, after = map(int, result.stdout.split())
+    assert once > 0, "the kept fds keep the model charged"
+    assert after == once, "charged twice for one model"
 
 
 def test_idle_models_are_evicted_under_the_budget(daemon_factory: DaemonFactory, tmp_path: Path) -> None:

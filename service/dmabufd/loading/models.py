@@ -411,6 +411,7 @@ class ModelCache:
         """One more reference of `session_id` (caller holds _lock). The
         first session of a uid charges the model to that uid's quota."""
         if uid not in model.charged:
+            self._ledger.adopt_lingering(uid, model.buffers)
             self._ledger.hold(uid, model.bytes, len(model.buffers))
         model.charged[uid] = model.charged.get(uid, 0) + (session_id not in model.holders)
         model.holders[session_id] = model.holders.get(session_id, 0) + 1

@@ -212,7 +212,7 @@ class Ledger:
         stay charged, lingering, until reap() finds them gone; the rest
         are uncharged now. Takes over one reference of the caller's on
         each (the lingering entry's)."""
-        held = procfs.still_held(self._holders(uid, pid, buffers), (buffer.identity for buffer in buffers))
+        held = self._still_held(uid, pid, buffers)
         gone = [buffer for buffer in buffers if buffer.identity not in held]
         with self._lock:
             for buffer in buffers:
@@ -221,6 +221,20 @@ class Ledger:
             self._uncharge(uid, len(gone), sum(buffer.size for buffer in gone))
         for buffer in gone:
             buffer.put()
+
+    def adopt_lingering(self, uid: int, buffers: list[Buffer]) -> None:
+        """`uid` takes a hold() of buffers it may still be charged for as
+        lingering (a model it let go of while one of its processes kept a
+        mapping, and now acquires again): those charges end, so that the
+        hold charges the buffers once."""
+        wanted = {id(buffer) for buffer in buffers}
+        with self._lock:
+            adopted = [entry for entry in self._lingering if entry.uid == uid and id(entry.buffer) in wanted]
+            for entry in adopted:
+                self._lingering.remove(entry)
+            self._uncharge(uid, len(adopted), sum(entry.size for entry in adopted))
+        for entry in adopted:
+            entry.buffer.put()
 
     def linger(self, uid: int, pid: int, buffers: list[Buffer]) -> None:
         """Buffers charged with hold() whose fds may have gone out without
@@ -321,7 +335,7 @@ class Ledger:
         for record in records:
             record.buffer.revoke()
         uid = records[0].uid
-        held = procfs.still_held(self._holders(uid, pid, [r.buffer for r in records]), (r.identity for r in records))
+        held = self._still_held(uid, pid, [r.buffer for r in records])
         gone = [r for r in records if r.identity not in held]
         with self._lock:
             for record in records:
@@ -335,6 +349,15 @@ class Ledger:
                 record.buffer.put()
             return sum(r.size for r in records), []
         return sum(r.size for r in records), gone
+
+    def _still_held(self, uid: int, pid: int, buffers: list[Buffer]) -> frozenset[procfs.FileIdentity]:
+        """Which of `buffers` a process that may hold them still holds; all
+        of them when /proc cannot be read (out of fds, say): a charge is
+        kept rather than lost, and the reaper looks again."""
+        try:
+            return procfs.still_held(self._holders(uid, pid, buffers), (buffer.identity for buffer in buffers))
+        except OSError:
+            return frozenset(buffer.identity for buffer in buffers)
 
     @staticmethod
     def _holders(uid: int, pid: int, buffers: list[Buffer], processes: dict[int, list[int]] | None = None) -> list[int]:
@@ -363,11 +386,17 @@ class Ledger:
         processes: dict[int, list[int]] = {}
         groups: dict[tuple[int, ...], list[_Lingering]] = {}
         for entry in lingering:
-            pids = tuple(self._holders(entry.uid, entry.pid, [entry.buffer], processes))
+            try:
+                pids = tuple(self._holders(entry.uid, entry.pid, [entry.buffer], processes))
+            except OSError:  # /proc unreadable now: next time
+                continue
             groups.setdefault(pids, []).append(entry)
         gone: list[_Lingering] = []
         for pids, entries in groups.items():
-            held = procfs.still_held(pids, (entry.buffer.identity for entry in entries))
+            try:
+                held = procfs.still_held(pids, (entry.buffer.identity for entry in entries))
+            except OSError:
+                continue
             gone += [entry for entry in entries if entry.buffer.identity not in held]
         with self._lock:
             for entry in gone:

@@ -93,9 +93,6 @@ class SharingApi(ServiceBase):
             entry = self._grants.take(session, token_hex=request.token, grant_id=request.grant_id)
             try:
                 for record in entry.records:
-                    # First: a release from now on looks in the receiver's
-                    # processes too, and the buffer is never recycled.
-                    record.buffer.add_recipient(session.peer.uid, session.peer.pid)
                     record.buffer.entitle(session.id)
                 session.outbox.deliver(
                     ticket, [Outgoing(record.id, record.buffer, entry.read_only) for record in entry.records]

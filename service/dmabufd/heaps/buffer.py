@@ -163,7 +163,8 @@ class Buffer:
             if self.kind is not BackendKind.MEMFD:
                 return True
             try:
-                return fcntl.fcntl(self.allocation.fd, fcntl.F_GET_SEALS) == MEMFD_SEALS
+                # F_SEAL_EXEC (vm.memfd_noexec adds it to every memfd) is harmless.
+                return fcntl.fcntl(self.allocation.fd, fcntl.F_GET_SEALS) & ~uapi.F_SEAL_EXEC == MEMFD_SEALS
             except OSError:
                 return False
 

@@ -214,13 +214,27 @@ def _reopen_direct(fd: int, info: os.stat_result, peer: Peer, closer: Closer) ->
         return None
     if direct is None:
         return None
+    try:
+        usable = _usable_direct(direct, info)
+    except OSError as error:  # a file system that fails these: buffered reads
+        log.debug("no O_DIRECT reopen for uid %d: %s", peer.uid, error)
+        usable = False
+    if not usable:
+        closer.close(peer.uid, [direct])
+        return None
+    return direct
+
+
+def _usable_direct(direct: int, info: os.stat_result) -> bool:
+    """Whether the O_DIRECT reopen `direct` of the file `info` describes is
+    the same file and reads directly at the loads' alignment (it is made
+    blocking here)."""
     fcntl.fcntl(direct, fcntl.F_SETFL, fcntl.fcntl(direct, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     # The magic link names the open file itself, so this holds; checked
     # anyway because reading another file would break the rule silently.
     again = os.fstat(direct)
     if (again.st_dev, again.st_ino) != (info.st_dev, info.st_ino):
-        closer.close(peer.uid, [direct])
-        return None
+        return False
     # O_DIRECT is only direct where the file system says so: f2fs and ext4
     # take the page cache for encrypted, verity or compressed files (and
     # f2fs for anything finer than its block), and the kernel series
@@ -230,9 +244,8 @@ def _reopen_direct(fd: int, info: os.stat_result, peer: Peer, closer: Closer) ->
         alignment.direct and DIO_ALIGN % alignment.offset == 0 and DIO_ALIGN % alignment.memory == 0
     ):
         log.debug("no direct I/O at %d-byte alignment on this file (%s): buffered reads", DIO_ALIGN, alignment)
-        closer.close(peer.uid, [direct])
-        return None
-    return direct
+        return False
+    return True
 
 
 def from_client_fd(fd: int, peer: Peer, closer: Closer) -> SourceFile:

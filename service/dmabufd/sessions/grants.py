@@ -31,8 +31,10 @@ Lifetime: a grant owns one reference on each of its buffers from make()
 until it is redeemed, revoked, dropped (a buffer released) or its owner's
 session ends; take() hands those references to the caller.
 
-Locking: _lock guards the table and its token index; it is a leaf lock
-(buffers are put and fds sent with it dropped).
+Locking: _lock guards the table and its token index. Inside it, take()
+takes each buffer's lock to record the receiver (GrantTable -> Buffer);
+nothing else is locked under it (buffers are put and fds sent with it
+dropped).
 """
 
 from __future__ import annotations
@@ -200,6 +202,11 @@ class GrantTable:
             if entry is None or entry.owner.closed or any(record.released for record in entry.records):
                 raise unknown
             self._remove(entry)
+            # Before the lock is dropped: from here on a release of these
+            # buffers looks in the receiver's processes too, and never
+            # recycles them (heaps/buffer.py, recipients).
+            for record in entry.records:
+                record.buffer.add_recipient(receiver.peer.uid, receiver.peer.pid)
             return entry
 
     def _remove(self, entry: GrantEntry) -> None:

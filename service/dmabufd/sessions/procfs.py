@@ -160,11 +160,15 @@ def processes_of(uid: int) -> list[int]:
 # files not found yet are taken as held: they stay charged, and the reaper
 # looks again later.
 MAX_FDS_PER_CHECK = 16384
+# What looking at one process costs that budget besides its fds (listing
+# them, reading its maps): 1,024 processes with no fd at all spend it.
+PROCESS_COST = 16
 
 
 def still_held(pids: Iterable[int], wanted: Iterable[FileIdentity]) -> frozenset[FileIdentity]:
     """Which `wanted` files any of `pids` holds, by an fd or a mapping
-    (all of them, once MAX_FDS_PER_CHECK fds were walked)."""
+    (all of them, once the processes and fds looked at passed
+    MAX_FDS_PER_CHECK)."""
     remaining = frozenset(wanted)
     held: set[FileIdentity] = set()
     own = os.getpid()
@@ -174,7 +178,8 @@ def still_held(pids: Iterable[int], wanted: Iterable[FileIdentity]) -> frozenset
             break
         if pid == own:
             continue
-        holdings = open_files(pid, remaining, most=budget)
+        budget -= PROCESS_COST
+        holdings = open_files(pid, remaining, most=max(0, budget))
         budget -= holdings.fds
         if budget < 0:
             return frozenset(held | remaining)

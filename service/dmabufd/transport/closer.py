@@ -9,8 +9,12 @@ them. So none of these is closed on the event loop or on an executor
 thread: every fd a client sent (kept as a FILE deposit or refused) and
 every fd the daemon opened on a client's file (the O_DIRECT reopen, a path
 opened as the client) goes to close(), which never blocks; a connection
-goes to close_socket(), which reads its queue first and closes it in place
-when no file is queued in it (nearly always), else hands it to close().
+goes to close_socket(), which reads its queue first (over several turns
+of the loop if it is long) and closes it in place when no file is queued
+in it (nearly always), else hands it to close(). (On kernels before 6.8,
+closing a Unix socket may run the kernel's garbage collection of sockets
+in flight in the closing thread; 6.8 and later, the Android 16 base
+included, run it on a workqueue.)
 
 Threads: one worker per uid that has fds waiting, started by the first and
 ending when its queue is empty, so a uid whose closes hang holds up only
@@ -30,6 +34,7 @@ client had to send.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -46,35 +51,44 @@ log = logging.getLogger(__name__)
 MAX_PENDING_PER_UID = 64
 
 
-# A socket's queue holds at most a few hundred messages (its sender's
-# buffer bounds it); reading more than this many from one means something
-# is wrong, and the socket goes to a worker.
-MAX_DRAINED_MESSAGES = 1024
+# Messages read from one socket's queue per turn of the event loop: a
+# sender can fill its queue with thousands of empty messages (its send
+# buffer bounds them), so a long queue is read over several turns, each as
+# short as any other client's.
+MESSAGES_PER_TURN = 256
 _CREDENTIALS_SPACE = socket.CMSG_SPACE(12)  # struct ucred
 _CTRUNC = int(socket.MSG_CTRUNC)
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
-def holds_no_files(sock: socket.socket) -> bool:
-    """Shut `sock` down and read what its queue holds: True once it is
-    empty, so that closing it cannot drop a client's file; False at the
-    first message that carries fds (left queued). With SO_PASSCRED every
-    message comes with credentials, so a read without them is the end of
-    the queue, even after zero-length messages."""
+def drain(sock: socket.socket, most: int) -> bool | None:
+    """Shut `sock` down and read up to `most` messages of its queue: True
+    once it is empty, so that closing it cannot drop a client's file;
+    False at the first message that carries fds (left queued); None if
+    `most` were read without an answer (the queue only shrinks now: ask
+    again). With SO_PASSCRED every message comes with credentials, so a
+    read without them is the end of the queue, even after zero-length
+    messages."""
     with contextlib.suppress(OSError):  # not connected any more: its queue can still be read
         sock.shutdown(socket.SHUT_RDWR)  # nothing more can arrive
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        for _ in range(MAX_DRAINED_MESSAGES):
-            _, ancillary, flags, _ = sock.recvmsg(1, _CREDENTIALS_SPACE, _PEEK)
-            if flags & _CTRUNC or any(kind == socket.SCM_RIGHTS for _, kind, _ in ancillary):
-                return False
-            if not ancillary:
-                return True
-            sock.recv(1, socket.MSG_DONTWAIT)  # a message without files: dropped
     except OSError:
         return False
-    return False
+    for _ in range(most):
+        try:
+            _, ancillary, flags, _ = sock.recvmsg(1, _CREDENTIALS_SPACE, _PEEK)
+        except ConnectionResetError:  # the peer left frames unread: reported once, then the queue reads on
+            continue
+        except OSError:
+            return False
+        if flags & _CTRUNC or any(kind == socket.SCM_RIGHTS for _, kind, _ in ancillary):
+            return False
+        if not ancillary:
+            return True
+        with contextlib.suppress(OSError):
+            sock.recv(1, socket.MSG_DONTWAIT)  # a message without files: dropped
+    return None
 
 
 class Closer:
@@ -92,24 +106,40 @@ class Closer:
         with self._lock:
             self._queues.setdefault(uid, collections.deque()).extend(fds)
             self._pending[uid] = self._pending.get(uid, 0) + len(fds)
-            start = uid not in self._workers
-            self._workers.add(uid)
-        if start:
-            try:
-                threading.Thread(target=self._work, args=(uid,), name=f"close-uid-{uid}", daemon=True).start()
-            except RuntimeError as error:
-                # No thread to be had: the fds stay queued (never closed
-                # here, which may be the event loop); the next close() of
-                # this uid tries again.
-                log.warning("cannot start a closing thread for uid %d (%s): its fds wait", uid, error)
-                with self._lock:
-                    self._workers.discard(uid)
+        self._ensure_worker(uid)
+
+    def _ensure_worker(self, uid: int) -> None:
+        """Start `uid`'s worker if it has fds queued and none runs."""
+        with self._lock:
+            start = uid in self._queues and uid not in self._workers
+            if start:
+                self._workers.add(uid)
+        if not start:
+            return
+        try:
+            threading.Thread(target=self._work, args=(uid,), name=f"close-uid-{uid}", daemon=True).start()
+        except RuntimeError as error:
+            # No thread to be had: the fds stay queued (never closed here,
+            # which may be the event loop); the next close() or pending()
+            # of this uid tries again.
+            log.warning("cannot start a closing thread for uid %d (%s): its fds wait", uid, error)
+            with self._lock:
+                self._workers.discard(uid)
 
     def close_socket(self, uid: int, sock: socket.socket) -> None:
         """Let go of a socket a client is connected to: closed right here if
-        its queue holds none of the client's files (holds_no_files), else
-        by `uid`'s worker. Any thread."""
-        if holds_no_files(sock):
+        its queue holds none of the client's files (drain), else by `uid`'s
+        worker. On the event loop a long queue is read over several turns;
+        elsewhere (tests) at once."""
+        verdict = drain(sock, MESSAGES_PER_TURN)
+        if verdict is None:
+            try:
+                asyncio.get_running_loop().call_soon(self.close_socket, uid, sock)
+                return
+            except RuntimeError:  # no loop here: read on
+                while verdict is None:
+                    verdict = drain(sock, MESSAGES_PER_TURN)
+        if verdict:
             sock.close()
         else:
             self.close(uid, [sock.detach()])
@@ -121,7 +151,9 @@ class Closer:
             return self._lock.wait_for(lambda: not self._pending, timeout_s)
 
     def pending(self, uid: int) -> int:
-        """How many of `uid`'s fds are waiting or being closed."""
+        """How many of `uid`'s fds are waiting or being closed (and a
+        worker for them is started, if one could not be before)."""
+        self._ensure_worker(uid)
         with self._lock:
             return self._pending.get(uid, 0)
 

@@ -259,7 +259,10 @@ class BuffersApi(ServiceBase):
             charged = self._ledger.usage_of(session.peer.uid)
             client.charged_bytes, client.charged_buffers = charged.bytes, charged.buffers
             if check_proc:
-                holdings = procfs.open_files(session.peer.pid, (r.identity for r in held))
+                try:
+                    holdings = procfs.open_files(session.peer.pid, (r.identity for r in held))
+                except OSError:  # the daemon is out of fds: say it could not look
+                    holdings = procfs.ProcHoldings(False, frozenset())
                 seen = [record for record in held if record.identity in holdings.files]
                 client.proc_checked = holdings.readable
                 client.proc_buffer_count = len(seen)

@@ -201,11 +201,6 @@ def _reads_explained(work: Work) -> Work:
     return explained
 
 
-def _log_failed_undo(done: asyncio.Future[None]) -> None:
-    if not done.cancelled() and done.exception() is not None:
-        log.error("letting go of a cancelled load's model failed", exc_info=done.exception())
-
-
 class LoadingApi(ServiceBase):
     def _open_source(self, session: Session, ticket: bytes, source: pb.FileSource) -> SourceFile:
         """The file a load names: the fd sent with the call's ticket, or a
@@ -227,6 +222,15 @@ class LoadingApi(ServiceBase):
         if deposited is None:
             raise InvalidRequest("no file: send its fd in a FILE frame with the call's ticket, or name a path")
         return from_client_fd(deposited, session.peer, self._closer)
+
+    async def _undo_in_turn(self, undo: Callable[[Session], None], session: Session) -> None:
+        try:
+            async with self._limits.thread(session.peer.uid):
+                await asyncio.get_running_loop().run_in_executor(self._executors.calls, undo, session)
+        except RuntimeError:  # the daemon is stopping: the session's end releases its models
+            log.debug("session %d: a cancelled load's model is left to the session's end", session.id)
+        except Exception:
+            log.exception("session %d: letting go of a cancelled load's model failed", session.id)
 
     async def _stream(
         self,
@@ -310,9 +314,11 @@ class LoadingApi(ServiceBase):
                     # it (it failed first, or never ran: cancelled in the queue).
                     self._sessions.drop_file(session, ticket)
                     if not answered and undo is not None:
-                        # Off the loop: letting go of a model reads /proc.
-                        undone = asyncio.get_running_loop().run_in_executor(self._executors.calls, undo, session)
-                        undone.add_done_callback(_log_failed_undo)
+                        # Off the loop (letting go of a model reads /proc),
+                        # within the uid's share of the threads.
+                        task = asyncio.get_running_loop().create_task(self._undo_in_turn(undo, session))
+                        self._frame_tasks.add(task)
+                        task.add_done_callback(self._frame_tasks.discard)
             yield result
         except DmabufdError as error:
             if not isinstance(error, LoadCancelled):

@@ -377,7 +377,7 @@ class ModelCache:
             with self._lock:
                 model = self._models.get(key)
                 if model is not None:
-                    self._hold(model, session_id, uid)
+                    self._hold(model, session_id, uid, pid)
                     break
                 pending = self._loading.get(key)
                 if pending is None:
@@ -407,12 +407,11 @@ class ModelCache:
                 raise
         return model, True
 
-    def _hold(self, model: ResidentModel, session_id: int, uid: int) -> None:
+    def _hold(self, model: ResidentModel, session_id: int, uid: int, pid: int) -> None:
         """One more reference of `session_id` (caller holds _lock). The
         first session of a uid charges the model to that uid's quota."""
         if uid not in model.charged:
-            self._ledger.adopt_lingering(uid, model.buffers)
-            self._ledger.hold(uid, model.bytes, len(model.buffers))
+            self._ledger.hold_adopting(uid, pid, model.buffers)
         model.charged[uid] = model.charged.get(uid, 0) + (session_id not in model.holders)
         model.holders[session_id] = model.holders.get(session_id, 0) + 1
         model.last_used = time.monotonic()
@@ -464,6 +463,7 @@ class ModelCache:
             with self._lock:
                 self._models[key] = model
                 self._by_id[model.id] = model
+                self._reserved.pop(key, None)  # counted as resident from here
                 # The load charged the uid already (see _load).
                 model.charged[uid] = 1
                 model.holders[session_id] = 1
@@ -473,7 +473,7 @@ class ModelCache:
         finally:
             with self._lock:
                 del self._loading[key]
-                self._reserved.pop(key, None)  # published (counted as resident now) or failed
+                self._reserved.pop(key, None)  # a load that failed
             loading.set()
 
     def _load(

@@ -135,14 +135,19 @@ def read_header(
 _BRACKETS_SLACK = 65536
 
 
-def _check_brackets(raw: bytes) -> None:
+_DATA_OFFSETS_KEY = re.compile(rb'"data_offsets"\s*:')
+
+
+def _check_brackets(raw: bytes, max_tensors: int) -> None:
     """Refuse a header whose brackets outnumber what its tensors need, before
     parsing it: nested empty arrays cost the JSON parser about 55 bytes of
     memory per byte of header and hold the GIL while it builds them, so a
     16 MiB header of them stalls every client for seconds and takes
     gigabytes. A bytes count costs microseconds."""
     brackets = raw.count(b"[") + raw.count(b"{")
-    tensors = raw.count(b'"data_offsets"')
+    # Keys only (a string elsewhere does not count), and no more than a
+    # header may have tensors.
+    tensors = min(len(_DATA_OFFSETS_KEY.findall(raw)), max_tensors)
     allowed = 3 * tensors + _BRACKETS_SLACK + len(raw) // 16
     if brackets > allowed:
         raise BadModel(
@@ -158,7 +163,7 @@ def parse_header(raw: bytes, file_size: int, *, max_tensors: int = MAX_TENSORS) 
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise BadModel(f"the header is not valid UTF-8 (byte {error.start} of the header)") from None
-    _check_brackets(raw)
+    _check_brackets(raw, max_tensors)
     metadata, entries = _top_level(text, _delicate_numbers(raw), max_tensors)
     data_start = 8 + len(raw)
     data_size = file_size - data_start

@@ -222,17 +222,29 @@ class Ledger:
         for buffer in gone:
             buffer.put()
 
-    def adopt_lingering(self, uid: int, buffers: list[Buffer]) -> None:
-        """`uid` takes a hold() of buffers it may still be charged for as
-        lingering (a model it let go of while one of its processes kept a
-        mapping, and now acquires again): those charges end, so that the
-        hold charges the buffers once."""
+    def hold_adopting(self, uid: int, pid: int, buffers: list[Buffer]) -> None:
+        """hold() of `buffers` (a resident model `uid` takes), for which the
+        uid may still be charged as lingering (it let go of the model while
+        one of its processes kept a mapping or an fd): those charges become
+        part of the hold, so the buffers are charged once. All or nothing:
+        if the hold does not fit the quota, the lingering charges stay.
+        Root and the daemon's own uid adopt only what `pid` left: their
+        holders are checked one process at a time."""
         wanted = {id(buffer) for buffer in buffers}
+        one_process = uid in (0, os.geteuid())
         with self._lock:
-            adopted = [entry for entry in self._lingering if entry.uid == uid and id(entry.buffer) in wanted]
+            adopted = [
+                entry
+                for entry in self._lingering
+                if entry.uid == uid and id(entry.buffer) in wanted and (entry.pid == pid or not one_process)
+            ]
+            self._charge(
+                uid,
+                len(buffers) - len(adopted),
+                sum(buffer.size for buffer in buffers) - sum(entry.size for entry in adopted),
+            )
             for entry in adopted:
                 self._lingering.remove(entry)
-            self._uncharge(uid, len(adopted), sum(entry.size for entry in adopted))
         for entry in adopted:
             entry.buffer.put()
 

@@ -1,11 +1,14 @@
 """What /proc tells about a client process.
 
-All readers return a neutral value when /proc cannot be read (the process
-died, or hidepid), because accounting must never fail a call.
+All readers return a neutral value when /proc cannot be read because the
+process died or is hidden (hidepid), because accounting must never fail a
+call. open_files() and still_held() raise OSError when the daemon itself
+is out of fds or memory: callers keep charges then (sessions/ledger.py).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Iterable
@@ -34,6 +37,12 @@ def command_name(pid: int) -> str:
 
 
 FileIdentity = tuple[int, int]  # (st_dev, st_ino)
+
+# Why /proc/<pid>/... may not be read and the process holds nothing we can
+# see: it is gone, or hidden from us. Anything else (EMFILE, ENOMEM) is the
+# daemon's own trouble, and a check that cannot be made is not "nothing
+# held": such errors are raised.
+_GONE_OR_HIDDEN = (errno.ENOENT, errno.ESRCH, errno.EACCES, errno.EPERM)
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,9 @@ def open_files(pid: int, wanted: Iterable[FileIdentity], most: int | None = None
     fd_dir = f"/proc/{pid}/fd"
     try:
         names = os.listdir(fd_dir)
-    except OSError:
+    except OSError as error:
+        if error.errno not in _GONE_OR_HIDDEN:  # out of fds or memory: the caller decides
+            raise
         return ProcHoldings(False, frozenset())
     if most is not None and len(names) > most:
         return ProcHoldings(True, wanted_set, len(names))
@@ -115,16 +126,19 @@ MAX_MAPS_BYTES = 1 << 20
 _MAPS_FILE = re.compile(rb"^\S+ \S+ \S+ ([0-9a-f]+):([0-9a-f]+) ([1-9][0-9]*)", re.MULTILINE)
 
 
-def _mapped(pid: int, wanted: frozenset[FileIdentity]) -> set[FileIdentity]:
+def _mapped(pid: int, wanted: frozenset[FileIdentity]) -> tuple[set[FileIdentity], int]:
     """Which `wanted` files /proc/<pid>/maps shows mapped (a mapping keeps
-    a buffer alive after its last fd is closed)."""
+    a buffer alive after its last fd is closed), and how many bytes of
+    maps were read."""
     try:
         with open(f"/proc/{pid}/maps", "rb") as maps:
             text = maps.read(MAX_MAPS_BYTES + 1)
-    except OSError:
-        return set()
+    except OSError as error:
+        if error.errno not in _GONE_OR_HIDDEN:
+            raise
+        return set(), 0
     if len(text) > MAX_MAPS_BYTES:
-        return set(wanted)
+        return set(wanted), len(text)
     # Every release asks, and a Python client maps hundreds of files: the
     # regex finds the candidates, and only lines naming a wanted inode are
     # looked at further.
@@ -136,7 +150,7 @@ def _mapped(pid: int, wanted: frozenset[FileIdentity]) -> set[FileIdentity]:
         for identity in by_inode.get(inode, ()):
             if os.makedev(int(major, 16), int(minor, 16)) == identity[0]:
                 found.add(identity)
-    return found
+    return found, len(text)
 
 
 def processes_of(uid: int) -> list[int]:
@@ -160,9 +174,11 @@ def processes_of(uid: int) -> list[int]:
 # files not found yet are taken as held: they stay charged, and the reaper
 # looks again later.
 MAX_FDS_PER_CHECK = 16384
-# What looking at one process costs that budget besides its fds (listing
-# them, reading its maps): 1,024 processes with no fd at all spend it.
+# What looking at one process costs that budget besides its fds: 16 for
+# listing them, and one per KiB of its maps read (reading and matching 1 MiB
+# of maps costs about what 1,000 fds do).
 PROCESS_COST = 16
+MAPS_BYTES_PER_UNIT = 1024
 
 
 def still_held(pids: Iterable[int], wanted: Iterable[FileIdentity]) -> frozenset[FileIdentity]:
@@ -183,7 +199,9 @@ def still_held(pids: Iterable[int], wanted: Iterable[FileIdentity]) -> frozenset
         budget -= holdings.fds
         if budget < 0:
             return frozenset(held | remaining)
-        found = set(holdings.files) | _mapped(pid, remaining)
+        mapped, maps_bytes = _mapped(pid, remaining)
+        budget -= maps_bytes // MAPS_BYTES_PER_UNIT
+        found = set(holdings.files) | mapped
         held |= found
         remaining = remaining - found
     return frozenset(held)

@@ -629,11 +629,9 @@ def _lingering_socket() -> tuple[socket.socket, socket.socket]:
     server.close()
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, (1).to_bytes(4, "little") + (3600).to_bytes(4, "little"))
     stuck.setblocking(False)
-    try:
+    with contextlib.suppress(BlockingIOError):  # full: the peer's window is closed
         while True:
             stuck.send(b"x" * 65536)
-    except BlockingIOError:
-        pass
     return stuck, peer
 
 

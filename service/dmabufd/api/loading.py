@@ -44,7 +44,7 @@ from dmabufd.loading.models import ModelLoad, ResidentModel
 from dmabufd.loading.source import SourceFile, from_client_fd, open_as_client
 from dmabufd.observability import metrics
 from dmabufd.sessions.session import Session
-from dmabufd.transport.closer import MAX_PENDING_PER_UID
+from dmabufd.transport.closer import MAX_PENDING_PER_UID, closes_hang
 from dmabufd.transport.outbox import Outgoing
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 
@@ -211,10 +211,7 @@ class LoadingApi(ServiceBase):
         if closing >= MAX_PENDING_PER_UID:  # each load leaves files to close: not while they hang
             if deposited is not None:
                 self._closer.close(session.peer.uid, [deposited])
-            raise Overloaded(
-                f"uid {session.peer.uid} has {closing} files the daemon is still closing (a file whose close does "
-                "not return, e.g. on a FUSE mount that stopped answering); loads wait until they are closed"
-            )
+            raise Overloaded(closes_hang(session.peer.uid, closing))
         if kind == "path":
             if deposited is not None:
                 self._closer.close(session.peer.uid, [deposited])

@@ -253,9 +253,7 @@ class FileLoader:
             moved, depth = run(method)
         wall = time.monotonic() - started
         needed = max((p.piece.file_offset + p.piece.length for _, p in targets), default=0)
-        if os.fstat(source.buffered_fd).st_size < needed:
-            raise FileChanged("the file was truncated while loading")
-        source.check_unchanged()
+        source.check_unchanged(needed)  # one fstat: truncated, or otherwise changed
         cpu = moved.cpu_seconds
         if verify:
             began = time.thread_time()

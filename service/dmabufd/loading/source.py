@@ -154,11 +154,14 @@ class SourceFile:
     def size(self) -> int:
         return self.identity.size
 
-    def check_unchanged(self) -> None:
-        """FileChanged if the file was written, truncated or replaced in
-        place since it was opened (its identity moved): what was loaded
-        may mix old and new bytes."""
-        if FileIdentity.of(os.fstat(self.buffered_fd)) != self.identity:
+    def check_unchanged(self, needed: int) -> None:
+        """FileChanged if the file no longer holds `needed` bytes, or was
+        written or replaced in place since it was opened (its identity
+        moved): what was loaded may mix old and new bytes."""
+        now = FileIdentity.of(os.fstat(self.buffered_fd))
+        if now.size < needed:
+            raise FileChanged("the file was truncated while loading")
+        if now != self.identity:
             raise FileChanged(f"{self.description} changed while it was being loaded; load it again")
 
     def check_range(self, offset: int, length: int) -> tuple[int, int]:

@@ -91,6 +91,14 @@ def drain(sock: socket.socket, most: int) -> bool | None:
     return None
 
 
+def closes_hang(uid: int, pending: int) -> str:
+    """What a uid past MAX_PENDING_PER_UID is told, wherever it is refused."""
+    return (
+        f"uid {uid} has {pending} files it sent that the daemon is still closing (a file whose close does not "
+        "return, e.g. on a FUSE mount that stopped answering); they must close first"
+    )
+
+
 class Closer:
     def __init__(self) -> None:
         self._lock = threading.Condition(threading.Lock())

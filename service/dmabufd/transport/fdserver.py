@@ -42,7 +42,7 @@ import grpc
 from dmabufd.config import LimitsConfig
 from dmabufd.sessions import procfs
 from dmabufd.sessions.session import Peer, Session, SessionTable
-from dmabufd.transport.closer import MAX_PENDING_PER_UID, Closer
+from dmabufd.transport.closer import MAX_PENDING_PER_UID, Closer, closes_hang
 from dmabufd.transport.outbox import Outbox
 from dmabufd_common import fdwire
 
@@ -67,13 +67,6 @@ Admission = Callable[[Peer], str | None]
 # Takes an ALLOCATE frame on the loop and answers it with a REPLY on the
 # session's outbox, at once or from a task (api/buffers.py); never blocks.
 RequestSink = Callable[[Session, fdwire.AllocateFrame], None]
-
-
-def _closing_refusal(uid: int, closing: int) -> str:
-    return (
-        f"uid {uid} has {closing} files it sent that the daemon is still closing (a file whose close does not "
-        "return, e.g. on a FUSE mount that stopped answering); they must close first"
-    )
 
 
 def _peer_of(sock: socket.socket) -> Peer:
@@ -199,7 +192,7 @@ class FdServer:
                 return
             closing = self._closer.pending(peer.uid)
             if closing >= MAX_PENDING_PER_UID:
-                self._refuse(conn, peer.uid, grpc.StatusCode.RESOURCE_EXHAUSTED, _closing_refusal(peer.uid, closing))
+                self._refuse(conn, peer.uid, grpc.StatusCode.RESOURCE_EXHAUSTED, closes_hang(peer.uid, closing))
                 return
             if self._sessions.count_for(peer.uid) >= self._limits.sessions_per_uid:
                 self._refuse(
@@ -298,7 +291,7 @@ class FdServer:
         closing = self._closer.pending(session.peer.uid)
         if closing < MAX_PENDING_PER_UID:
             return False
-        self._end(session, _closing_refusal(session.peer.uid, closing))
+        self._end(session, closes_hang(session.peer.uid, closing))
         return True
 
     def _reject(self, live: _Live, problem: str) -> bool:

@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from dmabufd_client.bench import format_cpus
 from dmabufd_client.cli.output import cpus
 from dmabufd_client.ctl import main as dmabufctl
+from dmabufd_common.cpus import format_cpus
 from dmabufd_common.fdwire import CONTROL_SOCKET_NAME
 
 

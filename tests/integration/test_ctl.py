@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 import dmabufd_client
-from dmabufd_client.bench import parse_cpus
 from dmabufd_client.cli import buffers, dump, heaps, load, stats
 from dmabufd_client.cli.app import build_parser
 from dmabufd_client.cli.exits import EXIT_CODES, Exit
 from dmabufd_client.cli.output import BUFFER, HEAP, SCHEMA_VERSION, Schema
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
+from dmabufd_common.cpus import parse_cpus
 from dmabufd_common.fdwire import CONTROL_SOCKET_NAME, FD_SOCKET_NAME
 from tests.conftest import ROOTLESS_UID, DaemonFactory, RunningDaemon
 

@@ -16,6 +16,7 @@ from dmabufd_client.cli.output import VERSION_KEY, Schema
 from dmabufd_client.cli.registry import AddCommand
 from dmabufd_client.client import Client
 from dmabufd_client.errors import InvalidArgument
+from dmabufd_common.cpus import format_cpus
 from dmabufd_common.units import format_size
 
 BENCH = Schema(
@@ -62,8 +63,8 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         try:
             _run_on(args.cpus)
         except OSError as error:
-            usable = bench.format_cpus(os.sched_getaffinity(0))
-            wanted = bench.format_cpus(args.cpus)
+            usable = format_cpus(os.sched_getaffinity(0))
+            wanted = format_cpus(args.cpus)
             raise InvalidArgument(f"--cpus: cannot run on CPUs {wanted} ({error.strerror}); usable: {usable}") from None
     if args.daemon_pid is not None:
         try:

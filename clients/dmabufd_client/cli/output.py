@@ -19,11 +19,11 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from dmabufd_client.bench import parse_cpus
 from dmabufd_client.buffer import BufferInfo
 from dmabufd_client.client import HeapInfo
 from dmabufd_client.npu import MAX_NPU_DEVICE
 from dmabufd_common import npu
+from dmabufd_common.cpus import parse_cpus
 from dmabufd_common.units import EXAMPLES, parse_size
 
 # Bumped when a key changes meaning or goes away (new keys do not bump it).

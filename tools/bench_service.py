@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Start a private dmabufd, run `dmabufctl bench` against it, stop it.
 
-    python tools/bench_service.py [--json] [--daemon-cpus LIST] [dmabufctl bench options...]
+    python tools/bench_service.py [--json] [--daemon-cpus LIST] [--call-cpus LIST]
+                                  [dmabufctl bench options...]
 
---daemon-cpus keeps the daemon on those CPUs; with `--cpus` (dmabufctl
-bench's) naming the others, the clients never share its core. The daemon's
-pid goes to `dmabufctl bench --daemon-pid`, which then reports where its
-event loop spent each throughput run.
+--daemon-cpus keeps the whole daemon on those CPUs; with `--cpus` (dmabufctl
+bench's) naming the others, the clients never share its core. --call-cpus
+sets the daemon's `[scheduling] call_cpus`: its event loop and call threads
+are pinned, the clients and the daemon's other threads go where the kernel
+puts them.
+The daemon's pid goes to `dmabufctl bench --daemon-pid`, which then reports
+where its event loop spent each throughput run.
 
 The figures come from one run on one machine: compare ratios, not the
 absolute microseconds, across machines.
@@ -33,12 +37,19 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--config", type=Path, help="daemon config (default: built-in)")
     parser.add_argument("--daemon-cpus", type=cpus, metavar="LIST", help="run the daemon on these CPUs only")
+    parser.add_argument("--call-cpus", type=cpus, metavar="LIST", help="the daemon's [scheduling] call_cpus")
     args, bench_args = parser.parse_known_args()
+    if args.config and args.call_cpus is not None:
+        parser.error("--call-cpus and --config: set [scheduling] call_cpus in that file instead")
     with tempfile.TemporaryDirectory(prefix="dmabufd-bench-") as tmp:
         runtime = Path(tmp) / "rt"
         command = [sys.executable, "-m", "dmabufd", "--runtime-dir", str(runtime), "--log-level", "warning"]
-        if args.config:
-            command += ["--config", str(args.config)]
+        config = args.config
+        if args.call_cpus is not None:
+            config = Path(tmp) / "dmabufd.toml"
+            config.write_text(f'[scheduling]\ncall_cpus = "{format_cpus(args.call_cpus)}"\n')
+        if config:
+            command += ["--config", str(config)]
         daemon = subprocess.Popen(command)
         try:
             if args.daemon_cpus is not None:

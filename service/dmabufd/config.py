@@ -20,6 +20,7 @@ from dmabufd.errors import ConfigError
 from dmabufd.heaps import dma_heap_json
 from dmabufd.heaps.dma_heap_json import DmaHeapJsonError, DmaHeapsInfo
 from dmabufd_common import npu
+from dmabufd_common.cpus import format_cpus, parse_cpus
 from dmabufd_common.fdwire import MAX_FDS_PER_FRAME
 from dmabufd_common.units import parse_size
 
@@ -183,6 +184,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class SchedulingConfig:
+    """Where the daemon's threads run (service/dmabufd/placement.py)."""
+
+    # The CPUs the event loop and the `call` threads run on (None: wherever
+    # the kernel puts them, as it does every other thread of the daemon).
+    call_cpus: frozenset[int] | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     sockets: SocketPolicy = SocketPolicy()
     clients: ClientPolicy = ClientPolicy()
@@ -191,6 +201,7 @@ class Config:
     loading: LoadingConfig = LoadingConfig()
     limits: LimitsConfig = LimitsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    scheduling: SchedulingConfig = SchedulingConfig()
     default_quota: Quota = Quota(max_bytes=4 << 30, max_buffers=4096)
     uid_quotas: dict[int, Quota] = field(default_factory=dict)
 
@@ -504,6 +515,26 @@ def _metrics(table: _Table) -> MetricsConfig:
     return MetricsConfig(listen=listen, unix=Path(unix_text) if unix_text else None, unix_mode=mode)
 
 
+def _scheduling(table: _Table) -> SchedulingConfig:
+    text = table.string("call_cpus", "")
+    table.check_unknown()
+    if not text:
+        return SchedulingConfig()
+    try:
+        cpus = parse_cpus(text)
+    except ValueError as error:
+        raise ConfigError(f"scheduling.call_cpus: {error}") from None
+    # Checked here, where a mistake stops start-up with the config's name
+    # on it, rather than when the loop pins itself.
+    usable = os.sched_getaffinity(0)
+    if not cpus <= usable:
+        raise ConfigError(
+            f"scheduling.call_cpus names CPU(s) {format_cpus(cpus - usable)}, which dmabufd may not run on "
+            f"(it may use {format_cpus(usable)})"
+        )
+    return SchedulingConfig(call_cpus=cpus)
+
+
 def parse_config(data: dict[str, Any]) -> Config:
     top = _Table(data, "")
     default_quota = Config().default_quota
@@ -524,6 +555,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         loading=_loading(top.table("loading")),
         limits=_limits(top.table("limits")),
         metrics=_metrics(top.table("metrics")),
+        scheduling=_scheduling(top.table("scheduling")),
         default_quota=default_quota,
         uid_quotas=uid_quotas,
     )

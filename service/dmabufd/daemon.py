@@ -9,7 +9,6 @@ import gc
 import logging
 import resource
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dmabufd.api.base import Executors
@@ -23,6 +22,7 @@ from dmabufd.loading.loader import FileLoader
 from dmabufd.loading.models import ModelCache
 from dmabufd.loading.probe import supported_methods
 from dmabufd.observability.metrics import DaemonCollector, MetricsServer, build_registry
+from dmabufd.placement import Placement
 from dmabufd.pools.pool import PoolTable
 from dmabufd.sessions.grants import GrantTable
 from dmabufd.sessions.ledger import Ledger
@@ -62,10 +62,11 @@ class Daemon:
         self.config = config
         self.inherited = inherited
         self.runtime = RuntimeDir(runtime_dir) if inherited is None else None
+        self.placement = Placement(config.scheduling.call_cpus)
         self.registry = HeapRegistry(config.heaps, probe=supported_methods)
         self.grants = GrantTable(config.limits.grant_buffers)
         self.ledger = Ledger(config, on_release=self.grants.buffers_released)
-        self.closer = Closer()
+        self.closer = Closer(self.placement.leave_calls)
         self.sessions = SessionTable(on_close=self._on_session_closed, closer=self.closer)
         self.limits = UidLimits(config.limits)
         self.broker = BufferBroker(config, self.registry, self.ledger)
@@ -81,8 +82,8 @@ class Daemon:
             self.closer,
         )
         self.executors = Executors(
-            calls=ThreadPoolExecutor(max_workers=CALL_WORKERS, thread_name_prefix="call"),
-            loads=ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="load"),
+            calls=self.placement.call_executor(CALL_WORKERS),
+            loads=self.placement.executor(LOAD_WORKERS, "load"),
         )
         self.servicer = servicer = BufferService(
             sessions=self.sessions,
@@ -197,6 +198,8 @@ class Daemon:
             if self.runtime is not None:
                 for socket_path in (self.runtime.fd_socket, self.runtime.control_socket):
                     apply_socket_policy(socket_path, self.config.sockets.mode, self.config.sockets.group)
+            # Last: the threads started above keep every CPU.
+            self.placement.pin_loop()
         except BaseException:
             if self.runtime is not None:
                 self.runtime.release()

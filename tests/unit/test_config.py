@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import grp
+import os
 import tomllib
 from pathlib import Path
 
@@ -102,11 +103,22 @@ def test_full_config() -> None:
         ("[heaps]\nmax_batch = 0", "at least 1"),
         ("[clients]\nallowed_uids = [-1]", "not a valid id"),
         ("[heaps.access.system]\nusers = [1]", "unknown key"),
+        ('[scheduling]\ncall_cpus = "1-0"', "scheduling.call_cpus: not a CPU list"),
+        ('[scheduling]\ncall_cpus = "8191"', "names CPU\\(s\\) 8191, which dmabufd may not run on"),
+        ("[scheduling]\ncall_cpus = 1", "must be a string"),
     ],
 )
 def test_errors_name_the_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse(text)
+
+
+def test_call_cpus_are_the_ones_named_and_none_by_default() -> None:
+    usable = os.sched_getaffinity(0)
+    assert load_config(None).scheduling.call_cpus is None, "threads go where the kernel puts them"
+    one = max(usable)
+    config = parse_config(tomllib.loads(f'[scheduling]\ncall_cpus = "{one}"'))
+    assert config.scheduling.call_cpus == frozenset({one})
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,15 @@ def closes_hang(uid: int, pending: int) -> str:
     )
 
 
+def _stay() -> None:
+    pass
+
+
 class Closer:
-    def __init__(self) -> None:
+    def __init__(self, enter_worker: Callable[[], None] = _stay) -> None:
+        """enter_worker: called first in each worker thread (they are
+        started from the event loop: placement.py)."""
+        self._enter_worker = enter_worker
         self._lock = threading.Condition(threading.Lock())
         self._queues: dict[int, collections.deque[int]] = {}
         self._pending: dict[int, int] = {}
@@ -166,6 +173,7 @@ class Closer:
             return self._pending.get(uid, 0)
 
     def _work(self, uid: int) -> None:
+        self._enter_worker()
         while True:
             with self._lock:
                 queue = self._queues[uid]

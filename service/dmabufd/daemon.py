@@ -66,7 +66,7 @@ class Daemon:
         self.registry = HeapRegistry(config.heaps, probe=supported_methods)
         self.grants = GrantTable(config.limits.grant_buffers)
         self.ledger = Ledger(config, on_release=self.grants.buffers_released)
-        self.closer = Closer(self.placement.leave_calls)
+        self.closer = Closer(self.placement.unpin_thread)
         self.sessions = SessionTable(on_close=self._on_session_closed, closer=self.closer)
         self.limits = UidLimits(config.limits)
         self.broker = BufferBroker(config, self.registry, self.ledger)
@@ -83,7 +83,7 @@ class Daemon:
         )
         self.executors = Executors(
             calls=self.placement.call_executor(CALL_WORKERS),
-            loads=self.placement.executor(LOAD_WORKERS, "load"),
+            loads=self.placement.unpinned_executor(LOAD_WORKERS, "load"),
         )
         self.servicer = servicer = BufferService(
             sessions=self.sessions,

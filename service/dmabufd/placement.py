@@ -1,28 +1,34 @@
 """Where the daemon's threads run: the event loop and the `call` threads on
-the CPUs `[scheduling] call_cpus` names, every other thread wherever the
-daemon may run.
+the CPUs `[scheduling] call_cpus` names, every other thread on all the CPUs
+the daemon was started with.
 
 Why: the loop and the call threads serve the clients' calls and hand the
 interpreter's lock to each other (a Release runs on a call thread while
 the loop reads the next ALLOCATE frame). Left free, the kernel spreads
-them over the CPUs, so a hand-off wakes a thread on another CPU, and the
-wake-ups of the clients' sockets pull them further apart. On two CPUs,
-with both held on one, eight clients allocated about 1.25x as fast as
-with them free; the loop alone held there gained little (bench/README.md,
-"Allocation"). Loads keep every CPU: their lanes spend their time in
-system calls, without the lock, and the page faults of fresh memory want
-the other CPU. The setting is off by default: where threads run is the
-device's call (cpusets, big and little cores), not the daemon's.
+them over the CPUs, so a hand-off can wake a thread on another CPU, and
+the wake-ups of the clients' sockets pull them further apart. Held
+together on one CPU, eight clients allocate faster; the loop alone held
+there gains little (bench/README.md, "Allocation", has the figures).
+Loads keep every CPU: their lanes spend their time in system calls,
+without the lock, and the page faults of fresh memory want another CPU.
+
+The setting is off by default: where threads run is the device's call
+(cpusets, big and little cores), not the daemon's. And held on CPUs, the
+daemon shares them with whatever else runs there: a process that keeps
+them busy slows every client's calls, where the kernel would otherwise
+move the daemon away from it.
 
 A thread starts with the CPUs of the thread that starts it, and the loop
-starts most of ours, so each executor's threads begin by taking their own
-place (`serve_calls` or `leave_calls`), and so do the closing threads.
-Threads started before the loop is pinned (heap discovery, metrics, gRPC's
-own) and those started by load threads (lanes, as-client opens) have every
-CPU already.
+starts most of ours, so each executor's threads take their place as they
+start (`pin_call_thread` or `unpin_thread`), and so do the closing
+threads. Threads started before the loop is pinned (heap discovery,
+metrics, gRPC's own) and those started by load threads (lanes, as-client
+opens) have every CPU already. "Every CPU" is the daemon's affinity at
+start (taskset, systemd's CPUAffinity=): an operator's limit stays, and a
+cpuset that grows later is not followed.
 
-No lock: the CPU sets are fixed when the daemon is built, and each call
-changes only the calling thread.
+No lock: the CPU sets are fixed when the daemon is built, each call
+changes only the calling thread, and `_warned` only spares the log.
 """
 
 from __future__ import annotations
@@ -42,37 +48,52 @@ class Placement:
         so the CPUs it finds are all those the daemon was given."""
         self.call_cpus = call_cpus
         self.everywhere = frozenset(os.sched_getaffinity(0))
+        self._warned = False
 
     def pin_loop(self) -> None:
         """On the event loop's thread, once the threads that must keep
-        every CPU have started. Raises OSError if none of call_cpus is
-        left to the daemon."""
+        every CPU have started. Raises OSError, naming the setting, if
+        none of call_cpus is left to the daemon."""
         if self.call_cpus is None:
             return
-        os.sched_setaffinity(0, self.call_cpus)
+        try:
+            os.sched_setaffinity(0, self.call_cpus)
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"cannot hold the event loop on CPU(s) {format_cpus(self.call_cpus)} "
+                f"(scheduling.call_cpus): {error.strerror}",
+            ) from None
         log.info("the event loop and call threads run on CPU(s) %s", format_cpus(self.call_cpus))
 
-    def serve_calls(self) -> None:
+    def pin_call_thread(self) -> None:
         """First thing in each `call` thread."""
         if self.call_cpus is not None:
             self._move(self.call_cpus)
 
-    def leave_calls(self) -> None:
+    def unpin_thread(self) -> None:
         """First thing in any other thread the loop may have started."""
         if self.call_cpus is not None:
             self._move(self.everywhere)
 
     def call_executor(self, workers: int) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="call", initializer=self.serve_calls)
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="call", initializer=self.pin_call_thread)
 
-    def executor(self, workers: int, prefix: str) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=prefix, initializer=self.leave_calls)
+    def unpinned_executor(self, workers: int, prefix: str) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=prefix, initializer=self.unpin_thread)
 
-    @staticmethod
-    def _move(cpus: frozenset[int]) -> None:
+    def _move(self, cpus: frozenset[int]) -> None:
         try:
             os.sched_setaffinity(0, cpus)
         except OSError as error:
             # None of those CPUs is left to the daemon (its cpuset
-            # changed): the thread stays where it is, which is only slower.
-            log.warning("a thread stays on CPU(s) %s: %s", format_cpus(os.sched_getaffinity(0)), error.strerror)
+            # changed): the thread stays where it is, which is only
+            # slower. Said once: clients start closing threads at will.
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "threads stay on CPU(s) %s, not %s: %s",
+                    format_cpus(os.sched_getaffinity(0)),
+                    format_cpus(cpus),
+                    error.strerror,
+                )

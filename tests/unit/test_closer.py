@@ -32,6 +32,23 @@ def test_fds_are_closed_by_the_uids_worker() -> None:
     assert not any(is_open(fd) for fd in fds)
 
 
+def test_each_worker_is_placed_before_it_closes_and_closes_even_if_that_fails() -> None:
+    placed: list[tuple[int, bool]] = []
+    fds = [os.open("/dev/null", os.O_RDONLY)]
+
+    def place() -> None:
+        placed.append((threading.get_ident(), is_open(fds[0])))
+        raise OSError(22, "no CPU left")
+
+    closing = Closer(place)
+    closing.close(UID, fds)
+    assert closing.settle(5.0)
+    assert placed
+    assert placed[0][0] != threading.get_ident(), "on the worker, not the caller"
+    assert placed[0][1], "before the close"
+    assert not is_open(fds[0])
+
+
 def test_without_a_thread_the_fds_wait_and_are_never_closed_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
     """Closing in place could be on the event loop: when no thread can be
     started, the fds stay queued, and the next pending() (which the fd

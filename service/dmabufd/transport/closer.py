@@ -105,8 +105,8 @@ def _stay() -> None:
 
 class Closer:
     def __init__(self, enter_worker: Callable[[], None] = _stay) -> None:
-        """enter_worker: called first in each worker thread (they are
-        started from the event loop: placement.py)."""
+        """enter_worker: called first in each worker thread, which may have
+        been started from the event loop and hold its CPUs (placement.py)."""
         self._enter_worker = enter_worker
         self._lock = threading.Condition(threading.Lock())
         self._queues: dict[int, collections.deque[int]] = {}
@@ -173,7 +173,10 @@ class Closer:
             return self._pending.get(uid, 0)
 
     def _work(self, uid: int) -> None:
-        self._enter_worker()
+        try:
+            self._enter_worker()
+        except Exception:  # placing the thread is not worth leaving the queue behind
+            log.exception("closing thread of uid %d: could not place it", uid)
         while True:
             with self._lock:
                 queue = self._queues[uid]

@@ -8,9 +8,8 @@
 bench's) naming the others, the clients never share its core. --call-cpus
 sets the daemon's `[scheduling] call_cpus`: its event loop and call threads
 are pinned, the clients and the daemon's other threads go where the kernel
-puts them.
-The daemon's pid goes to `dmabufctl bench --daemon-pid`, which then reports
-where its event loop spent each throughput run.
+puts them. The daemon's pid goes to `dmabufctl bench --daemon-pid`, which
+then reports where its event loop spent each throughput run.
 
 The figures come from one run on one machine: compare ratios, not the
 absolute microseconds, across machines.

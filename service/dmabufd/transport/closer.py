@@ -100,7 +100,7 @@ def closes_hang(uid: int, pending: int) -> str:
 
 
 def _stay() -> None:
-    pass
+    """Leave a worker where it started (a Closer without placement)."""
 
 
 class Closer:

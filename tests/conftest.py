@@ -132,13 +132,16 @@ def assert_reachable_by_others() -> None:
                 )
 
 
-def run_as_rootless_client(daemon: RunningDaemon, body: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run `body` in a child process that drops to ROOTLESS_UID and has
-    connected to `daemon` as `c` (needs root, and a public runtime dir)."""
+def run_as_rootless_client(
+    daemon: RunningDaemon, body: str, timeout_s: float = 60, groups: Sequence[int] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run `body` in a child process that drops to ROOTLESS_UID, with only
+    the supplementary `groups`, and has connected to `daemon` as `c` (needs
+    root, and a public runtime dir)."""
     assert_reachable_by_others()
     script = (
         "import os, dmabufd_client\n"
-        f"os.setgid({ROOTLESS_UID}); os.setuid({ROOTLESS_UID})\n"
+        f"os.setgroups({list(groups)!r}); os.setgid({ROOTLESS_UID}); os.setuid({ROOTLESS_UID})\n"
         f"c = dmabufd_client.connect({str(daemon.runtime_dir)!r})\n"
     ) + body
     return subprocess.run(

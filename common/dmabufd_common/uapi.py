@@ -10,6 +10,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import socket
 import struct
 from dataclasses import dataclass
 from enum import IntFlag
@@ -30,6 +31,10 @@ UDMABUF_CREATE_STRUCT = struct.Struct("<IIQQ")  # memfd, flags, offset, size
 UDMABUF_CREATE_LIST_HEADER = struct.Struct("<II")  # flags, count
 UDMABUF_CREATE_ITEM = struct.Struct("<IIQQ")  # memfd, pad, offset, size
 UDMABUF_FLAGS_CLOEXEC = 0x01
+
+# include/uapi/asm-generic/socket.h (Python 3.11's socket module names neither)
+SO_PEERGROUPS = 59  # Linux 4.13
+SO_PEERPIDFD = 77  # Linux 6.5
 
 # include/uapi/linux/fcntl.h (F_SEAL_FUTURE_WRITE is missing from Python 3.11)
 F_SEAL_SEAL = 0x0001
@@ -118,3 +123,25 @@ def dio_alignment(fd: int) -> DioAlignment | None:
         return None
     memory, offset = STATX_DIO_ALIGN.unpack_from(buffer.raw, STATX_DIO_ALIGN_OFFSET)
     return DioAlignment(memory, offset)
+
+
+# Room for this many groups is asked first; the kernel says how much more it needs.
+_PEER_GROUPS_FIRST_TRY = 64
+
+
+def peer_groups(sock_fd: int) -> frozenset[int]:
+    """The supplementary groups a Unix socket's peer had when it connected
+    (SO_PEERGROUPS). Through libc: socket.getsockopt() asks for at most
+    1,024 bytes (256 groups), and a process may have 65,536."""
+    count = _PEER_GROUPS_FIRST_TRY
+    while True:
+        groups = (ctypes.c_uint32 * count)()
+        size = ctypes.c_uint32(ctypes.sizeof(groups))
+        if _libc.getsockopt(sock_fd, socket.SOL_SOCKET, SO_PEERGROUPS, groups, ctypes.byref(size)) == 0:
+            return frozenset(groups[: size.value // ctypes.sizeof(ctypes.c_uint32)])
+        error = ctypes.get_errno()
+        # The peer's credentials are fixed at connect(): one retry with the
+        # room the kernel asked for suffices.
+        if error != errno.ERANGE or count != _PEER_GROUPS_FIRST_TRY:
+            raise OSError(error, f"SO_PEERGROUPS: {os.strerror(error)}")
+        count = size.value // ctypes.sizeof(ctypes.c_uint32)

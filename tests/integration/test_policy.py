@@ -99,6 +99,21 @@ def test_clients_not_on_the_allow_list_are_refused(daemon_factory: DaemonFactory
         daemon.connect()
 
 
+def test_a_supplementary_group_on_the_allow_list_admits(daemon_factory: DaemonFactory) -> None:
+    """clients.allowed_gids admits a client by a supplementary group it had
+    when it connected (SO_PEERGROUPS), and the same uid without it is refused."""
+    if os.getuid() != 0:
+        pytest.fail("needs root to run a client under another uid with groups of its choosing")
+    group = 40001  # no account's group: the client takes it on as root, then drops to its uid
+    daemon = daemon_factory(f"[clients]\nallowed_gids = [{group}]\n", public=True)
+    admitted = run_as_rootless_client(daemon, "print(c.allocate(4096).size)\n", groups=[group])
+    assert admitted.returncode == 0, admitted.stderr
+    assert admitted.stdout.split() == ["4096"]
+    refused = run_as_rootless_client(daemon, "", groups=[group + 1])
+    assert refused.returncode != 0
+    assert f"PermissionDenied: uid {ROOTLESS_UID} is not allowed" in refused.stderr, refused.stderr
+
+
 def test_socket_mode_from_config(daemon_factory: DaemonFactory) -> None:
     daemon = daemon_factory('[sockets]\nmode = "0660"\n')
     for name in ("dmabufd.sock", "dmabufd.fd.sock"):

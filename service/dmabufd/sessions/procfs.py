@@ -15,19 +15,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 
-def supplementary_groups(pid: int) -> frozenset[int]:
-    """The Groups: line of /proc/<pid>/status (SO_PEERCRED gives only the
-    primary gid, and access rules may name supplementary groups)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("Groups:"):
-                    return frozenset(int(gid) for gid in line.split()[1:])
-    except OSError:
-        pass
-    return frozenset()
-
-
 def command_name(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as comm:

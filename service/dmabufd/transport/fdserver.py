@@ -44,7 +44,7 @@ from dmabufd.sessions import procfs
 from dmabufd.sessions.session import Peer, Session, SessionTable
 from dmabufd.transport.closer import MAX_PENDING_PER_UID, Closer, closes_hang
 from dmabufd.transport.outbox import Outbox
-from dmabufd_common import fdwire
+from dmabufd_common import fdwire, uapi
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,28 @@ RequestSink = Callable[[Session, fdwire.AllocateFrame], None]
 
 
 def _peer_of(sock: socket.socket) -> Peer:
+    """Who connected, from what the kernel recorded at connect(). The
+    command name alone comes from /proc, for logs and stats: by the time it
+    is read, a client that exited may have left its pid to another process.
+    Nothing is decided by it."""
     pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    return Peer(pid, uid, gid, procfs.supplementary_groups(pid), procfs.command_name(pid))
+    # SO_PEERGROUPS: access rules and opens as the client use these groups;
+    # /proc/<pid>/status would show those of whichever process has the pid
+    # when it is read, another one's if the client exited and the pid was
+    # reused.
+    return Peer(pid, uid, gid, uapi.peer_groups(sock.fileno()), procfs.command_name(pid))
+
+
+def _peer_pidfd(sock: socket.socket, pid: int) -> int:
+    """A pidfd of the process that connected. SO_PEERPIDFD names that very
+    process; pidfd_open(pid), the fallback before Linux 6.5, would name
+    another if the client exited and its pid was reused before the accept."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, uapi.SO_PEERPIDFD)
+    except OSError as error:
+        if error.errno != errno.ENOPROTOOPT:
+            raise
+    return os.pidfd_open(pid)
 
 
 class _Live:
@@ -203,7 +223,7 @@ class FdServer:
                     "close some, or share one session between threads",
                 )
                 return
-            pidfd = os.pidfd_open(peer.pid)
+            pidfd = _peer_pidfd(conn, peer.pid)
         except OSError as error:
             log.warning("fd socket: dropping a connection: %s", os.strerror(error.errno or errno.EIO))
             self._let_go(conn, uid)

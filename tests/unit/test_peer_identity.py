@@ -9,6 +9,8 @@ anyone else these tests fail, on purpose, rather than skip."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import socket
 import subprocess
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from dmabufd.sessions.session import Peer
 from dmabufd.transport import fdserver
 from dmabufd_common import uapi
 
@@ -70,8 +73,22 @@ def connected_client(path: str, groups: list[int], groups_after: list[int]) -> s
 
 def end(client: subprocess.Popen[str]) -> None:
     assert client.stdin is not None
+    assert client.stdout is not None
     client.stdin.close()
     client.wait(timeout=10)
+    client.stdout.close()
+
+
+def kernel_has_peerpidfd() -> bool:
+    left, right = socket.socketpair()
+    with left, right:
+        try:
+            os.close(left.getsockopt(socket.SOL_SOCKET, uapi.SO_PEERPIDFD))
+        except OSError as error:
+            if error.errno == errno.ENOPROTOOPT:
+                return False
+            raise
+    return True
 
 
 def pid_of_pidfd(pidfd: int) -> int:
@@ -131,13 +148,15 @@ def test_pidfd_never_names_a_process_that_took_the_clients_pid(listener: tuple[s
     process gets its pid. pidfd_open(pid) would watch that process as the
     session's; the pidfd from the socket names the client, now gone."""
     require_root()
+    if not kernel_has_peerpidfd():
+        pytest.skip("the kernel has no SO_PEERPIDFD (Linux 6.5): its pidfd_open fallback keeps this race")
     server, path = listener
     client = connected_client(path, [GROUP_AT_CONNECT], [GROUP_AT_CONNECT])
     end(client)
     impostor = take_pid(client.pid)
     conn, _ = server.accept()
     try:
-        with contextlib.suppress(ProcessLookupError):  # before 6.16: no pidfd of a reaped process
+        with contextlib.suppress(ProcessLookupError):  # 6.5-6.15: no pidfd of a reaped process
             pidfd = fdserver._peer_pidfd(conn, client.pid)
             try:
                 assert pid_of_pidfd(pidfd) != impostor.pid
@@ -169,3 +188,49 @@ def test_pidfd_of_a_live_client_on_either_path(
         finally:
             conn.close()
             end(client)
+
+
+# Listens on argv[1] inside a pid namespace of its own, says so, and prints
+# what the daemon's accept makes of the one peer that connects.
+_LISTENER_IN_ITS_OWN_PID_NAMESPACE = textwrap.dedent(
+    """
+    import json, socket, sys
+    sys.path[:0] = sys.argv[2:]
+    from dmabufd.transport import fdserver
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(sys.argv[1])
+    server.listen(1)
+    print("listening", flush=True)
+    conn, _ = server.accept()
+    peer = fdserver._peer_of(conn)
+    print(json.dumps({"pid": peer.pid, "refusal": fdserver._out_of_sight(peer)}), flush=True)
+    """
+)
+
+
+def test_a_client_outside_the_daemons_pid_namespace_is_refused(tmp_path: Path) -> None:
+    """A daemon in a pid namespace (a container) sees a client outside it
+    as pid 0: it could neither watch the client nor see what it holds."""
+    require_root()
+    path = str(tmp_path / "fd.sock")
+    paths = [str(Path(fdserver.__file__).parents[2]), str(Path(uapi.__file__).parents[1])]
+    unshare = ["unshare", "--pid", "--fork", "--kill-child"]
+    daemon_side = subprocess.Popen(
+        [*unshare, sys.executable, "-c", _LISTENER_IN_ITS_OWN_PID_NAMESPACE, path, *paths],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert daemon_side.stdout is not None
+    try:
+        assert daemon_side.stdout.readline().strip() == "listening"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.connect(path)
+            seen = json.loads(daemon_side.stdout.readline())
+        assert seen["pid"] == 0
+        assert "outside dmabufd's pid namespace" in seen["refusal"]
+    finally:
+        daemon_side.kill()
+        daemon_side.wait()
+        daemon_side.stdout.close()
+    # Seen from its own namespace, the same peer is in sight.
+    assert fdserver._out_of_sight(Peer(os.getpid(), 0, 0, frozenset(), "test")) is None

@@ -82,13 +82,31 @@ def _peer_of(sock: socket.socket) -> Peer:
     return Peer(pid, uid, gid, uapi.peer_groups(sock.fileno()), procfs.command_name(pid))
 
 
+def _out_of_sight(peer: Peer) -> str | None:
+    """Why a peer the daemon cannot see is refused: SO_PEERCRED gives pid 0
+    for a process outside the daemon's pid namespace (a daemon in a
+    container, its socket bind-mounted out), whose exit the daemon could not
+    watch and whose fds and maps it could not look at, so its released
+    buffers would leave its quota while it still held them."""
+    if peer.pid != 0:
+        return None
+    return (
+        "the connecting process is outside dmabufd's pid namespace, where dmabufd cannot see what it holds: "
+        "connect from dmabufd's pid namespace or one inside it"
+    )
+
+
 def _peer_pidfd(sock: socket.socket, pid: int) -> int:
     """A pidfd of the process that connected. SO_PEERPIDFD names that very
-    process; pidfd_open(pid), the fallback before Linux 6.5, would name
-    another if the client exited and its pid was reused before the accept."""
+    process (from Linux 6.16 even once it has exited: the session then ends
+    at once). pidfd_open(pid), the fallback before Linux 6.5, would name
+    another process if the client exited and its pid was reused before the
+    accept: that race stays open on such kernels."""
     try:
         return sock.getsockopt(socket.SOL_SOCKET, uapi.SO_PEERPIDFD)
     except OSError as error:
+        if error.errno == errno.EINVAL:  # Linux 6.5-6.15: the client was reaped before the accept
+            raise ProcessLookupError(errno.ESRCH, "the client exited before its connection was accepted") from None
         if error.errno != errno.ENOPROTOOPT:
             raise
     return os.pidfd_open(pid)
@@ -205,7 +223,7 @@ class FdServer:
         try:
             peer = _peer_of(conn)
             uid = peer.uid
-            refusal = self._admit(peer)
+            refusal = _out_of_sight(peer) or self._admit(peer)
             if refusal is not None:
                 log.warning("refused pid %d uid %d: %s", peer.pid, peer.uid, refusal)
                 self._refuse(conn, peer.uid, grpc.StatusCode.PERMISSION_DENIED, refusal)

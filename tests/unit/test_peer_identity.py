@@ -4,7 +4,9 @@ that process changed its groups since, or exited and left its pid to
 another process before the daemon looked.
 
 Setting groups and taking a pid back (ns_last_pid) need root; run as
-anyone else these tests fail, on purpose, rather than skip."""
+anyone else these tests fail, on purpose, rather than skip. The one skip is
+the pid-reuse test on a kernel without SO_PEERPIDFD (before 6.5), where
+the daemon's fallback keeps that race and the test could only fail."""
 
 from __future__ import annotations
 

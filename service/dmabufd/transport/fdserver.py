@@ -70,15 +70,12 @@ RequestSink = Callable[[Session, fdwire.AllocateFrame], None]
 
 
 def _peer_of(sock: socket.socket) -> Peer:
-    """Who connected, from what the kernel recorded at connect(). The
-    command name alone comes from /proc, for logs and stats: by the time it
-    is read, a client that exited may have left its pid to another process.
-    Nothing is decided by it."""
+    """Who connected, from what the kernel recorded at connect()
+    (SO_PEERCRED, SO_PEERGROUPS): /proc/<pid> shows whichever process has
+    the pid when it is read, another one if the client exited and its pid
+    was reused. The command name alone comes from /proc, for logs and
+    stats; nothing is decided by it."""
     pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    # SO_PEERGROUPS: access rules and opens as the client use these groups;
-    # /proc/<pid>/status would show those of whichever process has the pid
-    # when it is read, another one's if the client exited and the pid was
-    # reused.
     return Peer(pid, uid, gid, uapi.peer_groups(sock.fileno()), procfs.command_name(pid))
 
 

@@ -21,6 +21,12 @@ may receive it any more) and gives the reference back, or hands it to the
 caller (keep=True: a pool being recycled); a lingering buffer's reference is
 kept until reap() finds it gone, so its identity cannot be reused meanwhile.
 
+Releasing is two steps, so the event loop can serve a Release without
+asking /proc itself: release_begin() changes the books and returns the
+question (a procfs.HolderQuery), release_end() settles the charges with
+its answer (sessions/holders.py asks it of a helper process). release()
+does both on the calling thread.
+
 Locking: _lock guards every table and counter here. It is a leaf lock: no
 syscall and no call into another component runs under it (the /proc checks
 and the buffers' put() run after it is dropped).
@@ -79,6 +85,17 @@ class Totals:
     releases: int
     denials: int
     lingering: int
+
+
+@dataclass(frozen=True)
+class Released:
+    """Records a release took out of the books, still charged to `uid`
+    until release_end() settles them with the answer to `query`."""
+
+    uid: int
+    pid: int
+    records: list[BufferRecord]
+    query: procfs.HolderQuery
 
 
 @dataclass
@@ -212,7 +229,7 @@ class Ledger:
         stay charged, lingering, until reap() finds them gone; the rest
         are uncharged now. Takes over one reference of the caller's on
         each (the lingering entry's)."""
-        held = self._still_held(uid, pid, buffers)
+        held = procfs.held(self._query(uid, pid, buffers))
         gone = [buffer for buffer in buffers if buffer.identity not in held]
         with self._lock:
             for buffer in buffers:
@@ -316,7 +333,16 @@ class Ledger:
         """Release the session's buffers; all or nothing. Buffers of a pool
         are released only with it (pool_id). Returns (bytes released, the
         records whose reference the caller now owns: with keep=True, every
-        record no process still holds)."""
+        record no process still holds). Asks /proc on this thread: it may
+        block (release_begin() and release_end() split it for the loop)."""
+        released = self.release_begin(session, buffer_ids, pool_id=pool_id)
+        return self.release_end(released, procfs.held(released.query), keep=keep)
+
+    def release_begin(self, session: Session, buffer_ids: list[int], *, pool_id: int = 0) -> Released:
+        """The bookkeeping half of release(), which never blocks: the
+        buffers leave the session's books and are revoked; their charge
+        stays until release_end() is given the answer to the returned
+        query."""
         with self._lock:
             books = self._by_session.get(session.id, {})
             missing = [buffer_id for buffer_id in buffer_ids if buffer_id not in books]
@@ -330,29 +356,38 @@ class Ledger:
                     f"buffer {pooled.id} belongs to pool {pooled.pool_id}: release the whole pool (ReleasePool)"
                 )
             self._forget(records)
-        return self._settle(session.peer.pid, records, keep)
+        return self._revoke(session.peer.pid, records)
 
     def release_session(self, session: Session) -> int:
         with self._lock:
             records = list(self._by_session.pop(session.id, {}).values())
             self._forget(records)
-        released, _ = self._settle(session.peer.pid, records, keep=False)
-        return released
+        released = self._revoke(session.peer.pid, records)
+        nbytes, _ = self.release_end(released, procfs.held(released.query))
+        return nbytes
 
-    def _settle(self, pid: int, records: list[BufferRecord], keep: bool) -> tuple[int, list[BufferRecord]]:
-        """After records left the books: revoke them, keep the ones a client
-        process still holds charged (lingering), free the rest."""
-        if not records:
-            return 0, []
+    def _revoke(self, pid: int, records: list[BufferRecord]) -> Released:
+        """Records that just left the books: nobody may receive them any more."""
         for record in records:
             record.buffer.revoke()
-        uid = records[0].uid
-        held = self._still_held(uid, pid, [r.buffer for r in records])
+        uid = records[0].uid if records else 0
+        return Released(uid, pid, records, self._query(uid, pid, [record.buffer for record in records]))
+
+    def release_end(
+        self, released: Released, held: frozenset[procfs.FileIdentity], *, keep: bool = False
+    ) -> tuple[int, list[BufferRecord]]:
+        """Settle a release_begin() with the answer to its query: the
+        buffers a process still holds stay charged (lingering), the rest
+        are uncharged and freed, or with keep=True handed to the caller
+        (returned with their references). Returns (bytes released, those)."""
+        records, uid = released.records, released.uid
+        if not records:
+            return 0, []
         gone = [r for r in records if r.identity not in held]
         with self._lock:
             for record in records:
                 if record.identity in held:
-                    self._lingering.append(_Lingering(uid, pid, record.size, record.buffer))
+                    self._lingering.append(_Lingering(uid, released.pid, record.size, record.buffer))
             self._uncharge(uid, len(gone), sum(r.size for r in gone))
         if self._on_release is not None:
             self._on_release([record.id for record in records])
@@ -362,30 +397,20 @@ class Ledger:
             return sum(r.size for r in records), []
         return sum(r.size for r in records), gone
 
-    def _still_held(self, uid: int, pid: int, buffers: list[Buffer]) -> frozenset[procfs.FileIdentity]:
-        """Which of `buffers` a process that may hold them still holds; all
-        of them when /proc cannot be read (out of fds, say): a charge is
-        kept rather than lost, and the reaper looks again."""
-        try:
-            return procfs.still_held(self._holders(uid, pid, buffers), (buffer.identity for buffer in buffers))
-        except OSError:
-            return frozenset(buffer.identity for buffer in buffers)
-
     @staticmethod
-    def _holders(uid: int, pid: int, buffers: list[Buffer], processes: dict[int, list[int]] | None = None) -> list[int]:
-        """The processes that may hold `buffers` of `uid`'s (the session's
-        process `pid`): those of the uid, and of every uid a grant gave them
-        to. `processes` caches processes_of() across calls of one check."""
-        known = {} if processes is None else processes
+    def _query(uid: int, pid: int, buffers: list[Buffer]) -> procfs.HolderQuery:
+        """Who may still hold `buffers` of `uid`'s (the session's process
+        `pid`): every process of the uid, and of every uid a grant gave
+        them to; root and the daemon's own uid by the one process only."""
         pids: set[int] = set()
+        uids: set[int] = set()
         for holder_uid, holder_pid in {(uid, pid)}.union(*(buffer.recipients() for buffer in buffers)):
             if holder_uid == 0 or holder_uid == os.geteuid():
                 pids.add(holder_pid)
             else:
-                if holder_uid not in known:
-                    known[holder_uid] = procfs.processes_of(holder_uid)
-                pids.update(known[holder_uid])
-        return sorted(pids)
+                uids.add(holder_uid)
+        pids.discard(os.getpid())
+        return procfs.HolderQuery(tuple(sorted(pids)), tuple(sorted(uids)), tuple(b.identity for b in buffers))
 
     def reap(self) -> int:
         """Free the charge of lingering buffers no process holds any more;
@@ -395,20 +420,14 @@ class Ledger:
         if not lingering:
             return 0
         # Entries that may be held by the same processes are checked together.
-        processes: dict[int, list[int]] = {}
-        groups: dict[tuple[int, ...], list[_Lingering]] = {}
+        groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[_Lingering]] = {}
         for entry in lingering:
-            try:
-                pids = tuple(self._holders(entry.uid, entry.pid, [entry.buffer], processes))
-            except OSError:  # /proc unreadable now: next time
-                continue
-            groups.setdefault(pids, []).append(entry)
+            query = self._query(entry.uid, entry.pid, [entry.buffer])
+            groups.setdefault((query.pids, query.uids), []).append(entry)
         gone: list[_Lingering] = []
-        for pids, entries in groups.items():
-            try:
-                held = procfs.still_held(pids, (entry.buffer.identity for entry in entries))
-            except OSError:
-                continue
+        for (pids, uids), entries in groups.items():
+            wanted = tuple(entry.buffer.identity for entry in entries)
+            held = procfs.held(procfs.HolderQuery(pids, uids, wanted))
             gone += [entry for entry in entries if entry.buffer.identity not in held]
         with self._lock:
             for entry in gone:

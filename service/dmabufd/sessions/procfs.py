@@ -168,6 +168,32 @@ PROCESS_COST = 16
 MAPS_BYTES_PER_UNIT = 1024
 
 
+@dataclass(frozen=True)
+class HolderQuery:
+    """Which of `wanted` files the processes `pids`, or any process of
+    `uids`, hold: what a released buffer's charge waits on."""
+
+    pids: tuple[int, ...]
+    uids: tuple[int, ...]
+    wanted: tuple[FileIdentity, ...]
+
+
+def held(query: HolderQuery) -> frozenset[FileIdentity]:
+    """Answer `query` from /proc (still_held() over its processes). When
+    /proc cannot be read (the daemon is out of fds, say), every wanted file
+    is taken as held: a charge is kept rather than lost, and the reaper
+    looks again."""
+    if not query.wanted:
+        return frozenset()
+    try:
+        pids = set(query.pids)
+        for uid in query.uids:
+            pids.update(processes_of(uid))
+        return still_held(sorted(pids), query.wanted)
+    except OSError:
+        return frozenset(query.wanted)
+
+
 def still_held(pids: Iterable[int], wanted: Iterable[FileIdentity]) -> frozenset[FileIdentity]:
     """Which `wanted` files any of `pids` holds, by an fd or a mapping
     (all of them, once the processes and fds looked at passed

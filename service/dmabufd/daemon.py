@@ -25,6 +25,7 @@ from dmabufd.observability.metrics import DaemonCollector, MetricsServer, build_
 from dmabufd.placement import Placement
 from dmabufd.pools.pool import PoolTable
 from dmabufd.sessions.grants import GrantTable
+from dmabufd.sessions.holders import HolderChecks
 from dmabufd.sessions.ledger import Ledger
 from dmabufd.sessions.limits import UidLimits
 from dmabufd.sessions.session import Peer, Session, SessionTable
@@ -81,6 +82,7 @@ class Daemon:
             config.limits,
             self.closer,
         )
+        self.holders = HolderChecks(place=self.placement.unpin_process)
         self.executors = Executors(
             calls=self.placement.call_executor(CALL_WORKERS),
             loads=self.placement.unpinned_executor(LOAD_WORKERS, "load"),
@@ -99,6 +101,7 @@ class Daemon:
             limits=self.limits,
             executors=self.executors,
             closer=self.closer,
+            holders=self.holders,
         )
         self.fd_server.serve_requests(servicer.serve_frame)
         self.control = ControlServer(
@@ -189,6 +192,7 @@ class Daemon:
         try:
             limit = raise_fd_limit()
             self.discovery.start()
+            await self.holders.start()
             self.fd_server.start(self._loop)
             await self.control.start()
             if self.metrics is not None:
@@ -231,6 +235,7 @@ class Daemon:
             self.metrics.stop()
         self.fd_server.stop()
         await self.servicer.finish_frames()
+        await self.holders.close(STOP_CLOSE_WAIT_S)
         self.discovery.stop()
         # The session clean-ups fd_server.stop() started, then the threads.
         await asyncio.gather(*self._clean_ups, return_exceptions=True)

@@ -3,8 +3,8 @@ the CPUs `[scheduling] call_cpus` names, every other thread on all the CPUs
 the daemon was started with.
 
 Why: the loop and the call threads serve the clients' calls and hand the
-interpreter's lock to each other (a Release runs on a call thread while
-the loop reads the next ALLOCATE frame). Left free, the kernel spreads
+interpreter's lock to each other (an allocation from a device heap runs on
+a call thread while the loop reads the next ALLOCATE frame). Left free, the kernel spreads
 them over the CPUs, so a hand-off can wake a thread on another CPU, and
 the wake-ups of the clients' sockets pull them further apart. Held
 together on one CPU, eight clients allocate faster; the loop alone held
@@ -75,6 +75,14 @@ class Placement:
         """First thing in any other thread the loop may have started."""
         if self.call_cpus is not None:
             self._move(self.everywhere)
+
+    def unpin_process(self, pid: int) -> None:
+        """A helper process the loop started (sessions/holders.py)."""
+        if self.call_cpus is not None:
+            try:
+                os.sched_setaffinity(pid, self.everywhere)
+            except OSError as error:  # gone already, or the cpuset shrank: only slower
+                log.debug("helper %d stays on the loop's CPUs: %s", pid, error.strerror)
 
     def call_executor(self, workers: int) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="call", initializer=self.pin_call_thread)

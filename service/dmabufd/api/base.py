@@ -52,6 +52,7 @@ from dmabufd.loading.models import ModelCache
 from dmabufd.observability import metrics
 from dmabufd.pools.pool import PoolTable
 from dmabufd.sessions.grants import GrantTable
+from dmabufd.sessions.holders import HolderChecks
 from dmabufd.sessions.ledger import BufferRecord, Ledger
 from dmabufd.sessions.limits import UidLimits
 from dmabufd.sessions.session import Session, SessionTable
@@ -163,8 +164,10 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
         limits: UidLimits,
         executors: Executors,
         closer: Closer,
+        holders: HolderChecks,
     ) -> None:
         self._pools = pools
+        self._holders = holders
         self._closer = closer
         self._grants = grants
         self._admins = admins
@@ -177,14 +180,18 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
         self._broker = broker
         self._limits = limits
         self._executors = executors
-        # Loop only: the ALLOCATE frames being served (buffers.py).
+        # Loop only: the ALLOCATE frames being served, and the releases
+        # being settled (buffers.py).
         self._frame_tasks: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Task[int]] = set()
 
     async def finish_frames(self) -> None:
-        """At stop, once the sessions have ended: cancel what is left."""
+        """At stop, once the sessions have ended: cancel the frames left,
+        and let the releases being settled finish (each check has
+        holders.CHECK_TIMEOUT_S)."""
         for task in list(self._frame_tasks):
             task.cancel()
-        await asyncio.gather(*self._frame_tasks, return_exceptions=True)
+        await asyncio.gather(*self._frame_tasks, *self._settling, return_exceptions=True)
 
     # -- plumbing -------------------------------------------------------
 

@@ -13,8 +13,10 @@ from dmabufd.api.base import ServiceBase, buffer_info, never_blocks
 from dmabufd.api.routing import route_of
 from dmabufd.errors import DmabufdError, InvalidRequest, Overloaded
 from dmabufd.heaps.backend import PAGE_SIZE, HeapBackend, HeapSpec
+from dmabufd.heaps.buffer import frees_quickly, put_all
 from dmabufd.heaps.registry import Caller, HeapEvent, HeapEventKind
 from dmabufd.sessions import procfs
+from dmabufd.sessions.ledger import Released
 from dmabufd.sessions.session import Session
 from dmabufd_common import fdwire
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
@@ -202,7 +204,9 @@ class BuffersApi(ServiceBase):
             target = (usage, backend) if inline else self._target(session, request)
             response = self._allocate(session, ticket, request, *target)
             if response.ByteSize() > fdwire.MAX_REPLY_BODY_BYTES:  # names the config made too long
-                self._ledger.release(session, [info.id for info in response.buffers])
+                # Never sent, so no process holds them: no /proc check.
+                released = self._ledger.release_begin(session, [info.id for info in response.buffers])
+                self._ledger.release_end(released, frozenset())
                 raise InvalidRequest("the answer does not fit in a REPLY frame: use the Allocate call")
             return response
 
@@ -214,11 +218,43 @@ class BuffersApi(ServiceBase):
         task.add_done_callback(self._frame_tasks.discard)
 
     async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
-        def handle(session: Session, _ticket: bytes) -> pb.ReleaseResponse:
-            released, _ = self._ledger.release(session, list(request.buffer_ids))
-            return pb.ReleaseResponse(released_bytes=released)
+        """Served on the loop: the books change at once, a helper process
+        answers which buffers the client's processes still hold
+        (sessions/holders.py), and no thread is involved unless the
+        buffers' pages take long to free."""
 
-        return await self._serve(context, handle)
+        def begin(session: Session, _ticket: bytes) -> Released:
+            return self._ledger.release_begin(session, list(request.buffer_ids))
+
+        released = await self._serve(context, begin, blocks=never_blocks)
+        try:
+            return pb.ReleaseResponse(released_bytes=await self._settle(released))
+        except Exception:
+            await self._internal(context)
+
+    async def _settle(self, released: Released) -> int:
+        """Finish a release begun on the loop; returns its bytes. It runs
+        to its end even if the call is cancelled meanwhile: the records
+        have left the books, and only this settles their charge."""
+        task = asyncio.get_running_loop().create_task(self._settle_now(released))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return await asyncio.shield(task)
+
+    async def _settle_now(self, released: Released) -> int:
+        try:
+            held = await self._holders.held(released.uid, released.query)
+        except Exception:  # a bug: the charges stay, and the reaper looks again
+            log.exception("the /proc check of a release failed")
+            held = frozenset(released.query.wanted)
+        nbytes, gone = self._ledger.release_end(released, held, keep=True)
+        buffers = [record.buffer for record in gone]
+        if frees_quickly(buffers):
+            put_all(buffers)
+        else:
+            async with self._limits.thread(released.uid):
+                await asyncio.get_running_loop().run_in_executor(self._executors.calls, put_all, buffers)
+        return nbytes
 
     async def ListBuffers(self, request: pb.ListBuffersRequest, context: Context) -> pb.ListBuffersResponse:
         def handle(session: Session, _ticket: bytes) -> pb.ListBuffersResponse:

@@ -1,0 +1,233 @@
+"""The helper processes that answer holder checks for the event loop
+(service/dmabufd/sessions/holders.py): right answers from a real helper, and
+a helper that stalls, lies, dies or is abandoned costs one helper and one
+check (answered "all held"), never the other uids' checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+
+from dmabufd.sessions import procfs
+from dmabufd.sessions.holders import HELPER_COMMAND, HolderChecks
+
+# A helper that misbehaves on request: a query whose uids name one of these
+# makes it stall, answer garbage, name a file not asked about, or exit.
+STALL, GARBAGE, STRANGER, EXIT = 900001, 900002, 900003, 900004
+FAKE_HELPER = f"""
+import json, sys, time
+from dmabufd.sessions import procfs
+print("ready", flush=True)
+for line in sys.stdin:
+    body = json.loads(line)
+    uids = body["uids"]
+    if {STALL} in uids:
+        time.sleep(3600)
+    if {GARBAGE} in uids:
+        print("not json", flush=True)
+        continue
+    if {STRANGER} in uids:
+        print(json.dumps([[1, 2]]), flush=True)
+        continue
+    if {EXIT} in uids:
+        sys.exit(0)
+    query = procfs.HolderQuery(tuple(body["pids"]), (), tuple((d, i) for d, i in body["wanted"]))
+    print(json.dumps([list(f) for f in procfs.held(query)]), flush=True)
+"""
+FAKE_COMMAND = (sys.executable, "-c", FAKE_HELPER)
+TIMEOUT_S = 0.5
+
+
+def identity_of(fd: int) -> procfs.FileIdentity:
+    info = os.fstat(fd)
+    return (info.st_dev, info.st_ino)
+
+
+@pytest.fixture
+def holder() -> Iterator[tuple[int, procfs.FileIdentity, procfs.FileIdentity, procfs.FileIdentity]]:
+    """A child process holding one memfd by an fd and another by a mapping
+    only; a third memfd nobody else holds. Yields (pid, by_fd, by_map, free)."""
+    by_fd, by_map, free = (os.memfd_create(name) for name in ("by-fd", "by-map", "free"))
+    os.ftruncate(by_map, 4096)
+    code = (
+        "import mmap, os, sys, time\n"
+        f"m = mmap.mmap({by_map}, 4096)\n"
+        f"os.close({by_map})\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], pass_fds=(by_fd, by_map), stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    assert child.stdout.readline() == "ready\n"
+    try:
+        yield child.pid, identity_of(by_fd), identity_of(by_map), identity_of(free)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        for fd in (by_fd, by_map, free):
+            os.close(fd)
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(main())
+
+
+def test_a_real_helper_answers_what_proc_says(
+    holder: tuple[int, procfs.FileIdentity, procfs.FileIdentity, procfs.FileIdentity],
+) -> None:
+    pid, by_fd, by_map, free = holder
+    query = procfs.HolderQuery((pid,), (), (by_fd, by_map, free))
+
+    async def main() -> None:
+        checks = HolderChecks(1, command=HELPER_COMMAND)
+        await checks.start()
+        try:
+            answer = await checks.held(0, query)
+        finally:
+            await checks.close(5.0)
+        assert answer == procfs.held(query) == {by_fd, by_map}
+
+    run(main)
+
+
+def helper_pids() -> set[int]:
+    """This test process's children that run the fake helper."""
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{name}/cmdline", "rb") as cmdline:
+                    is_fake = b"900001" in cmdline.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == os.getpid() and is_fake:
+                found.add(int(name))
+    return found
+
+
+@pytest.mark.parametrize("failure", [STALL, GARBAGE, STRANGER, EXIT])
+def test_a_failing_helper_costs_one_check_and_is_replaced(
+    holder: tuple[int, procfs.FileIdentity, procfs.FileIdentity, procfs.FileIdentity], failure: int
+) -> None:
+    """A check whose helper stalls, answers garbage or a file not asked
+    about, or exits, answers that every file is held (the charge stays);
+    the helper is killed and the next check gets a working replacement."""
+    pid, by_fd, by_map, free = holder
+    wanted = (by_fd, by_map, free)
+
+    async def main() -> None:
+        checks = HolderChecks(1, timeout_s=TIMEOUT_S, command=FAKE_COMMAND)
+        await checks.start()
+        try:
+            (first,) = helper_pids()
+            started = time.monotonic()
+            answer = await checks.held(1000, procfs.HolderQuery((pid,), (failure,), wanted))
+            took = time.monotonic() - started
+            assert answer == set(wanted)
+            assert took < TIMEOUT_S + 1.0
+            assert await checks.held(1000, procfs.HolderQuery((pid,), (), wanted)) == {by_fd, by_map}
+            await asyncio.sleep(0.2)  # the old helper's reaping
+            assert first not in helper_pids()
+        finally:
+            await checks.close(5.0)
+        assert helper_pids() == set()
+
+    run(main)
+
+
+def test_a_uid_whose_check_hangs_does_not_hold_up_another_uid(
+    holder: tuple[int, procfs.FileIdentity, procfs.FileIdentity, procfs.FileIdentity],
+) -> None:
+    """Attack: uid 1000's checks hang (its process's maps or a FUSE file's
+    stat never answer), and it asks two at once. Defence: its checks take
+    their turns (one helper at most); uid 2000 is answered at once on the
+    other helper, while uid 1000's first check is still waiting."""
+    pid, by_fd, by_map, free = holder
+    wanted = (by_fd, by_map, free)
+    stalls = procfs.HolderQuery((pid,), (STALL,), wanted)
+
+    async def main() -> None:
+        checks = HolderChecks(2, timeout_s=2.0, command=FAKE_COMMAND)
+        await checks.start()
+        try:
+            stalled = [asyncio.create_task(checks.held(1000, stalls)) for _ in range(2)]
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            answer = await checks.held(2000, procfs.HolderQuery((pid,), (), wanted))
+            took = time.monotonic() - started
+            assert answer == {by_fd, by_map}
+            assert took < 0.5, f"uid 2000 waited {took:.2f} s behind uid 1000's hung checks"
+            assert not any(task.done() for task in stalled)
+            assert await asyncio.gather(*stalled) == [set(wanted), set(wanted)]
+        finally:
+            await checks.close(5.0)
+
+    run(main)
+
+
+def test_a_check_cancelled_mid_question_costs_its_helper_only(
+    holder: tuple[int, procfs.FileIdentity, procfs.FileIdentity, procfs.FileIdentity],
+) -> None:
+    """A check abandoned while its helper works must not leave the answer
+    in the pipe for the next question to read."""
+    pid, by_fd, by_map, free = holder
+    wanted = (by_fd, by_map, free)
+
+    async def main() -> None:
+        checks = HolderChecks(1, timeout_s=5.0, command=FAKE_COMMAND)
+        await checks.start()
+        try:
+            task = asyncio.create_task(checks.held(1000, procfs.HolderQuery((pid,), (STALL,), wanted)))
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await checks.held(1000, procfs.HolderQuery((pid,), (), (free,))) == set()
+            assert await checks.held(1000, procfs.HolderQuery((pid,), (), wanted)) == {by_fd, by_map}
+        finally:
+            await checks.close(5.0)
+
+    run(main)
+
+
+def test_no_question_needs_no_helper() -> None:
+    async def main() -> None:
+        checks = HolderChecks(1, command=("/nonexistent/helper",))
+        assert await checks.held(1000, procfs.HolderQuery((1,), (1000,), ())) == set()
+
+    run(main)
+
+
+def test_without_any_helper_every_file_stays_held() -> None:
+    """Out of processes or fds, no helper can start: the check keeps every
+    charge (the reaper looks again later) rather than failing the call."""
+    identity = (1, 2)
+
+    async def main() -> None:
+        checks = HolderChecks(1, command=("/nonexistent/helper",))
+        assert await checks.held(1000, procfs.HolderQuery((1,), (), (identity,))) == {identity}
+
+    run(main)
+
+
+def test_a_helper_that_never_says_it_is_ready_fails_the_start() -> None:
+    """A broken install (the helper exits at once) stops the daemon at
+    start, loudly, rather than keeping every charge for ever."""
+
+    async def main() -> None:
+        checks = HolderChecks(1, command=(sys.executable, "-c", "pass"))
+        with pytest.raises(OSError, match="did not start"):
+            await checks.start()
+        await checks.close(5.0)
+
+    run(main)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,22 @@ def test_a_check_past_its_fd_budget_takes_everything_as_held(
     gone = (held[0], held[1] + 1_000_000)
     monkeypatch.setattr(procfs, "MAX_FDS_PER_CHECK", 16)
     assert procfs.still_held([pid], [held, gone]) == {held, gone}
+
+
+def test_only_a_memfd_or_dma_buf_is_looked_at(tmp_path: Path) -> None:
+    """A check reads a link, then the fdinfo of a memfd or dma-buf only:
+    stat() through the link would ask a FUSE file's server, which the
+    client may be. A regular file the process holds is not matched, even
+    when its identity is asked about."""
+    path = tmp_path / "plain"
+    path.write_bytes(b"x")
+    plain = os.open(path, os.O_RDONLY)
+    memfd = os.memfd_create("buffer")
+    try:
+        identities = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (plain, memfd)]
+        holdings = procfs.open_files(os.getpid(), identities)
+        assert holdings.readable
+        assert holdings.files == {identities[1]}
+    finally:
+        os.close(plain)
+        os.close(memfd)

@@ -51,23 +51,54 @@ class DmabufHoldings:
     bytes: int
 
 
-def dmabufs_of(pid: int) -> DmabufHoldings:
-    """What /proc/<pid>/fdinfo says the process holds in dma-bufs: an fd
-    whose fdinfo has an exp_name: line is a dma-buf, and size: its bytes.
-    Several fds of one buffer (same inode) count once."""
-    fd_dir = f"/proc/{pid}/fdinfo"
+# What /proc/<pid>/fd/<n> reads for the kinds of file a buffer is: a memfd
+# ("/memfd:NAME (deleted)") and a dma-buf ("/dmabuf:NAME"). Only fds whose
+# link starts so are looked at further. Reading a link only prints a name;
+# stat() through it would ask a FUSE file's server, and reading another
+# kind's fdinfo may wait on a lock (an epoll's, while it polls a FUSE
+# file): a client must not be able to make a check wait. A link that only
+# looks like one (a file at a path so named) gets its fdinfo read, which
+# is safe for every file system, and can match nothing but an inode number.
+MEMFD_LINK = "/memfd:"
+DMABUF_LINK = "/dmabuf:"
+
+
+def _fd_fields(fd_dir: str, name: str, kinds: tuple[str, ...]) -> dict[str, str] | None:
+    """The fdinfo fields of /proc/<pid>/fd/<name> if its link starts with
+    one of `kinds`; None otherwise, or if it is gone."""
     try:
-        names = os.listdir(fd_dir)
+        if not os.readlink(f"{fd_dir}/fd/{name}").startswith(kinds):
+            return None
+        info = os.open(f"{fd_dir}/fdinfo/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            text = os.read(info, 4096).decode("ascii", "replace")
+        finally:
+            os.close(info)
+    except OSError as error:
+        if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # the daemon's trouble: the caller decides
+            raise
+        return None
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
+
+
+def dmabufs_of(pid: int) -> DmabufHoldings:
+    """What /proc/<pid>/fdinfo says the process holds in dma-bufs: its
+    size: line gives a dma-buf's bytes. Several fds of one buffer (same
+    inode) count once."""
+    proc_dir = f"/proc/{pid}"
+    try:
+        names = os.listdir(f"{proc_dir}/fd")
     except OSError:
         return DmabufHoldings(False, 0, 0)
     sizes: dict[int, int] = {}
     for name in names:
         try:
-            with open(f"{fd_dir}/{name}", encoding="ascii", errors="replace") as info:
-                fields = dict(line.split(":", 1) for line in info if ":" in line)
+            fields = _fd_fields(proc_dir, name, (DMABUF_LINK,))
         except OSError:
+            return DmabufHoldings(False, 0, 0)
+        if fields is None or "exp_name" not in fields:
             continue
-        if "exp_name" in fields and "size" in fields and "ino" in fields:
+        if fields.get("size", "").isdigit() and fields.get("ino", "").isdigit():
             sizes[int(fields["ino"])] = int(fields["size"])
     return DmabufHoldings(True, len(sizes), sum(sizes.values()))
 
@@ -77,13 +108,18 @@ def open_files(pid: int, wanted: Iterable[FileIdentity], most: int | None = None
     A process with more than `most` fds is not walked: it is reported
     holding every wanted file.
 
-    stat() through the magic link reaches the file itself, so a dma-buf's or
-    memfd's identity compares equal to fstat() of the daemon's own fd.
+    A memfd or dma-buf fd matches a wanted file by the inode number its
+    fdinfo gives (the links are read first: see MEMFD_LINK). By inode number
+    alone, so a false match is possible (a dma-buf and a memfd of the same
+    number): it keeps a charge, and only of the process's own uid.
     """
     wanted_set = frozenset(wanted)
-    fd_dir = f"/proc/{pid}/fd"
+    by_inode: dict[int, list[FileIdentity]] = {}
+    for identity in wanted_set:
+        by_inode.setdefault(identity[1], []).append(identity)
+    proc_dir = f"/proc/{pid}"
     try:
-        names = os.listdir(fd_dir)
+        names = os.listdir(f"{proc_dir}/fd")
     except OSError as error:
         if error.errno not in _GONE_OR_HIDDEN:  # out of fds or memory: the caller decides
             raise
@@ -92,12 +128,10 @@ def open_files(pid: int, wanted: Iterable[FileIdentity], most: int | None = None
         return ProcHoldings(True, wanted_set, len(names))
     seen: set[FileIdentity] = set()
     for name in names:
-        try:
-            info = os.stat(f"{fd_dir}/{name}")
-        except OSError:
-            continue
-        if (info.st_dev, info.st_ino) in wanted_set:
-            seen.add((info.st_dev, info.st_ino))
+        fields = _fd_fields(proc_dir, name, (MEMFD_LINK, DMABUF_LINK))
+        inode = fields.get("ino", "") if fields is not None else ""
+        if inode.isdigit():
+            seen.update(by_inode.get(int(inode), ()))
     return ProcHoldings(True, frozenset(seen), len(names))
 
 

@@ -114,6 +114,9 @@ class GrantTable:
         # SHA-256 of each open token grant's token -> the grant: a redeem
         # looks one up instead of comparing against every open grant.
         self._by_token: dict[bytes, GrantEntry] = {}
+        # Buffer id -> the open grants that name it: a Release (on the event
+        # loop) drops the grants of its buffers without a look at the others.
+        self._by_buffer: dict[int, set[int]] = {}
 
     def check_ids(self, buffer_ids: list[int]) -> None:
         """A grant names distinct buffers, and not too many: refuse before
@@ -163,6 +166,8 @@ class GrantTable:
             entry = GrantEntry(next(self._ids), owner, records, pool_id, to_uid, token, read_only)
             if not (full or released):
                 self._grants[entry.id] = entry
+                for record in records:
+                    self._by_buffer.setdefault(record.id, set()).add(entry.id)
                 if token is not None:
                     self._by_token[hashlib.sha256(token).digest()] = entry
         if full or released:
@@ -212,6 +217,11 @@ class GrantTable:
     def _remove(self, entry: GrantEntry) -> None:
         """Take an open grant out of the table (caller holds _lock)."""
         del self._grants[entry.id]
+        for record in entry.records:
+            naming = self._by_buffer[record.id]
+            naming.discard(entry.id)
+            if not naming:
+                del self._by_buffer[record.id]
         if entry.token is not None:
             del self._by_token[hashlib.sha256(entry.token).digest()]
 
@@ -236,8 +246,13 @@ class GrantTable:
 
     def buffers_released(self, buffer_ids: list[int]) -> None:
         """Released buffers take every grant that names them with them."""
-        released = set(buffer_ids)
-        self._drop(lambda grant: any(record.id in released for record in grant.records))
+        with self._lock:
+            naming = {grant_id for buffer_id in buffer_ids for grant_id in self._by_buffer.get(buffer_id, ())}
+            dropped = [self._grants[grant_id] for grant_id in naming]
+            for entry in dropped:
+                self._remove(entry)
+        for entry in dropped:
+            entry.put()
 
     def offered_to(self, uid: int) -> list[GrantEntry]:
         with self._lock:

@@ -234,6 +234,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.stop()
         self.fd_server.stop()
+        self.holders.stop_asking()  # releases still settling keep their charges
         await self.servicer.finish_frames()
         await self.holders.close(STOP_CLOSE_WAIT_S)
         self.discovery.stop()

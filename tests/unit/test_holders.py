@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from dmabufd.sessions import procfs
-from dmabufd.sessions.holders import HELPER_COMMAND, HolderChecks
+from dmabufd.sessions.holders import HELPER_COMMAND, MAX_PROCESSES_PER_HELPER, HolderChecks
 
 # A helper that misbehaves on request: a query whose uids name one of these
 # makes it stall, answer garbage, name a file not asked about, or exit.
@@ -229,5 +230,85 @@ def test_a_helper_that_never_says_it_is_ready_fails_the_start() -> None:
         with pytest.raises(OSError, match="did not start"):
             await checks.start()
         await checks.close(5.0)
+
+    run(main)
+
+
+def test_after_a_failure_many_uids_at_once_start_one_replacement(
+    holder: tuple[int, procfs.FileIdentity, procfs.FileIdentity, procfs.FileIdentity],
+) -> None:
+    """Ten uids asking at once, right after the one helper was retired,
+    start one replacement between them, not ten."""
+    pid, by_fd, by_map, free = holder
+    wanted = (by_fd, by_map, free)
+
+    async def main() -> None:
+        checks = HolderChecks(1, timeout_s=TIMEOUT_S, command=FAKE_COMMAND)
+        await checks.start()
+        try:
+            await checks.held(1000, procfs.HolderQuery((pid,), (GARBAGE,), wanted))
+            answers = await asyncio.gather(
+                *(checks.held(2000 + n, procfs.HolderQuery((pid,), (), wanted)) for n in range(10))
+            )
+            assert answers == [{by_fd, by_map}] * 10
+            await asyncio.sleep(0.2)
+            assert len(helper_pids()) == 1
+        finally:
+            await checks.close(5.0)
+
+    run(main)
+
+
+def test_helpers_that_do_not_die_are_not_replaced_for_ever(
+    holder: tuple[int, procfs.FileIdentity, procfs.FileIdentity, procfs.FileIdentity],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Attack: a client makes each check of its buffers hang where even
+    SIGKILL cannot end the helper (waiting on a FUSE server that read the
+    request). Stood in for here by a kill that does nothing. Defence:
+    replacements stop at MAX_PROCESSES_PER_HELPER helpers per pool slot;
+    past that a check answers at once that everything stays held."""
+    pid, by_fd, by_map, free = holder
+    stalls = procfs.HolderQuery((pid,), (STALL,), (by_fd, by_map, free))
+    monkeypatch.setattr("dmabufd.sessions.holders._Helper.kill", lambda self: None)
+
+    async def main() -> None:
+        checks = HolderChecks(1, timeout_s=0.3, command=FAKE_COMMAND)
+        await checks.start()
+        try:
+            for _ in range(MAX_PROCESSES_PER_HELPER):
+                assert await checks.held(1000, stalls) == set(stalls.wanted)
+            started = time.monotonic()
+            assert await checks.held(2000, procfs.HolderQuery((pid,), (), (free,))) == {free}
+            assert time.monotonic() - started < 0.2
+            assert len(helper_pids()) == MAX_PROCESSES_PER_HELPER
+        finally:
+            for stuck in helper_pids():
+                os.kill(stuck, signal.SIGKILL)
+            await checks.close(5.0)
+
+    run(main)
+
+
+def test_at_stop_waiting_checks_answer_at_once(
+    holder: tuple[int, procfs.FileIdentity, procfs.FileIdentity, procfs.FileIdentity],
+) -> None:
+    """A uid with many releases waiting behind a hung check cannot hold
+    the daemon's stop: once it stops asking, they keep their charges."""
+    pid, by_fd, by_map, free = holder
+    stalls = procfs.HolderQuery((pid,), (STALL,), (by_fd, by_map, free))
+
+    async def main() -> None:
+        checks = HolderChecks(1, timeout_s=1.0, command=FAKE_COMMAND)
+        await checks.start()
+        try:
+            waiting = [asyncio.create_task(checks.held(1000, stalls)) for _ in range(20)]
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            checks.stop_asking()
+            assert await asyncio.gather(*waiting) == [set(stalls.wanted)] * 20
+            assert time.monotonic() - started < 1.5  # the one asked runs out its time
+        finally:
+            await checks.close(5.0)
 
     run(main)

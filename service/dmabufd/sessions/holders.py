@@ -1,9 +1,11 @@
 """Which processes still hold released buffers, asked of helper processes.
 
 A Release is answered on the event loop, but the /proc check that decides
-what stays charged may block: it stats each of the client's fds through
-/proc (a FUSE file's stat waits for its server) and reads its maps (which
-waits for its mmap lock). On a `call` thread, the check took the
+what stays charged may block: it reads the client's maps, which waits for
+the client's mmap lock, and walks fds of processes the client controls
+(procfs.open_files reads their links and only a memfd's or a dma-buf's
+fdinfo, so no FUSE server is asked; but /proc is the kernel's, and a check
+is the client's to make slow). On a `call` thread, the check took the
 interpreter's lock from the loop and gave it back at every system call;
 with eight clients allocating, those hand-offs cost the loop about a sixth
 of its rate (bench/README.md, "Allocation"). A helper process shares no
@@ -17,7 +19,11 @@ uid whose check hangs holds one helper, not all of them. A check that takes
 longer than CHECK_TIMEOUT_S, or a helper that dies or answers nonsense,
 costs that helper: it is killed and replaced, and the check answers that
 every buffer is still held (a charge is kept rather than lost; the reaper
-looks again from a thread). The daemon's other /proc checks (session
+looks again from a thread). A killed helper counts until it is reaped (one
+the kernel holds in an uninterruptible wait may take long), and no more
+than MAX_PROCESSES_PER_HELPER times HELPERS processes live at once: past
+that, checks answer "all held" at once. At stop, checks not asked yet do
+the same (stop_asking). The daemon's other /proc checks (session
 clean-up, models, the reaper) run where they are, on threads: they are not
 on the allocation path.
 
@@ -47,6 +53,7 @@ log = logging.getLogger(__name__)
 
 HELPERS = 2
 CHECK_TIMEOUT_S = 2.0
+MAX_PROCESSES_PER_HELPER = 2
 STARTUP_TIMEOUT_S = 30.0
 READY = b"ready\n"
 HELPER_COMMAND = (sys.executable, "-m", "dmabufd.sessions.holders")
@@ -129,23 +136,45 @@ class HolderChecks:
         self._command = tuple(command)
         self._place = place
         self._idle: collections.deque[_Helper] = collections.deque()
-        self._alive = 0
+        # Helpers in the pool: idle, asked, or starting (counted before
+        # they exist, so concurrent takers never start more than _helpers).
+        self._pooled = 0
+        # Helper processes not reaped yet, the pool's and the retired: a
+        # killed helper may not die at once (a process waiting on a FUSE
+        # server is not killable once the request was read), and
+        # replacements stop at MAX_PROCESSES_PER_HELPER times the pool.
+        self._processes = 0
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         # Each uid's turn, while one of its checks is asked or waiting.
         self._turns: dict[int, _Turn] = {}
         self._exits: set[asyncio.Task[None]] = set()
-        self._closed = False
+        self._closing = False
 
     async def start(self) -> None:
         """Start the helpers, before the loop is pinned: they keep every
         CPU. Raises OSError if one cannot start."""
-        self._idle.extend(await asyncio.gather(*(self._spawn() for _ in range(self._helpers))))
+        started = await asyncio.gather(*(self._spawn() for _ in range(self._helpers)), return_exceptions=True)
+        helpers = [helper for helper in started if isinstance(helper, _Helper)]
+        failed = [error for error in started if not isinstance(error, _Helper)]
+        if failed:
+            for helper in helpers:
+                self._retire(helper)
+            raise failed[0]
+        self._idle.extend(helpers)
+
+    def stop_asking(self) -> None:
+        """At stop: checks not asked yet answer at once that every file is
+        held (the ledger gives the lingering buffers back as it closes), so
+        a uid with thousands of releases waiting cannot hold the stop up."""
+        self._closing = True
+        while self._waiting:
+            self._wake()
 
     async def close(self, wait_s: float) -> None:
         """At stop, once no check is being asked: end every helper, and
         wait up to `wait_s` for them to exit (one stuck in the kernel, in
         a FUSE request say, may take longer: it is not waited for)."""
-        self._closed = True
+        self.stop_asking()
         while self._idle:
             self._retire(self._idle.popleft())
         if self._exits:
@@ -155,7 +184,8 @@ class HolderChecks:
 
     async def held(self, uid: int, query: procfs.HolderQuery) -> frozenset[procfs.FileIdentity]:
         """Which of query.wanted its processes hold (procfs.held(), asked
-        of a helper); all of them when the helper fails or is too slow."""
+        of a helper); all of them when the helper fails or is too slow,
+        when no helper can start, and once stop_asking() was called."""
         if not query.wanted:
             return frozenset()
         async with self._turn(uid):
@@ -191,26 +221,32 @@ class HolderChecks:
 
     async def _take(self) -> _Helper | None:
         """An idle helper, waiting for one if all are busy; None when none
-        can be started."""
-        while not self._idle:
-            if self._alive < self._helpers:
+        can be started, or when stopping."""
+        while not self._closing:
+            if self._idle:
+                return self._idle.popleft()
+            if self._pooled < self._helpers and self._processes < MAX_PROCESSES_PER_HELPER * self._helpers:
                 try:
                     return await self._spawn()
                 except OSError as error:
-                    if self._alive == 0:
-                        log.warning("cannot start a /proc helper: %s", error)
-                        return None
+                    log.warning("cannot start a /proc helper: %s", error)
+            if self._pooled == 0:  # none will come back: do not wait for one
+                return None
             waiter = asyncio.get_running_loop().create_future()
             self._waiting.append(waiter)
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():  # pass the wake-up on
+                    self._wake()
+                raise
             finally:
                 with contextlib.suppress(ValueError):
                     self._waiting.remove(waiter)
-        return self._idle.popleft()
+        return None
 
     def _give_back(self, helper: _Helper) -> None:
-        if self._closed:
+        if self._closing:
             self._retire(helper)
             return
         self._idle.append(helper)
@@ -224,43 +260,57 @@ class HolderChecks:
                 return
 
     async def _spawn(self) -> _Helper:
-        """A new helper, once it said it is ready: its start-up (seconds
-        under emulation) is not counted against its first check."""
-        process = await asyncio.create_subprocess_exec(
-            *self._command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=MAX_LINE_BYTES,
-            # Out of the daemon's process group: a terminal's Ctrl-C is for
-            # the daemon, which ends its helpers by closing their pipes.
-            start_new_session=True,
-        )
-        self._alive += 1
+        """A new helper of the pool, once it said it is ready: its start-up
+        (seconds under emulation) is not counted against its first check."""
+        self._pooled += 1
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=MAX_LINE_BYTES,
+                # Not the daemon's directory: `-m` looks for the module
+                # there first, and it may be writable by others.
+                cwd="/",
+                # Out of the daemon's process group: a terminal's Ctrl-C is
+                # for the daemon, which ends its helpers itself.
+                start_new_session=True,
+            )
+        except BaseException:
+            self._pooled -= 1
+            self._wake()
+            raise
+        self._processes += 1
         helper = _Helper(process)
+        self._place(process.pid)
         assert process.stdout is not None
         try:
             said = await asyncio.wait_for(process.stdout.readline(), STARTUP_TIMEOUT_S)
         except (TimeoutError, OSError, ValueError):
             said = b""
+        except BaseException:
+            self._retire(helper)
+            raise
         if said != READY:
             self._retire(helper)
             raise OSError(errno.ECHILD, f"a /proc helper did not start ({' '.join(self._command)})")
-        self._place(process.pid)
         return helper
 
     def _retire(self, helper: _Helper) -> None:
-        """Kill a helper and reap it in the background; a waiter may now
-        start a replacement."""
+        """Take a helper out of the pool, kill it and reap it in the
+        background; a waiter may now start a replacement."""
         helper.kill()
-        self._alive -= 1
+        self._pooled -= 1
         task = asyncio.get_running_loop().create_task(self._reap(helper))
         self._exits.add(task)
         task.add_done_callback(self._exits.discard)
         self._wake()
 
-    @staticmethod
-    async def _reap(helper: _Helper) -> None:
-        await helper.process.wait()
+    async def _reap(self, helper: _Helper) -> None:
+        try:
+            await helper.process.wait()
+        finally:
+            self._processes -= 1
 
 
 def serve(questions: TextIO, answers: TextIO) -> None:

@@ -223,25 +223,26 @@ class BuffersApi(ServiceBase):
         (sessions/holders.py), and no thread is involved unless the
         buffers' pages take long to free."""
 
-        def begin(session: Session, _ticket: bytes) -> Released:
-            return self._ledger.release_begin(session, list(request.buffer_ids))
+        def begin(session: Session, _ticket: bytes) -> asyncio.Task[int]:
+            return self._settle(self._ledger.release_begin(session, list(request.buffer_ids)))
 
-        released = await self._serve(context, begin, blocks=never_blocks)
+        settling = await self._serve(context, begin, blocks=never_blocks)
         try:
-            return pb.ReleaseResponse(released_bytes=await self._settle(released))
+            return pb.ReleaseResponse(released_bytes=await asyncio.shield(settling))
         except Exception:
             await self._internal(context)
 
-    async def _settle(self, released: Released) -> int:
-        """Finish a release begun on the loop; returns its bytes. It runs
-        to its end even if the call is cancelled meanwhile: the records
-        have left the books, and only this settles their charge."""
+    def _settle(self, released: Released) -> asyncio.Task[int]:
+        """Finish a release begun on the loop, in a task started as the
+        books change: nothing the call does afterwards (its answer, its
+        cancellation) can strand the charge of buffers that left them."""
         task = asyncio.get_running_loop().create_task(self._settle_now(released))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
-        return await asyncio.shield(task)
+        return task
 
     async def _settle_now(self, released: Released) -> int:
+        """Ask, settle, and let go of what nobody holds; returns the bytes."""
         try:
             held = await self._holders.held(released.uid, released.query)
         except Exception:  # a bug: the charges stay, and the reaper looks again
@@ -249,11 +250,16 @@ class BuffersApi(ServiceBase):
             held = frozenset(released.query.wanted)
         nbytes, gone = self._ledger.release_end(released, held, keep=True)
         buffers = [record.buffer for record in gone]
-        if frees_quickly(buffers):
-            put_all(buffers)
-        else:
+        if not frees_quickly(buffers):
             async with self._limits.thread(released.uid):
-                await asyncio.get_running_loop().run_in_executor(self._executors.calls, put_all, buffers)
+                try:
+                    freeing = asyncio.get_running_loop().run_in_executor(self._executors.calls, put_all, buffers)
+                except RuntimeError:  # the executor is shut down: free them here rather than never
+                    put_all(buffers)
+                    return nbytes
+                await freeing
+                return nbytes
+        put_all(buffers)
         return nbytes
 
     async def ListBuffers(self, request: pb.ListBuffersRequest, context: Context) -> pb.ListBuffersResponse:

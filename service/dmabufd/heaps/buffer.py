@@ -216,7 +216,10 @@ def frees_quickly(buffers: list[Buffer]) -> bool:
     for buffer in buffers:
         if buffer.kind is not BackendKind.MEMFD:
             return False
-        resident += os.fstat(buffer.fd).st_blocks * 512
+        try:
+            resident += os.fstat(buffer.fd).st_blocks * 512
+        except OSError:  # cannot tell: a thread's job
+            return False
         if resident > INLINE_FREE_BYTES:
             return False
     return True

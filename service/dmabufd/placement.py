@@ -4,11 +4,14 @@ the daemon was started with.
 
 Why: the loop and the call threads serve the clients' calls and hand the
 interpreter's lock to each other (an allocation from a device heap runs on
-a call thread while the loop reads the next ALLOCATE frame). Left free, the kernel spreads
-them over the CPUs, so a hand-off can wake a thread on another CPU, and
-the wake-ups of the clients' sockets pull them further apart. Held
-together on one CPU, eight clients allocate faster; the loop alone held
-there gains little (bench/README.md, "Allocation", has the figures).
+a call thread while the loop reads the next ALLOCATE frame). Left free,
+the kernel spreads them over the CPUs, so a hand-off can wake a thread on
+another CPU, and the wake-ups of the clients' sockets pull them further
+apart. Held together on one CPU, eight clients allocating memfds got
+faster while their Releases ran on call threads. Since Releases are served
+on the loop, those clients use no call thread, and holding the loop alone
+gains nothing (bench/README.md, "Allocation", has the figures). Calls that
+still run on the call threads hand the lock over as before.
 Loads keep every CPU: their lanes spend their time in system calls,
 without the lock, and the page faults of fresh memory want another CPU.
 

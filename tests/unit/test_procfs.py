@@ -69,3 +69,14 @@ def test_only_a_memfd_or_dma_buf_is_looked_at(tmp_path: Path) -> None:
     finally:
         os.close(plain)
         os.close(memfd)
+
+
+def test_a_kernel_whose_fdinfo_names_no_inode_keeps_every_charge(
+    holder: tuple[int, tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before Linux 5.14, fdinfo has no ino: line: a memfd the process
+    holds may then be any wanted buffer, and all of them stay charged."""
+    pid, held = holder
+    gone = (held[0], held[1] + 1_000_000)
+    monkeypatch.setattr(procfs, "_fd_fields", lambda *_: {"pos": "0", "flags": "02", "mnt_id": "0"})
+    assert procfs.open_files(pid, [held, gone]).files == {held, gone}

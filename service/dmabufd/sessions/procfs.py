@@ -60,7 +60,7 @@ class DmabufHoldings:
 # looks like one (a file at a path so named) gets its fdinfo read, which
 # is safe for every file system, and can match nothing but an inode number.
 MEMFD_LINK = "/memfd:"
-DMABUF_LINK = "/dmabuf:"
+DMABUF_LINK = ("/dmabuf:", "anon_inode:dmabuf")  # the second before Linux 5.3
 
 
 def _fd_fields(fd_dir: str, name: str, kinds: tuple[str, ...]) -> dict[str, str] | None:
@@ -93,7 +93,7 @@ def dmabufs_of(pid: int) -> DmabufHoldings:
     sizes: dict[int, int] = {}
     for name in names:
         try:
-            fields = _fd_fields(proc_dir, name, (DMABUF_LINK,))
+            fields = _fd_fields(proc_dir, name, DMABUF_LINK)
         except OSError:
             return DmabufHoldings(False, 0, 0)
         if fields is None or "exp_name" not in fields:
@@ -128,10 +128,14 @@ def open_files(pid: int, wanted: Iterable[FileIdentity], most: int | None = None
         return ProcHoldings(True, wanted_set, len(names))
     seen: set[FileIdentity] = set()
     for name in names:
-        fields = _fd_fields(proc_dir, name, (MEMFD_LINK, DMABUF_LINK))
-        inode = fields.get("ino", "") if fields is not None else ""
-        if inode.isdigit():
-            seen.update(by_inode.get(int(inode), ()))
+        fields = _fd_fields(proc_dir, name, (MEMFD_LINK, *DMABUF_LINK))
+        if fields is None:
+            continue
+        inode = fields.get("ino", "")
+        if not inode.isdigit():  # before Linux 5.14 fdinfo names no inode: it may be any of them
+            seen.update(wanted_set)
+            continue
+        seen.update(by_inode.get(int(inode), ()))
     return ProcHoldings(True, frozenset(seen), len(names))
 
 

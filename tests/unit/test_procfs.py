@@ -80,3 +80,20 @@ def test_a_kernel_whose_fdinfo_names_no_inode_keeps_every_charge(
     gone = (held[0], held[1] + 1_000_000)
     monkeypatch.setattr(procfs, "_fd_fields", lambda *_: {"pos": "0", "flags": "02", "mnt_id": "0"})
     assert procfs.open_files(pid, [held, gone]).files == {held, gone}
+
+
+def test_a_dma_buf_name_cannot_print_a_line_that_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: any holder of a dma-buf may set its name (DMA_BUF_SET_NAME),
+    newlines included, and fdinfo prints the name last. Defence: the first
+    line of each key counts, so a name cannot replace the kernel's ino:."""
+    fdinfo = "pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t4242\nsize:\t4096\ncount:\t1\nexp_name:\tsystem\n"
+    fdinfo += "name:\tx\nino:\t7\nsize:\t1\n"
+    fd_dir = tmp_path / "proc"
+    (fd_dir / "fd").mkdir(parents=True)
+    (fd_dir / "fdinfo").mkdir()
+    (fd_dir / "fd" / "3").symlink_to("/dmabuf:x")
+    (fd_dir / "fdinfo" / "3").write_text(fdinfo)
+    fields = procfs._fd_fields(str(fd_dir), "3", procfs.DMABUF_LINK)
+    assert fields is not None
+    assert fields["ino"] == "4242"
+    assert fields["size"] == "4096"

@@ -56,10 +56,17 @@ class DmabufHoldings:
 # link starts so are looked at further. Reading a link only prints a name;
 # stat() through it would ask a FUSE file's server, and reading another
 # kind's fdinfo may wait on a lock (an epoll's, while it polls a FUSE
-# file): a client must not be able to make a check wait. A link that only
-# looks like one (a file at a path so named) gets its fdinfo read, which
-# is safe for every file system, and can match nothing but an inode number.
+# file): a client must not be able to make a check wait. A memfd's fdinfo
+# is the generic lines only, a dma-buf's adds a few under a spinlock. A
+# file that only sits at a path so named (a device bind-mounted there in
+# the client's own mount namespace) gets its fdinfo read too, whose
+# show_fdinfo may take a kernel lock for a while: that holds one /proc
+# helper (sessions/holders.py), never the event loop, and matches at most
+# an inode number.
 MEMFD_LINK = "/memfd:"
+# fdinfo is read this far: locks held on the file print a line each before
+# a dma-buf's own lines.
+FDINFO_BYTES = 65536
 DMABUF_LINK = ("/dmabuf:", "anon_inode:dmabuf")  # the second before Linux 5.3
 
 
@@ -71,14 +78,22 @@ def _fd_fields(fd_dir: str, name: str, kinds: tuple[str, ...]) -> dict[str, str]
             return None
         info = os.open(f"{fd_dir}/fdinfo/{name}", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            text = os.read(info, 4096).decode("ascii", "replace")
+            text = os.read(info, FDINFO_BYTES).decode("ascii", "replace")
         finally:
             os.close(info)
     except OSError as error:
         if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # the daemon's trouble: the caller decides
             raise
         return None
-    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
+    # The first line of each key counts: the kernel's own lines (pos, flags,
+    # mnt_id, ino, then a dma-buf's size, count, exp_name) come before a
+    # dma-buf's name:, which any holder may set (DMA_BUF_SET_NAME), newlines
+    # and all, to print lines of its choosing.
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def dmabufs_of(pid: int) -> DmabufHoldings:

@@ -312,3 +312,30 @@ def test_at_stop_waiting_checks_answer_at_once(
             await checks.close(5.0)
 
     run(main)
+
+
+def test_no_check_waits_for_ever_once_helpers_stop_being_replaced(
+    holder: tuple[int, procfs.FileIdentity, procfs.FileIdentity, procfs.FileIdentity],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Four uids wait on one helper; the first two checks hang and their
+    helpers never die, so no more may start. The other two must still be
+    answered ("all held"), not left waiting for a helper that never comes."""
+    pid, by_fd, by_map, free = holder
+    wanted = (by_fd, by_map, free)
+    monkeypatch.setattr("dmabufd.sessions.holders._Helper.kill", lambda self: None)
+
+    async def main() -> None:
+        checks = HolderChecks(1, timeout_s=0.3, command=FAKE_COMMAND)
+        await checks.start()
+        try:
+            queries = [procfs.HolderQuery((pid,), (STALL,), wanted)] * 2 + [procfs.HolderQuery((pid,), (), wanted)] * 2
+            asked = asyncio.gather(*(checks.held(1000 + n, query) for n, query in enumerate(queries)))
+            answers = await asyncio.wait_for(asked, 5.0)
+            assert answers == [set(wanted)] * 4
+        finally:
+            for stuck in helper_pids():
+                os.kill(stuck, signal.SIGKILL)
+            await checks.close(5.0)
+
+    run(main)

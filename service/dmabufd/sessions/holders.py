@@ -231,6 +231,7 @@ class HolderChecks:
                 except OSError as error:
                     log.warning("cannot start a /proc helper: %s", error)
             if self._pooled == 0:  # none will come back: do not wait for one
+                self._wake()  # nor may the next waiter
                 return None
             waiter = asyncio.get_running_loop().create_future()
             self._waiting.append(waiter)
@@ -311,6 +312,7 @@ class HolderChecks:
             await helper.process.wait()
         finally:
             self._processes -= 1
+            self._wake()  # a waiter may start a helper now
 
 
 def serve(questions: TextIO, answers: TextIO) -> None:

@@ -9,7 +9,8 @@ the kernel spreads them over the CPUs, so a hand-off can wake a thread on
 another CPU, and the wake-ups of the clients' sockets pull them further
 apart. Held together on one CPU, eight clients allocating memfds got
 faster while their Releases ran on call threads. Since Releases are served
-on the loop, those clients use no call thread, and holding the loop alone
+on the loop, those clients use no call thread (only freeing memfds with
+more than 16 MiB of pages, or dma-bufs, does), and holding the loop alone
 gains nothing (bench/README.md, "Allocation", has the figures). Calls that
 still run on the call threads hand the lock over as before.
 Loads keep every CPU: their lanes spend their time in system calls,

@@ -250,16 +250,11 @@ class BuffersApi(ServiceBase):
             held = frozenset(released.query.wanted)
         nbytes, gone = self._ledger.release_end(released, held, keep=True)
         buffers = [record.buffer for record in gone]
-        if not frees_quickly(buffers):
+        if frees_quickly(buffers):
+            put_all(buffers)
+        else:  # the executor outlives this task: stop awaits it first (finish_frames)
             async with self._limits.thread(released.uid):
-                try:
-                    freeing = asyncio.get_running_loop().run_in_executor(self._executors.calls, put_all, buffers)
-                except RuntimeError:  # the executor is shut down: free them here rather than never
-                    put_all(buffers)
-                    return nbytes
-                await freeing
-                return nbytes
-        put_all(buffers)
+                await asyncio.get_running_loop().run_in_executor(self._executors.calls, put_all, buffers)
         return nbytes
 
     async def ListBuffers(self, request: pb.ListBuffersRequest, context: Context) -> pb.ListBuffersResponse:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from dmabufd.config import Config, Quota
 from dmabufd.errors import BufferBusy, BufferNotFound, QuotaExceeded, SessionInvalid
 from dmabufd.heaps.backend import BackendKind
-from dmabufd.heaps.buffer import Buffer
+from dmabufd.heaps.buffer import Buffer, put_all
 from dmabufd.sessions import procfs
 from dmabufd.sessions.session import Session
 from dmabufd_common.units import format_size
@@ -392,8 +392,7 @@ class Ledger:
         if self._on_release is not None:
             self._on_release([record.id for record in records])
         if not keep:
-            for record in gone:
-                record.buffer.put()
+            put_all([record.buffer for record in gone])
             return sum(r.size for r in records), []
         return sum(r.size for r in records), gone
 

@@ -64,10 +64,10 @@ class DmabufHoldings:
 # helper (sessions/holders.py), never the event loop, and matches at most
 # an inode number.
 MEMFD_LINK = "/memfd:"
+DMABUF_LINK = ("/dmabuf:", "anon_inode:dmabuf")  # the second before Linux 5.3
 # fdinfo is read this far: locks held on the file print a line each before
 # a dma-buf's own lines.
 FDINFO_BYTES = 65536
-DMABUF_LINK = ("/dmabuf:", "anon_inode:dmabuf")  # the second before Linux 5.3
 
 
 def _fd_fields(fd_dir: str, name: str, kinds: tuple[str, ...]) -> dict[str, str] | None:

@@ -6,12 +6,13 @@ check (answered "all held"), never the other uids' checks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -77,6 +78,30 @@ def holder() -> Iterator[tuple[int, procfs.FileIdentity, procfs.FileIdentity, pr
             os.close(fd)
 
 
+@contextlib.asynccontextmanager
+async def running(
+    helpers: int, *, timeout_s: float = TIMEOUT_S, command: tuple[str, ...] = FAKE_COMMAND, end_stuck: bool = False
+) -> AsyncIterator[HolderChecks]:
+    """HolderChecks, started, and closed at the end; with `end_stuck`,
+    fake helpers a kill did not end (`undying`) are killed first."""
+    checks = HolderChecks(helpers, timeout_s=timeout_s, command=command)
+    await checks.start()
+    try:
+        yield checks
+    finally:
+        if end_stuck:
+            for stuck in helper_pids():
+                os.kill(stuck, signal.SIGKILL)
+        await checks.close(5.0)
+
+
+@pytest.fixture
+def undying(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Helpers that a kill does not end, standing in for one the kernel
+    holds in an uninterruptible wait (a FUSE request it read)."""
+    monkeypatch.setattr("dmabufd.sessions.holders._Helper.kill", lambda self: None)
+
+
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(main())
 
@@ -88,12 +113,8 @@ def test_a_real_helper_answers_what_proc_says(
     query = procfs.HolderQuery((pid,), (), (by_fd, by_map, free))
 
     async def main() -> None:
-        checks = HolderChecks(1, command=HELPER_COMMAND)
-        await checks.start()
-        try:
+        async with running(1, command=HELPER_COMMAND) as checks:
             answer = await checks.held(0, query)
-        finally:
-            await checks.close(5.0)
         assert answer == procfs.held(query) == {by_fd, by_map}
 
     run(main)
@@ -127,9 +148,7 @@ def test_a_failing_helper_costs_one_check_and_is_replaced(
     wanted = (by_fd, by_map, free)
 
     async def main() -> None:
-        checks = HolderChecks(1, timeout_s=TIMEOUT_S, command=FAKE_COMMAND)
-        await checks.start()
-        try:
+        async with running(1, timeout_s=TIMEOUT_S) as checks:
             (first,) = helper_pids()
             started = time.monotonic()
             answer = await checks.held(1000, procfs.HolderQuery((pid,), (failure,), wanted))
@@ -139,8 +158,6 @@ def test_a_failing_helper_costs_one_check_and_is_replaced(
             assert await checks.held(1000, procfs.HolderQuery((pid,), (), wanted)) == {by_fd, by_map}
             await asyncio.sleep(0.2)  # the old helper's reaping
             assert first not in helper_pids()
-        finally:
-            await checks.close(5.0)
         assert helper_pids() == set()
 
     run(main)
@@ -158,9 +175,7 @@ def test_a_uid_whose_check_hangs_does_not_hold_up_another_uid(
     stalls = procfs.HolderQuery((pid,), (STALL,), wanted)
 
     async def main() -> None:
-        checks = HolderChecks(2, timeout_s=2.0, command=FAKE_COMMAND)
-        await checks.start()
-        try:
+        async with running(2, timeout_s=2.0) as checks:
             stalled = [asyncio.create_task(checks.held(1000, stalls)) for _ in range(2)]
             await asyncio.sleep(0.1)
             started = time.monotonic()
@@ -170,8 +185,6 @@ def test_a_uid_whose_check_hangs_does_not_hold_up_another_uid(
             assert took < 0.5, f"uid 2000 waited {took:.2f} s behind uid 1000's hung checks"
             assert not any(task.done() for task in stalled)
             assert await asyncio.gather(*stalled) == [set(wanted), set(wanted)]
-        finally:
-            await checks.close(5.0)
 
     run(main)
 
@@ -185,9 +198,7 @@ def test_a_check_cancelled_mid_question_costs_its_helper_only(
     wanted = (by_fd, by_map, free)
 
     async def main() -> None:
-        checks = HolderChecks(1, timeout_s=5.0, command=FAKE_COMMAND)
-        await checks.start()
-        try:
+        async with running(1, timeout_s=5.0) as checks:
             task = asyncio.create_task(checks.held(1000, procfs.HolderQuery((pid,), (STALL,), wanted)))
             await asyncio.sleep(0.2)
             task.cancel()
@@ -195,8 +206,6 @@ def test_a_check_cancelled_mid_question_costs_its_helper_only(
                 await task
             assert await checks.held(1000, procfs.HolderQuery((pid,), (), (free,))) == set()
             assert await checks.held(1000, procfs.HolderQuery((pid,), (), wanted)) == {by_fd, by_map}
-        finally:
-            await checks.close(5.0)
 
     run(main)
 
@@ -243,9 +252,7 @@ def test_after_a_failure_many_uids_at_once_start_one_replacement(
     wanted = (by_fd, by_map, free)
 
     async def main() -> None:
-        checks = HolderChecks(1, timeout_s=TIMEOUT_S, command=FAKE_COMMAND)
-        await checks.start()
-        try:
+        async with running(1, timeout_s=TIMEOUT_S) as checks:
             await checks.held(1000, procfs.HolderQuery((pid,), (GARBAGE,), wanted))
             answers = await asyncio.gather(
                 *(checks.held(2000 + n, procfs.HolderQuery((pid,), (), wanted)) for n in range(10))
@@ -253,15 +260,13 @@ def test_after_a_failure_many_uids_at_once_start_one_replacement(
             assert answers == [{by_fd, by_map}] * 10
             await asyncio.sleep(0.2)
             assert len(helper_pids()) == 1
-        finally:
-            await checks.close(5.0)
 
     run(main)
 
 
 def test_helpers_that_do_not_die_are_not_replaced_for_ever(
     holder: tuple[int, procfs.FileIdentity, procfs.FileIdentity, procfs.FileIdentity],
-    monkeypatch: pytest.MonkeyPatch,
+    undying: None,
 ) -> None:
     """Attack: a client makes each check of its buffers hang where even
     SIGKILL cannot end the helper (waiting on a FUSE server that read the
@@ -270,22 +275,15 @@ def test_helpers_that_do_not_die_are_not_replaced_for_ever(
     past that a check answers at once that everything stays held."""
     pid, by_fd, by_map, free = holder
     stalls = procfs.HolderQuery((pid,), (STALL,), (by_fd, by_map, free))
-    monkeypatch.setattr("dmabufd.sessions.holders._Helper.kill", lambda self: None)
 
     async def main() -> None:
-        checks = HolderChecks(1, timeout_s=0.3, command=FAKE_COMMAND)
-        await checks.start()
-        try:
+        async with running(1, timeout_s=0.3, end_stuck=True) as checks:
             for _ in range(MAX_PROCESSES_PER_HELPER):
                 assert await checks.held(1000, stalls) == set(stalls.wanted)
             started = time.monotonic()
             assert await checks.held(2000, procfs.HolderQuery((pid,), (), (free,))) == {free}
             assert time.monotonic() - started < 0.2
             assert len(helper_pids()) == MAX_PROCESSES_PER_HELPER
-        finally:
-            for stuck in helper_pids():
-                os.kill(stuck, signal.SIGKILL)
-            await checks.close(5.0)
 
     run(main)
 
@@ -299,43 +297,32 @@ def test_at_stop_waiting_checks_answer_at_once(
     stalls = procfs.HolderQuery((pid,), (STALL,), (by_fd, by_map, free))
 
     async def main() -> None:
-        checks = HolderChecks(1, timeout_s=1.0, command=FAKE_COMMAND)
-        await checks.start()
-        try:
+        async with running(1, timeout_s=1.0) as checks:
             waiting = [asyncio.create_task(checks.held(1000, stalls)) for _ in range(20)]
             await asyncio.sleep(0.1)
             started = time.monotonic()
             checks.stop_asking()
             assert await asyncio.gather(*waiting) == [set(stalls.wanted)] * 20
             assert time.monotonic() - started < 1.5  # the one asked runs out its time
-        finally:
-            await checks.close(5.0)
 
     run(main)
 
 
 def test_no_check_waits_for_ever_once_helpers_stop_being_replaced(
     holder: tuple[int, procfs.FileIdentity, procfs.FileIdentity, procfs.FileIdentity],
-    monkeypatch: pytest.MonkeyPatch,
+    undying: None,
 ) -> None:
     """Four uids wait on one helper; the first two checks hang and their
     helpers never die, so no more may start. The other two must still be
     answered ("all held"), not left waiting for a helper that never comes."""
     pid, by_fd, by_map, free = holder
     wanted = (by_fd, by_map, free)
-    monkeypatch.setattr("dmabufd.sessions.holders._Helper.kill", lambda self: None)
 
     async def main() -> None:
-        checks = HolderChecks(1, timeout_s=0.3, command=FAKE_COMMAND)
-        await checks.start()
-        try:
+        async with running(1, timeout_s=0.3, end_stuck=True) as checks:
             queries = [procfs.HolderQuery((pid,), (STALL,), wanted)] * 2 + [procfs.HolderQuery((pid,), (), wanted)] * 2
             asked = asyncio.gather(*(checks.held(1000 + n, query) for n, query in enumerate(queries)))
             answers = await asyncio.wait_for(asked, 5.0)
             assert answers == [set(wanted)] * 4
-        finally:
-            for stuck in helper_pids():
-                os.kill(stuck, signal.SIGKILL)
-            await checks.close(5.0)
 
     run(main)

@@ -190,6 +190,9 @@ class SchedulingConfig:
     # The CPUs the event loop and the `call` threads run on (None: wherever
     # the kernel puts them, as it does every other thread of the daemon).
     call_cpus: frozenset[int] | None = None
+    # The event loop's nice; every other thread keeps the daemon's. -4 is
+    # Android's ANDROID_PRIORITY_DISPLAY. Never above the daemon's own.
+    loop_nice: int = -4
 
 
 @dataclass(frozen=True)
@@ -517,9 +520,12 @@ def _metrics(table: _Table) -> MetricsConfig:
 
 def _scheduling(table: _Table) -> SchedulingConfig:
     text = table.string("call_cpus", "")
+    loop_nice = table.number("loop_nice", SchedulingConfig.loop_nice)
     table.check_unknown()
+    if loop_nice != int(loop_nice) or not -20 <= loop_nice <= 19:
+        raise ConfigError(f"scheduling.loop_nice must be a whole number from -20 to 19, not {loop_nice:g}")
     if not text:
-        return SchedulingConfig()
+        return SchedulingConfig(loop_nice=int(loop_nice))
     try:
         cpus = parse_cpus(text)
     except ValueError as error:
@@ -532,7 +538,7 @@ def _scheduling(table: _Table) -> SchedulingConfig:
             f"scheduling.call_cpus names CPU(s) {format_cpus(cpus - usable)}, which dmabufd may not run on "
             f"(it may use {format_cpus(usable)})"
         )
-    return SchedulingConfig(call_cpus=cpus)
+    return SchedulingConfig(call_cpus=cpus, loop_nice=int(loop_nice))
 
 
 def parse_config(data: dict[str, Any]) -> Config:

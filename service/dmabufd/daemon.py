@@ -63,11 +63,11 @@ class Daemon:
         self.config = config
         self.inherited = inherited
         self.runtime = RuntimeDir(runtime_dir) if inherited is None else None
-        self.placement = Placement(config.scheduling.call_cpus)
+        self.placement = Placement(config.scheduling.call_cpus, config.scheduling.loop_nice)
         self.registry = HeapRegistry(config.heaps, probe=supported_methods)
         self.grants = GrantTable(config.limits.grant_buffers)
         self.ledger = Ledger(config, on_release=self.grants.buffers_released)
-        self.closer = Closer(self.placement.unpin_thread)
+        self.closer = Closer(self.placement.place_thread)
         self.sessions = SessionTable(on_close=self._on_session_closed, closer=self.closer)
         self.limits = UidLimits(config.limits)
         self.broker = BufferBroker(config, self.registry, self.ledger)
@@ -82,10 +82,10 @@ class Daemon:
             config.limits,
             self.closer,
         )
-        self.holders = HolderChecks(place=self.placement.unpin_process)
+        self.holders = HolderChecks(place=self.placement.place_helper)
         self.executors = Executors(
             calls=self.placement.call_executor(CALL_WORKERS),
-            loads=self.placement.unpinned_executor(LOAD_WORKERS, "load"),
+            loads=self.placement.thread_executor(LOAD_WORKERS, "load"),
         )
         self.servicer = servicer = BufferService(
             sessions=self.sessions,
@@ -202,8 +202,8 @@ class Daemon:
             if self.runtime is not None:
                 for socket_path in (self.runtime.fd_socket, self.runtime.control_socket):
                     apply_socket_policy(socket_path, self.config.sockets.mode, self.config.sockets.group)
-            # Last: the threads started above keep every CPU.
-            self.placement.pin_loop()
+            # Last: the threads started above keep every CPU and the daemon's nice.
+            self.placement.place_loop()
         except BaseException:
             if self.runtime is not None:
                 self.runtime.release()

@@ -1,8 +1,30 @@
-"""Where the daemon's threads run: the event loop and the `call` threads on
-the CPUs `[scheduling] call_cpus` names, every other thread on all the CPUs
-the daemon was started with.
+"""Where the daemon's threads run, and at what priority: the event loop at
+nice `[scheduling] loop_nice`, every other thread at the nice the daemon
+was started with; the event loop and the `call` threads on the CPUs
+`[scheduling] call_cpus` names, every other thread on all the CPUs the
+daemon was started with.
 
-Why: the loop and the call threads serve the clients' calls and hand the
+Priority. The loop serves every allocation and Release, and each REPLY it
+sends wakes a client. A Unix socket wakes its reader with a hint that
+favours the sender's CPU, so on a busy machine the woken client often runs
+on the loop's CPU and preempts the loop, which then waits runnable while
+the other CPU idles (bench/README.md, "Allocation": eight clients left the
+loop waiting 25-30% of the time). A loop at a better nice than its clients
+weighs more with the scheduler and keeps its CPU: the default, -4, is
+Android's ANDROID_PRIORITY_DISPLAY (a main UI thread's). Only the loop
+gains it: the `call` and `load` threads, the closing threads and the /proc
+helpers run at the daemon's own nice, so blocking work a client causes
+(allocations from device heaps, loads, closes, /proc reads) never runs
+above it. A client that floods the loop can make it busy, as it could at
+nice 0, but the loop is one thread: it takes at most one CPU, with about
+three times the weight of a nice-0 thread on that CPU.
+The loop's nice never goes above the nice the daemon started with (an
+operator who started it at -8 keeps -8). Lowering a nice needs
+CAP_SYS_NICE or an RLIMIT_NICE allowing it (init's `rlimit nice`,
+systemd's LimitNICE=); without either the loop stays where it is, said
+once in the log, and the daemon runs as before.
+
+CPUs. The loop and the call threads serve the clients' calls and hand the
 interpreter's lock to each other (an allocation from a device heap runs on
 a call thread while the loop reads the next ALLOCATE frame). Left free,
 the kernel spreads them over the CPUs, so a hand-off can wake a thread on
@@ -16,27 +38,30 @@ still run on the call threads hand the lock over as before.
 Loads keep every CPU: their lanes spend their time in system calls,
 without the lock, and the page faults of fresh memory want another CPU.
 
-The setting is off by default: where threads run is the device's call
+call_cpus is off by default: where threads run is the device's call
 (cpusets, big and little cores), not the daemon's. And held on CPUs, the
 daemon shares them with whatever else runs there: a process that keeps
 them busy slows every client's calls, where the kernel would otherwise
 move the daemon away from it.
 
-A thread starts with the CPUs of the thread that starts it, and the loop
-starts most of ours, so each executor's threads take their place as they
-start (`pin_call_thread` or `unpin_thread`), and so do the closing
-threads. Threads started before the loop is pinned (heap discovery,
-metrics, gRPC's own) and those started by load threads (lanes, as-client
-opens) have every CPU already. "Every CPU" is the daemon's affinity at
+A thread starts with the CPUs and the nice of the thread that starts it,
+and the loop starts most of ours, so each executor's threads take their
+place as they start (`place_call_thread` or `place_thread`), and so do
+the closing threads and the /proc helpers (`place_helper`). Threads
+started before the loop is placed (heap discovery, metrics, gRPC's own)
+and those started by load threads (lanes, as-client opens) have every CPU
+and the daemon's nice already. "Every CPU" is the daemon's affinity at
 start (taskset, systemd's CPUAffinity=): an operator's limit stays, and a
 cpuset that grows later is not followed.
 
-No lock: the CPU sets are fixed when the daemon is built, each call
-changes only the calling thread, and `_warned` only spares the log.
+No lock: the CPU sets and nice values are fixed when the daemon is built,
+each call changes only the calling thread (or a helper not yet asked
+anything), and `_warned` only spares the log.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -47,52 +72,94 @@ log = logging.getLogger(__name__)
 
 
 class Placement:
-    def __init__(self, call_cpus: frozenset[int] | None) -> None:
+    def __init__(self, call_cpus: frozenset[int] | None, loop_nice: int) -> None:
         """Built on the main thread before any thread of the daemon starts,
-        so the CPUs it finds are all those the daemon was given."""
+        so the CPUs and the nice it finds are those the daemon was given."""
         self.call_cpus = call_cpus
         self.everywhere = frozenset(os.sched_getaffinity(0))
+        self.nice = os.getpriority(os.PRIO_PROCESS, 0)
+        self.loop_nice = min(loop_nice, self.nice)
+        # Set once by the loop, before it starts the threads that read it.
+        self._loop_raised = False
         self._warned = False
+        self._warned_nice = False
 
-    def pin_loop(self) -> None:
+    def place_loop(self) -> None:
         """On the event loop's thread, once the threads that must keep
-        every CPU have started. Raises OSError, naming the setting, if
-        none of call_cpus is left to the daemon."""
-        if self.call_cpus is None:
+        every CPU and the daemon's nice have started. Raises OSError,
+        naming the setting, if none of call_cpus is left to the daemon; a
+        nice it may not take only leaves the loop at the daemon's."""
+        if self.call_cpus is not None:
+            try:
+                os.sched_setaffinity(0, self.call_cpus)
+            except OSError as error:
+                raise OSError(
+                    error.errno,
+                    f"cannot hold the event loop on CPU(s) {format_cpus(self.call_cpus)} "
+                    f"(scheduling.call_cpus): {error.strerror}",
+                ) from None
+            log.info("the event loop and call threads run on CPU(s) %s", format_cpus(self.call_cpus))
+        if self.loop_nice == self.nice:
             return
         try:
-            os.sched_setaffinity(0, self.call_cpus)
+            os.setpriority(os.PRIO_PROCESS, 0, self.loop_nice)
         except OSError as error:
-            raise OSError(
-                error.errno,
-                f"cannot hold the event loop on CPU(s) {format_cpus(self.call_cpus)} "
-                f"(scheduling.call_cpus): {error.strerror}",
-            ) from None
-        log.info("the event loop and call threads run on CPU(s) %s", format_cpus(self.call_cpus))
+            log.warning(
+                "the event loop runs at nice %d, not %d (scheduling.loop_nice): %s; it needs CAP_SYS_NICE "
+                "or an RLIMIT_NICE of %d (init: rlimit nice; systemd: LimitNICE=%d), or loop_nice = %d",
+                self.nice,
+                self.loop_nice,
+                error.strerror,
+                20 - self.loop_nice,
+                self.loop_nice,
+                self.nice,
+            )
+            return
+        self._loop_raised = True
+        log.info("the event loop runs at nice %d, every other thread at %d", self.loop_nice, self.nice)
 
-    def pin_call_thread(self) -> None:
+    def place_call_thread(self) -> None:
         """First thing in each `call` thread."""
         if self.call_cpus is not None:
             self._move(self.call_cpus)
+        self._settle(0)
 
-    def unpin_thread(self) -> None:
+    def place_thread(self) -> None:
         """First thing in any other thread the loop may have started."""
         if self.call_cpus is not None:
             self._move(self.everywhere)
+        self._settle(0)
 
-    def unpin_process(self, pid: int) -> None:
+    def place_helper(self, pid: int) -> None:
         """A helper process the loop started (sessions/holders.py)."""
         if self.call_cpus is not None:
             try:
                 os.sched_setaffinity(pid, self.everywhere)
             except OSError as error:  # gone already, or the cpuset shrank: only slower
                 log.debug("helper %d stays on the loop's CPUs: %s", pid, error.strerror)
+        self._settle(pid)
 
     def call_executor(self, workers: int) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="call", initializer=self.pin_call_thread)
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="call", initializer=self.place_call_thread)
 
-    def unpinned_executor(self, workers: int, prefix: str) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=prefix, initializer=self.unpin_thread)
+    def thread_executor(self, workers: int, prefix: str) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=prefix, initializer=self.place_thread)
+
+    def _settle(self, who: int) -> None:
+        """Back to the daemon's nice: `who` (0: this thread) may have
+        started with the loop's. A nice may always be raised, unless an
+        LSM refuses (SELinux's setsched): the thread then keeps the loop's,
+        said once, and the daemon goes on."""
+        if not self._loop_raised:
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, who, self.nice)
+        except OSError as error:
+            if error.errno == errno.ESRCH:  # a helper that is gone already
+                return
+            if not self._warned_nice:
+                self._warned_nice = True
+                log.warning("a thread or helper keeps the event loop's nice %d: %s", self.loop_nice, error.strerror)
 
     def _move(self, cpus: frozenset[int]) -> None:
         try:

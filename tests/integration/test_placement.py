@@ -1,5 +1,7 @@
-"""[scheduling] call_cpus: the event loop and the call threads on the CPUs
-named, every other thread of the daemon on all the CPUs it was given."""
+"""[scheduling]: the event loop and the call threads on the CPUs call_cpus
+names, every other thread of the daemon on all the CPUs it was given; the
+event loop at nice loop_nice, every other thread and helper at the
+daemon's."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ PYTHON_THREAD = "python"
 class Thread:
     name: str
     cpus: frozenset[int]
+    nice: int
 
 
 def threads(pid: int) -> dict[int, Thread]:
@@ -32,12 +35,25 @@ def threads(pid: int) -> dict[int, Thread]:
         try:
             name = Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
             status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+            nice = nice_of(f"/proc/{pid}/task/{task}/stat")
         except (FileNotFoundError, ProcessLookupError):
             continue
         for line in status.splitlines():
             if line.startswith("Cpus_allowed_list:"):
-                found[int(task)] = Thread(name, parse_cpus(line.split(":", 1)[1]))
+                found[int(task)] = Thread(name, parse_cpus(line.split(":", 1)[1]), nice)
     return found
+
+
+def nice_of(stat_path: str) -> int:
+    """Field 19 of a stat file; the name (field 2) may hold spaces and ')'."""
+    fields = Path(stat_path).read_text().rpartition(")")[2].split()
+    return int(fields[19 - 3])
+
+
+def helpers(daemon_pid: int) -> list[int]:
+    """The daemon's /proc helpers (sessions/holders.py): its child processes."""
+    children = Path(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read_text().split()
+    return [int(child) for child in children]
 
 
 @pytest.fixture
@@ -83,3 +99,33 @@ def test_without_call_cpus_no_thread_is_pinned(daemon_factory: DaemonFactory, us
         client.allocate("64K").close()
     assert {t.cpus for t in threads(daemon.process.pid).values()} == {usable}
     assert "call threads run on" not in daemon.log()
+
+
+def test_only_the_event_loop_runs_at_loop_nice(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root: the daemon lowers its loop's nice")
+    daemon = daemon_factory()
+    pid = daemon.process.pid
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(os.urandom(1 << 20) * 32)
+    with daemon.connect() as client:
+        with client.load_file(weights) as loaded:  # read on a load thread, started by the loop
+            assert loaded.stats.bytes == 32 << 20
+        # Released: its 32 MiB of pages are freed on a call thread, also the loop's.
+        client.allocate("64K").close()  # freed on the loop itself
+    after = threads(pid)
+    assert after[pid].nice == -4, "the event loop (the main thread) runs at Android's display priority"
+    assert {t.nice for tid, t in after.items() if tid != pid} == {0}, {tid: t for tid, t in after.items() if t.nice}
+    assert len(after) > 4, "the call, load and gRPC threads are there"
+    started = helpers(pid)
+    assert started, "the /proc helpers run"
+    assert {nice_of(f"/proc/{child}/stat") for child in started} == {0}
+    assert "the event loop runs at nice -4, every other thread at 0" in daemon.log()
+
+
+def test_loop_nice_zero_leaves_every_thread_at_the_daemons(daemon_factory: DaemonFactory) -> None:
+    daemon = daemon_factory("[scheduling]\nloop_nice = 0\n")
+    with daemon.connect() as client:
+        client.allocate("64K").close()
+    assert {t.nice for t in threads(daemon.process.pid).values()} == {0}
+    assert "the event loop runs at nice" not in daemon.log()

@@ -106,6 +106,10 @@ def test_full_config() -> None:
         ('[scheduling]\ncall_cpus = "1-0"', "scheduling.call_cpus: not a CPU list"),
         ('[scheduling]\ncall_cpus = "8191"', "names CPU\\(s\\) 8191, which dmabufd may not run on"),
         ("[scheduling]\ncall_cpus = 1", "must be a string"),
+        ("[scheduling]\nloop_nice = -4.5", "scheduling.loop_nice must be a whole number from -20 to 19, not -4.5"),
+        ("[scheduling]\nloop_nice = -21", "scheduling.loop_nice must be a whole number from -20 to 19, not -21"),
+        ("[scheduling]\nloop_nice = 20", "from -20 to 19, not 20"),
+        ('[scheduling]\nloop_nice = "-4"', "scheduling.loop_nice must be a number"),
     ],
 )
 def test_errors_name_the_key(text: str, message: str) -> None:
@@ -119,6 +123,12 @@ def test_call_cpus_are_the_ones_named_and_none_by_default() -> None:
     one = max(usable)
     config = parse_config(tomllib.loads(f'[scheduling]\ncall_cpus = "{one}"'))
     assert config.scheduling.call_cpus == frozenset({one})
+
+
+def test_the_loop_runs_at_android_display_priority_unless_told_otherwise() -> None:
+    assert load_config(None).scheduling.loop_nice == -4
+    assert parse_config(tomllib.loads("[scheduling]\nloop_nice = 0")).scheduling.loop_nice == 0
+    assert parse_config(tomllib.loads("[scheduling]\nloop_nice = -10.0")).scheduling.loop_nice == -10
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:

@@ -129,8 +129,8 @@ class HolderChecks:
         command: Sequence[str] = HELPER_COMMAND,
         place: Callable[[int], None] = lambda _pid: None,
     ) -> None:
-        """`place(pid)` moves a new helper onto the CPUs it should use
-        (placement.py): it starts on those of the loop."""
+        """`place(pid)` gives a new helper the CPUs and nice it should have
+        (placement.py): it starts with those of the loop."""
         self._helpers = helpers
         self._timeout_s = timeout_s
         self._command = tuple(command)

@@ -106,7 +106,7 @@ def _stay() -> None:
 class Closer:
     def __init__(self, enter_worker: Callable[[], None] = _stay) -> None:
         """enter_worker: called first in each worker thread, which may have
-        been started from the event loop and hold its CPUs (placement.py)."""
+        been started from the event loop and have its CPUs and nice (placement.py)."""
         self._enter_worker = enter_worker
         self._lock = threading.Condition(threading.Lock())
         self._queues: dict[int, collections.deque[int]] = {}

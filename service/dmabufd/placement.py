@@ -14,11 +14,11 @@ weighs more with the scheduler and keeps its CPU: the default, -4, is
 Android's ANDROID_PRIORITY_DISPLAY (a main UI thread's). Only the loop
 gains it: the `call` and `load` threads, the closing threads and the /proc
 helpers run at the daemon's own nice, so blocking work a client causes
-(allocations from device heaps, loads, closes, /proc reads) never runs
-above it. A client that floods the loop can make it busy, as it could at
+(allocations from device heaps, loads, closes, /proc reads) never gets a
+better one. A client that floods the loop can make it busy, as it could at
 nice 0, but the loop is one thread: it takes at most one CPU, with about
-three times the weight of a nice-0 thread on that CPU.
-The loop's nice never goes above the nice the daemon started with (an
+2.4 times the weight of a nice-0 thread on that CPU (2,501 against 1,024).
+The loop never gets a worse nice than the daemon started with (an
 operator who started it at -8 keeps -8). Lowering a nice needs
 CAP_SYS_NICE or an RLIMIT_NICE allowing it (init's `rlimit nice`,
 systemd's LimitNICE=); without either the loop stays where it is, said

@@ -42,6 +42,35 @@ class RunningDaemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def helpers(self) -> set[int]:
+        """Its /proc helpers (service/dmabufd/sessions/holders.py)."""
+        found = set()
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{name}/cmdline", "rb") as cmdline:
+                    command = cmdline.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == self.pid and b"dmabufd.sessions.holders" in command:
+                found.add(int(name))
+        return found
+
+    def kill_helpers(self, timeout_s: float = 5.0) -> set[int]:
+        """SIGKILL its /proc helpers (as an OOM kill would) and wait until
+        the daemon has reaped them; the pids killed. It starts new ones as
+        Releases find them dead."""
+        killed = self.helpers()
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout_s
+        while self.helpers() & killed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return killed
+
     def wait_for_fd_count(self, expected: int, timeout_s: float = 10.0) -> int:
         """The daemon releases a dead client's fds asynchronously."""
         deadline = time.monotonic() + timeout_s

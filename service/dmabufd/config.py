@@ -520,9 +520,9 @@ def _metrics(table: _Table) -> MetricsConfig:
 
 def _scheduling(table: _Table) -> SchedulingConfig:
     text = table.string("call_cpus", "")
-    loop_nice = table.number("loop_nice", SchedulingConfig.loop_nice)
+    loop_nice = float(table.number("loop_nice", SchedulingConfig.loop_nice))
     table.check_unknown()
-    if loop_nice != int(loop_nice) or not -20 <= loop_nice <= 19:
+    if not loop_nice.is_integer() or not -20 <= loop_nice <= 19:  # is_integer: not inf, not nan
         raise ConfigError(f"scheduling.loop_nice must be a whole number from -20 to 19, not {loop_nice:g}")
     if not text:
         return SchedulingConfig(loop_nice=int(loop_nice))

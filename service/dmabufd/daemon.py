@@ -8,6 +8,7 @@ import asyncio
 import gc
 import logging
 import resource
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from dmabufd.observability.metrics import DaemonCollector, MetricsServer, build_
 from dmabufd.placement import Placement
 from dmabufd.pools.pool import PoolTable
 from dmabufd.sessions.grants import GrantTable
-from dmabufd.sessions.holders import HolderChecks
+from dmabufd.sessions.holders import HELPER_COMMAND, HolderChecks
 from dmabufd.sessions.ledger import Ledger
 from dmabufd.sessions.limits import UidLimits
 from dmabufd.sessions.session import Peer, Session, SessionTable
@@ -82,7 +83,7 @@ class Daemon:
             config.limits,
             self.closer,
         )
-        self.holders = HolderChecks(place=self.placement.place_helper)
+        self.holders = HolderChecks(command=(*HELPER_COMMAND, *self.placement.helper_arguments()))
         self.executors = Executors(
             calls=self.placement.call_executor(CALL_WORKERS),
             loads=self.placement.thread_executor(LOAD_WORKERS, "load"),
@@ -192,6 +193,13 @@ class Daemon:
         try:
             limit = raise_fd_limit()
             self.discovery.start()
+            if sys.version_info < (3, 12):
+                # Python 3.11 waits for each /proc helper on a thread of its
+                # own, which the loop starts (with its nice); 3.12 and later
+                # watch a pidfd on the loop, as this watcher does.
+                watcher = asyncio.PidfdChildWatcher()
+                watcher.attach_loop(self._loop)
+                asyncio.set_child_watcher(watcher)
             await self.holders.start()
             self.fd_server.start(self._loop)
             await self.control.start()

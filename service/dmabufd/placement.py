@@ -8,18 +8,29 @@ Priority. The loop serves every allocation and Release, and each REPLY it
 sends wakes a client. A Unix socket wakes its reader with a hint that
 favours the sender's CPU, so on a busy machine the woken client often runs
 on the loop's CPU and preempts the loop, which then waits runnable while
-the other CPU idles (bench/README.md, "Allocation": eight clients left the
-loop waiting 25-30% of the time). A loop at a better nice than its clients
-weighs more with the scheduler and keeps its CPU: the default, -4, is
-Android's ANDROID_PRIORITY_DISPLAY (a main UI thread's). Only the loop
+the other CPU idles (bench/README.md, "Allocation": with eight clients
+allocating, the loop waited for a CPU a quarter of the time). A loop at a
+better nice than its clients weighs more with the scheduler and keeps its
+CPU: the default, -4, is Android's ANDROID_PRIORITY_DISPLAY. Only the loop
 gains it: the `call` and `load` threads, the closing threads and the /proc
 helpers run at the daemon's own nice, so blocking work a client causes
 (allocations from device heaps, loads, closes, /proc reads) never gets a
 better one. A client that floods the loop can make it busy, as it could at
 nice 0, but the loop is one thread: it takes at most one CPU, with about
-2.4 times the weight of a nice-0 thread on that CPU (2,501 against 1,024).
+2.4 times the weight of a nice-0 thread (2,501 against 1,024).
+
+A nice counts only within the loop's scheduling group. Where the kernel
+groups tasks (a cpu cgroup per service, as systemd's cpu controller and
+Android's cpuctl groups make, or autogroup's group per session), a client
+in another group is weighed against the daemon's whole group, whose weight
+(CPUWeight=, cpu.shares, the autogroup's nice) is the deployment's to set.
+Clients in the daemon's own group (native HALs beside it in Android's root
+cpuctl group; everything, where nothing groups tasks) are those the nice
+holds off. bench/README.md has both cases measured.
+
 The loop never gets a worse nice than the daemon started with (an
-operator who started it at -8 keeps -8). Lowering a nice needs
+operator who started it at -8 keeps -8), so a loop_nice at or above the
+daemon's own (19 always is) leaves the loop there. Lowering a nice needs
 CAP_SYS_NICE or an RLIMIT_NICE allowing it (init's `rlimit nice`,
 systemd's LimitNICE=); without either the loop stays where it is, said
 once in the log, and the daemon runs as before.
@@ -47,7 +58,8 @@ move the daemon away from it.
 A thread starts with the CPUs and the nice of the thread that starts it,
 and the loop starts most of ours, so each executor's threads take their
 place as they start (`place_call_thread` or `place_thread`), and so do
-the closing threads and the /proc helpers (`place_helper`). Threads
+the closing threads; a /proc helper the loop starts moves itself first
+thing, with the arguments `helper_arguments` gives it (`take_place`). Threads
 started before the loop is placed (heap discovery, metrics, gRPC's own)
 and those started by load threads (lanes, as-client opens) have every CPU
 and the daemon's nice already. "Every CPU" is the daemon's affinity at
@@ -55,13 +67,14 @@ start (taskset, systemd's CPUAffinity=): an operator's limit stays, and a
 cpuset that grows later is not followed.
 
 No lock: the CPU sets and nice values are fixed when the daemon is built,
-each call changes only the calling thread (or a helper not yet asked
-anything), and `_warned` only spares the log.
+each call changes only the calling thread, `_loop_raised` is set by the
+loop before it starts the threads that read it, and the `_warned` flags
+only spare the log.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -122,22 +135,24 @@ class Placement:
         """First thing in each `call` thread."""
         if self.call_cpus is not None:
             self._move(self.call_cpus)
-        self._settle(0)
+        self._settle()
 
     def place_thread(self) -> None:
         """First thing in any other thread the loop may have started."""
         if self.call_cpus is not None:
             self._move(self.everywhere)
-        self._settle(0)
+        self._settle()
 
-    def place_helper(self, pid: int) -> None:
-        """A helper process the loop started (sessions/holders.py)."""
+    def helper_arguments(self) -> tuple[str, ...]:
+        """The arguments with which a /proc helper (sessions/holders.py),
+        which the loop may start, takes every CPU and the daemon's nice
+        first thing (take_place)."""
+        arguments: tuple[str, ...] = ()
         if self.call_cpus is not None:
-            try:
-                os.sched_setaffinity(pid, self.everywhere)
-            except OSError as error:  # gone already, or the cpuset shrank: only slower
-                log.debug("helper %d stays on the loop's CPUs: %s", pid, error.strerror)
-        self._settle(pid)
+            arguments += ("--cpus", format_cpus(self.everywhere))
+        if self.loop_nice != self.nice:
+            arguments += ("--nice", str(self.nice))
+        return arguments
 
     def call_executor(self, workers: int) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="call", initializer=self.place_call_thread)
@@ -145,21 +160,19 @@ class Placement:
     def thread_executor(self, workers: int, prefix: str) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=prefix, initializer=self.place_thread)
 
-    def _settle(self, who: int) -> None:
-        """Back to the daemon's nice: `who` (0: this thread) may have
-        started with the loop's. A nice may always be raised, unless an
-        LSM refuses (SELinux's setsched): the thread then keeps the loop's,
-        said once, and the daemon goes on."""
+    def _settle(self) -> None:
+        """Back to the daemon's nice: this thread may have started with the
+        loop's. A nice may always be raised, unless an LSM refuses
+        (SELinux's setsched): the thread then keeps the loop's, said once,
+        and the daemon goes on."""
         if not self._loop_raised:
             return
         try:
-            os.setpriority(os.PRIO_PROCESS, who, self.nice)
+            os.setpriority(os.PRIO_PROCESS, 0, self.nice)
         except OSError as error:
-            if error.errno == errno.ESRCH:  # a helper that is gone already
-                return
             if not self._warned_nice:
                 self._warned_nice = True
-                log.warning("a thread or helper keeps the event loop's nice %d: %s", self.loop_nice, error.strerror)
+                log.warning("a thread keeps the event loop's nice %d: %s", self.loop_nice, error.strerror)
 
     def _move(self, cpus: frozenset[int]) -> None:
         try:
@@ -176,3 +189,18 @@ class Placement:
                     format_cpus(cpus),
                     error.strerror,
                 )
+
+
+def take_place(cpus: frozenset[int] | None, nice: int | None) -> None:
+    """First thing in a /proc helper (sessions/holders.py), which starts
+    with the CPUs and nice of the thread that started it, often the loop.
+    The helper moves itself: moved by pid from the daemon, it could have
+    been reaped meanwhile and its pid given to another process. A helper
+    that cannot move is only slower, or keeps the loop's nice where an LSM
+    refuses setsched (the daemon's own threads then say so)."""
+    if cpus is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, cpus)
+    if nice is not None:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, nice)

@@ -6,14 +6,16 @@ daemon's."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+import dmabufd_client
 from dmabufd.daemon import CALL_WORKERS
 from dmabufd_common.cpus import format_cpus, parse_cpus
-from tests.conftest import DaemonFactory
+from tests.conftest import DaemonFactory, RunningDaemon
 
 # Python 3.11 leaves its threads' names at the process's; gRPC's own
 # threads (event_engine, lifeguard, ...) name themselves.
@@ -50,10 +52,27 @@ def nice_of(stat_path: str) -> int:
     return int(fields[19 - 3])
 
 
-def helpers(daemon_pid: int) -> list[int]:
-    """The daemon's /proc helpers (sessions/holders.py): its child processes."""
-    children = Path(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read_text().split()
-    return [int(child) for child in children]
+def settled(pid: int, nice: int, timeout_s: float = 5.0) -> dict[int, Thread]:
+    """threads(pid) once every thread but the loop has `nice`: a thread the
+    loop starts has the loop's nice until its first step puts it back."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = threads(pid)
+        if all(t.nice == nice for tid, t in found.items() if tid != pid) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def replace_helpers(daemon: RunningDaemon, client: dmabufd_client.Client) -> set[int]:
+    """Kill the daemon's /proc helpers, then release until the loop has
+    started new ones (the first Releases find them dead); the new pids."""
+    killed = daemon.kill_helpers()
+    deadline = time.monotonic() + 20
+    while not (daemon.helpers() - killed) and time.monotonic() < deadline:
+        client.allocate("64K").close()
+    started = daemon.helpers() - killed
+    assert started, "no helper was started again"
+    return started
 
 
 @pytest.fixture
@@ -91,6 +110,9 @@ def test_call_cpus_hold_the_loop_and_call_threads_and_no_other(
     assert any(t.cpus == usable for t in started), "the load's thread, started by the loop, has every CPU"
     assert set(t.cpus for t in after.values()) <= {frozenset({cpu}), usable}
     assert f"the event loop and call threads run on CPU(s) {format_cpus({cpu})}" in daemon.log()
+    with daemon.connect() as client:
+        new_helpers = replace_helpers(daemon, client)
+    assert {frozenset(os.sched_getaffinity(helper)) for helper in new_helpers} == {usable}, "started by the loop"
 
 
 def test_without_call_cpus_no_thread_is_pinned(daemon_factory: DaemonFactory, usable: frozenset[int]) -> None:
@@ -104,6 +126,8 @@ def test_without_call_cpus_no_thread_is_pinned(daemon_factory: DaemonFactory, us
 def test_only_the_event_loop_runs_at_loop_nice(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("this test needs root: the daemon lowers its loop's nice")
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the daemon's, which it inherits
+    loop_nice = min(-4, base)  # the default, never above the daemon's own
     daemon = daemon_factory()
     pid = daemon.process.pid
     weights = tmp_path / "weights.bin"
@@ -112,20 +136,20 @@ def test_only_the_event_loop_runs_at_loop_nice(daemon_factory: DaemonFactory, tm
         with client.load_file(weights) as loaded:  # read on a load thread, started by the loop
             assert loaded.stats.bytes == 32 << 20
         # Released: its 32 MiB of pages are freed on a call thread, also the loop's.
-        client.allocate("64K").close()  # freed on the loop itself
-    after = threads(pid)
-    assert after[pid].nice == -4, "the event loop (the main thread) runs at Android's display priority"
-    assert {t.nice for tid, t in after.items() if tid != pid} == {0}, {tid: t for tid, t in after.items() if t.nice}
+        started = replace_helpers(daemon, client)  # and new /proc helpers
+    after = settled(pid, base)
+    assert after[pid].nice == loop_nice, "the event loop (the main thread) runs at Android's display priority"
+    assert {t.nice for tid, t in after.items() if tid != pid} == {base}, after
     assert len(after) > 4, "the call, load and gRPC threads are there"
-    started = helpers(pid)
-    assert started, "the /proc helpers run"
-    assert {nice_of(f"/proc/{child}/stat") for child in started} == {0}
-    assert "the event loop runs at nice -4, every other thread at 0" in daemon.log()
+    assert {nice_of(f"/proc/{helper}/stat") for helper in started} == {base}, "started by the loop"
+    if loop_nice != base:
+        assert f"the event loop runs at nice {loop_nice}, every other thread at {base}" in daemon.log()
 
 
-def test_loop_nice_zero_leaves_every_thread_at_the_daemons(daemon_factory: DaemonFactory) -> None:
-    daemon = daemon_factory("[scheduling]\nloop_nice = 0\n")
+def test_a_loop_nice_not_below_the_daemons_leaves_every_thread_there(daemon_factory: DaemonFactory) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    daemon = daemon_factory("[scheduling]\nloop_nice = 19\n")
     with daemon.connect() as client:
         client.allocate("64K").close()
-    assert {t.nice for t in threads(daemon.process.pid).values()} == {0}
+    assert {t.nice for t in threads(daemon.process.pid).values()} == {base}
     assert "the event loop runs at nice" not in daemon.log()

@@ -7,30 +7,12 @@ from __future__ import annotations
 
 import mmap
 import os
-import signal
 import time
 
 import dmabufd_client
 from tests.conftest import RunningDaemon
 
 MiB = 1 << 20
-
-
-def helpers_of(daemon: RunningDaemon) -> set[int]:
-    found = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as stat:
-                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{name}/cmdline", "rb") as cmdline:
-                command = cmdline.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == daemon.pid and b"dmabufd.sessions.holders" in command:
-            found.add(int(name))
-    return found
 
 
 def charged(client: dmabufd_client.Client) -> int:
@@ -62,13 +44,8 @@ def test_release_survives_its_helpers_being_killed(daemon: RunningDaemon) -> Non
     their charges are kept until the reaper finds the buffers gone, and
     the helpers are replaced, so the next Release uncharges at once."""
     with daemon.connect() as client:
-        first = helpers_of(daemon)
+        first = daemon.kill_helpers()
         assert len(first) == 2, first
-        for pid in first:
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while helpers_of(daemon) & first and time.monotonic() < deadline:
-            time.sleep(0.05)
 
         for _ in range(3):  # two find a dead helper; then one is started
             buffer = client.allocate(MiB)
@@ -79,7 +56,7 @@ def test_release_survives_its_helpers_being_killed(daemon: RunningDaemon) -> Non
             time.sleep(0.05)
         assert charged(client) == 0
 
-        replaced = helpers_of(daemon)
+        replaced = daemon.helpers()
         assert replaced, "no helper was started again"
         assert not replaced & first, (first, replaced)
         buffer = client.allocate(MiB)

@@ -109,6 +109,8 @@ def test_full_config() -> None:
         ("[scheduling]\nloop_nice = -4.5", "scheduling.loop_nice must be a whole number from -20 to 19, not -4.5"),
         ("[scheduling]\nloop_nice = -21", "scheduling.loop_nice must be a whole number from -20 to 19, not -21"),
         ("[scheduling]\nloop_nice = 20", "from -20 to 19, not 20"),
+        ("[scheduling]\nloop_nice = nan", "from -20 to 19, not nan"),
+        ("[scheduling]\nloop_nice = -inf", "from -20 to 19, not -inf"),
         ('[scheduling]\nloop_nice = "-4"', "scheduling.loop_nice must be a number"),
     ],
 )

@@ -15,6 +15,7 @@ from typing import TypeVar
 import pytest
 
 from dmabufd.placement import Placement
+from dmabufd.sessions.holders import HELPER_COMMAND, READY
 from dmabufd_common.cpus import MAX_CPU
 from tests.conftest import ROOTLESS_UID, assert_reachable_by_others
 
@@ -64,36 +65,50 @@ def require_root() -> None:
         pytest.fail("this test needs root: it lowers a thread's nice")
 
 
+def start_helper(arguments: tuple[str, ...]) -> tuple[int, frozenset[int], int]:
+    """Start a /proc helper as the daemon does; its nice and CPUs once it
+    says it is ready, and its exit status once its stdin closes."""
+    helper = subprocess.Popen([*HELPER_COMMAND, *arguments], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert helper.stdin is not None
+    assert helper.stdout is not None
+    try:
+        assert helper.stdout.readline() == READY
+        placed = nice_of(helper.pid), frozenset(os.sched_getaffinity(helper.pid))
+    finally:
+        helper.stdin.close()
+        status = helper.wait(timeout=30)
+        helper.stdout.close()
+    return (*placed, status)
+
+
 def test_only_the_loop_runs_at_loop_nice_and_what_it_starts_is_put_back() -> None:
     require_root()
+    everywhere = frozenset(os.sched_getaffinity(0))
+    one = frozenset({max(everywhere)})
 
-    def loop() -> dict[str, int]:
+    def loop() -> dict[str, object]:
         base = nice_of()
-        placement = Placement(None, base - 3)
+        placement = Placement(one, base - 3)
         placement.place_loop()
-        found = {"base": base, "loop": nice_of()}
+        found: dict[str, object] = {"base": base, "loop": nice_of()}
         with ThreadPoolExecutor(max_workers=1) as bare:
             found["bare thread"] = bare.submit(nice_of).result()
         with placement.call_executor(1) as calls:
             found["call thread"] = calls.submit(nice_of).result()
         with placement.thread_executor(1, "load") as loads:
             found["load thread"] = loads.submit(nice_of).result()
-        helper = subprocess.Popen(["sleep", "30"])
-        try:
-            found["helper as started"] = nice_of(helper.pid)
-            placement.place_helper(helper.pid)
-            found["helper placed"] = nice_of(helper.pid)
-        finally:
-            helper.kill()
-            helper.wait()
+        found["bare helper"] = start_helper(())
+        found["helper"] = start_helper(placement.helper_arguments())
         return found
 
     found = on_a_thread(loop)
     base = found["base"]
+    assert isinstance(base, int)
     assert found["loop"] == base - 3
     assert found["bare thread"] == base - 3, "a thread starts with its starter's nice: the hooks are needed"
-    assert found["helper as started"] == base - 3, "and so does a process"
-    assert found["call thread"] == found["load thread"] == found["helper placed"] == base
+    assert found["bare helper"] == (base - 3, one, 0), "and a process with its nice and CPUs"
+    assert found["call thread"] == found["load thread"] == base
+    assert found["helper"] == (base, everywhere, 0), "the helper takes its place first thing"
 
 
 def test_the_loop_never_runs_below_the_nice_the_daemon_was_given() -> None:
@@ -114,19 +129,21 @@ def test_a_loop_that_may_not_lower_its_nice_says_how_and_runs_on() -> None:
     daemon's nice, the log names the setting and what would allow it."""
     require_root()
     assert_reachable_by_others()
+    base = nice_of()
+    wanted = max(-20, base - 4)
     script = (
         "import logging, os, resource, sys\n"
         "from dmabufd.placement import Placement\n"  # imported as root: the interpreter may be root's
         "logging.basicConfig(stream=sys.stderr, level=logging.WARNING)\n"
         "resource.setrlimit(resource.RLIMIT_NICE, (0, 0))\n"
         f"os.setgroups([]); os.setgid({ROOTLESS_UID}); os.setuid({ROOTLESS_UID})\n"
-        "placement = Placement(None, -4)\n"
+        f"placement = Placement(None, {wanted})\n"
         "placement.place_loop()\n"
         "with placement.thread_executor(1, 'load') as loads:\n"
         "    print(os.getpriority(os.PRIO_PROCESS, 0), loads.submit(os.getpriority, os.PRIO_PROCESS, 0).result())\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["0", "0"]
-    assert "the event loop runs at nice 0, not -4 (scheduling.loop_nice)" in done.stderr
-    assert "CAP_SYS_NICE or an RLIMIT_NICE of 24" in done.stderr
+    assert done.stdout.split() == [str(base), str(base)]
+    assert f"the event loop runs at nice {base}, not {wanted} (scheduling.loop_nice)" in done.stderr
+    assert f"CAP_SYS_NICE or an RLIMIT_NICE of {20 - wanted}" in done.stderr

@@ -37,6 +37,7 @@ ino], ...]} in, the held subset of "wanted" out.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import contextlib
@@ -44,10 +45,12 @@ import errno
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TextIO
 
+from dmabufd.placement import take_place
 from dmabufd.sessions import procfs
+from dmabufd_common.cpus import parse_cpus
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +130,13 @@ class HolderChecks:
         *,
         timeout_s: float = CHECK_TIMEOUT_S,
         command: Sequence[str] = HELPER_COMMAND,
-        place: Callable[[int], None] = lambda _pid: None,
     ) -> None:
-        """`place(pid)` gives a new helper the CPUs and nice it should have
-        (placement.py): it starts with those of the loop."""
+        """`command` starts a helper; the daemon's adds the arguments with
+        which the helper takes its place (placement.py): it starts with the
+        loop's CPUs and nice."""
         self._helpers = helpers
         self._timeout_s = timeout_s
         self._command = tuple(command)
-        self._place = place
         self._idle: collections.deque[_Helper] = collections.deque()
         # Helpers in the pool: idle, asked, or starting (counted before
         # they exist, so concurrent takers never start more than _helpers).
@@ -151,8 +153,8 @@ class HolderChecks:
         self._closing = False
 
     async def start(self) -> None:
-        """Start the helpers, before the loop is pinned: they keep every
-        CPU. Raises OSError if one cannot start."""
+        """Start the helpers, before the loop takes its place (placement.py).
+        Raises OSError if one cannot start."""
         started = await asyncio.gather(*(self._spawn() for _ in range(self._helpers)), return_exceptions=True)
         helpers = [helper for helper in started if isinstance(helper, _Helper)]
         failed = [error for error in started if not isinstance(error, _Helper)]
@@ -283,7 +285,6 @@ class HolderChecks:
             raise
         self._processes += 1
         helper = _Helper(process)
-        self._place(process.pid)
         assert process.stdout is not None
         try:
             said = await asyncio.wait_for(process.stdout.readline(), STARTUP_TIMEOUT_S)
@@ -328,5 +329,17 @@ def serve(questions: TextIO, answers: TextIO) -> None:
         answers.flush()
 
 
-if __name__ == "__main__":
+def main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m dmabufd.sessions.holders",
+        description="Answer dmabufd's /proc checks on stdin (started by the daemon).",
+    )
+    parser.add_argument("--cpus", type=parse_cpus, help="the CPUs to move to first (taskset's list)")
+    parser.add_argument("--nice", type=int, help="the nice to take first")
+    arguments = parser.parse_args(argv)
+    take_place(arguments.cpus, arguments.nice)
     serve(sys.stdin, sys.stdout)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

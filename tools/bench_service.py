@@ -2,7 +2,7 @@
 """Start a private dmabufd, run `dmabufctl bench` against it, stop it.
 
     python tools/bench_service.py [--json] [--daemon-cpus LIST] [--call-cpus LIST]
-                                  [dmabufctl bench options...]
+                                  [--own-session] [dmabufctl bench options...]
 
 --daemon-cpus keeps the whole daemon on those CPUs; with `--cpus` (dmabufctl
 bench's) naming the others, the clients never share its core. --call-cpus
@@ -10,6 +10,13 @@ sets the daemon's `[scheduling] call_cpus`: its event loop and call threads
 are pinned, the clients and the daemon's other threads go where the kernel
 puts them. The daemon's pid goes to `dmabufctl bench --daemon-pid`, which
 then reports where its event loop spent each throughput run.
+
+--own-session starts the daemon in a session of its own, as init and
+systemd start services. Where the kernel has autogroup on
+(/proc/sys/kernel/sched_autogroup_enabled), a session is a scheduling group
+of its own, as a service's cpu cgroup is: the clients then wake up in
+another group than the daemon's (bench/README.md, "Allocation", measures
+both layouts).
 
 The figures come from one run on one machine: compare ratios, not the
 absolute microseconds, across machines.
@@ -37,6 +44,7 @@ def main() -> int:
     parser.add_argument("--config", type=Path, help="daemon config (default: built-in)")
     parser.add_argument("--daemon-cpus", type=cpus, metavar="LIST", help="run the daemon on these CPUs only")
     parser.add_argument("--call-cpus", type=cpus, metavar="LIST", help="the daemon's [scheduling] call_cpus")
+    parser.add_argument("--own-session", action="store_true", help="start the daemon in a session of its own")
     args, bench_args = parser.parse_known_args()
     if args.config and args.call_cpus is not None:
         parser.error("--call-cpus and --config: set [scheduling] call_cpus in that file instead")
@@ -49,7 +57,7 @@ def main() -> int:
             config.write_text(f'[scheduling]\ncall_cpus = "{format_cpus(args.call_cpus)}"\n')
         if config:
             command += ["--config", str(config)]
-        daemon = subprocess.Popen(command)
+        daemon = subprocess.Popen(command, start_new_session=args.own_session)
         try:
             if args.daemon_cpus is not None:
                 try:  # set while it still imports, before any thread of its starts
@@ -65,6 +73,8 @@ def main() -> int:
                     return 1
                 time.sleep(0.05)
             time.sleep(0.2)
+            session = "its own" if os.getsid(daemon.pid) == daemon.pid else "this script's"
+            print(f"dmabufd (pid {daemon.pid}) runs in {session} session", file=sys.stderr)
             ctl_args = ["--runtime-dir", str(runtime)] + (["--json"] if args.json else [])
             ctl_args += ["bench", "--daemon-pid", str(daemon.pid), *bench_args]
             return dmabufctl(ctl_args)

@@ -50,6 +50,15 @@ def test_bench_service_runs_the_daemon_on_the_cpus_asked() -> None:
     assert report["daemon_loop_waiting_n_clients"] >= 0
 
 
+def test_bench_service_starts_the_daemon_in_its_own_session_when_asked() -> None:
+    small = ("--iterations", "20", "--clients", "2", "--seconds", "0.3")
+    for flag, session in (("--own-session", "its own"), ("--json", "this script's")):
+        result = run_tool("tools/bench_service.py", "--json", flag, *small)
+        assert result.returncode == 0, result.stderr
+        assert re.search(rf"^dmabufd \(pid \d+\) runs in {session} session$", result.stderr, re.M), result.stderr
+        assert json.loads(result.stdout)["allocs_per_s_n_clients"] > 0
+
+
 def test_bench_service_refuses_cpus_that_are_not_there() -> None:
     absent = str(max(os.sched_getaffinity(0)) + 1)
     result = run_tool("tools/bench_service.py", "--daemon-cpus", absent, timeout=60)

@@ -196,7 +196,8 @@ class Daemon:
             if sys.version_info < (3, 12):
                 # Python 3.11 waits for each /proc helper on a thread of its
                 # own, which the loop starts (with its nice); 3.12 and later
-                # watch a pidfd on the loop, as this watcher does.
+                # watch a pidfd on the loop, as this watcher does (the fd
+                # server needs pidfds anyway: it watches each session's).
                 watcher = asyncio.PidfdChildWatcher()
                 watcher.attach_loop(self._loop)
                 asyncio.set_child_watcher(watcher)

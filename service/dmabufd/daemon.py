@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import resource
 import sys
 from collections.abc import Callable
@@ -193,11 +194,11 @@ class Daemon:
         try:
             limit = raise_fd_limit()
             self.discovery.start()
-            if sys.version_info < (3, 12):
+            if sys.version_info < (3, 12) and _has_pidfds():
                 # Python 3.11 waits for each /proc helper on a thread of its
                 # own, which the loop starts (with its nice); 3.12 and later
-                # watch a pidfd on the loop, as this watcher does (the fd
-                # server needs pidfds anyway: it watches each session's).
+                # watch a pidfd on the loop where pidfd_open works, as this
+                # watcher does.
                 watcher = asyncio.PidfdChildWatcher()
                 watcher.attach_loop(self._loop)
                 asyncio.set_child_watcher(watcher)
@@ -262,3 +263,13 @@ class Daemon:
         if self.runtime is not None:
             self.runtime.release()
         log.info("dmabufd stopped")
+
+
+def _has_pidfds() -> bool:
+    """pidfd_open works: Linux 5.3 or later, and no seccomp filter refuses it
+    (the fd server may not need it: SO_PEERPIDFD gives its pidfds)."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True

@@ -19,14 +19,16 @@ better one. A client that floods the loop can make it busy, as it could at
 nice 0, but the loop is one thread: it takes at most one CPU, with about
 2.4 times the weight of a nice-0 thread (2,501 against 1,024).
 
-A nice counts only within the loop's scheduling group. Where the kernel
-groups tasks (a cpu cgroup per service, as systemd's cpu controller and
-Android's cpuctl groups make, or autogroup's group per session), a client
-in another group is weighed against the daemon's whole group, whose weight
-(CPUWeight=, cpu.shares, the autogroup's nice) is the deployment's to set.
-Clients in the daemon's own group (native HALs beside it in Android's root
-cpuctl group; everything, where nothing groups tasks) are those the nice
-holds off. bench/README.md has both cases measured.
+A nice counts within the loop's scheduling group. Where the daemon has a
+group of its own (a service's cpu cgroup under systemd's cpu controller,
+or autogroup's group per session), a client outside it is weighed against
+that whole group, whose weight (CPUWeight=, cpu.shares, the autogroup's
+nice) is the deployment's to set, and the loop's nice changes little
+(bench/README.md measures both). Where the daemon sits in the root group
+beside child groups (Android's root cpuctl group, with apps in top-app and
+the others), the loop itself is weighed against each app's group, and its
+nice counts there too. Clients in the daemon's own group (native HALs
+beside it; everything, where nothing groups tasks) meet the nice alone.
 
 The loop never gets a worse nice than the daemon started with (an
 operator who started it at -8 keeps -8), so a loop_nice at or above the
@@ -58,8 +60,9 @@ move the daemon away from it.
 A thread starts with the CPUs and the nice of the thread that starts it,
 and the loop starts most of ours, so each executor's threads take their
 place as they start (`place_call_thread` or `place_thread`), and so do
-the closing threads; a /proc helper the loop starts moves itself first
-thing, with the arguments `helper_arguments` gives it (`take_place`). Threads
+the closing threads; a /proc helper the loop starts moves itself once its
+interpreter has started, before it serves, with the arguments
+`helper_arguments` gives it (`take_place`). Threads
 started before the loop is placed (heap discovery, metrics, gRPC's own)
 and those started by load threads (lanes, as-client opens) have every CPU
 and the daemon's nice already. "Every CPU" is the daemon's affinity at
@@ -146,7 +149,7 @@ class Placement:
     def helper_arguments(self) -> tuple[str, ...]:
         """The arguments with which a /proc helper (sessions/holders.py),
         which the loop may start, takes every CPU and the daemon's nice
-        first thing (take_place)."""
+        before it serves (take_place)."""
         arguments: tuple[str, ...] = ()
         if self.call_cpus is not None:
             arguments += ("--cpus", format_cpus(self.everywhere))
@@ -192,8 +195,9 @@ class Placement:
 
 
 def take_place(cpus: frozenset[int] | None, nice: int | None) -> None:
-    """First thing in a /proc helper (sessions/holders.py), which starts
-    with the CPUs and nice of the thread that started it, often the loop.
+    """In a /proc helper (sessions/holders.py), before it serves: it starts
+    with the CPUs and nice of the thread that started it, often the loop
+    (its interpreter's start-up, tens of milliseconds, runs there).
     The helper moves itself: moved by pid from the daemon, it could have
     been reaped meanwhile and its pid given to another process. A helper
     that cannot move is only slower, or keeps the loop's nice where an LSM

@@ -520,12 +520,13 @@ def _metrics(table: _Table) -> MetricsConfig:
 
 def _scheduling(table: _Table) -> SchedulingConfig:
     text = table.string("call_cpus", "")
-    loop_nice = float(table.number("loop_nice", SchedulingConfig.loop_nice))
+    nice = float(table.number("loop_nice", SchedulingConfig.loop_nice))
     table.check_unknown()
-    if not loop_nice.is_integer() or not -20 <= loop_nice <= 19:  # is_integer: not inf, not nan
-        raise ConfigError(f"scheduling.loop_nice must be a whole number from -20 to 19, not {loop_nice:g}")
+    if not nice.is_integer() or not -20 <= nice <= 19:  # is_integer: not inf, not nan
+        raise ConfigError(f"scheduling.loop_nice must be a whole number from -20 to 19, not {nice:g}")
+    loop_nice = int(nice)
     if not text:
-        return SchedulingConfig(loop_nice=int(loop_nice))
+        return SchedulingConfig(loop_nice=loop_nice)
     try:
         cpus = parse_cpus(text)
     except ValueError as error:
@@ -538,7 +539,7 @@ def _scheduling(table: _Table) -> SchedulingConfig:
             f"scheduling.call_cpus names CPU(s) {format_cpus(cpus - usable)}, which dmabufd may not run on "
             f"(it may use {format_cpus(usable)})"
         )
-    return SchedulingConfig(call_cpus=cpus, loop_nice=int(loop_nice))
+    return SchedulingConfig(call_cpus=cpus, loop_nice=loop_nice)
 
 
 def parse_config(data: dict[str, Any]) -> Config:

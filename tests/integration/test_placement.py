@@ -37,19 +37,13 @@ def threads(pid: int) -> dict[int, Thread]:
         try:
             name = Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
             status = Path(f"/proc/{pid}/task/{task}/status").read_text()
-            nice = nice_of(f"/proc/{pid}/task/{task}/stat")
+            nice = os.getpriority(os.PRIO_PROCESS, int(task))
         except (FileNotFoundError, ProcessLookupError):
             continue
         for line in status.splitlines():
             if line.startswith("Cpus_allowed_list:"):
                 found[int(task)] = Thread(name, parse_cpus(line.split(":", 1)[1]), nice)
     return found
-
-
-def nice_of(stat_path: str) -> int:
-    """Field 19 of a stat file; the name (field 2) may hold spaces and ')'."""
-    fields = Path(stat_path).read_text().rpartition(")")[2].split()
-    return int(fields[19 - 3])
 
 
 def settled(pid: int, nice: int, timeout_s: float = 5.0) -> dict[int, Thread]:
@@ -141,7 +135,7 @@ def test_only_the_event_loop_runs_at_loop_nice(daemon_factory: DaemonFactory, tm
     assert after[pid].nice == loop_nice, "the event loop (the main thread) runs at Android's display priority"
     assert {t.nice for tid, t in after.items() if tid != pid} == {base}, after
     assert len(after) > 4, "the call, load and gRPC threads are there"
-    assert {nice_of(f"/proc/{helper}/stat") for helper in started} == {base}, "started by the loop"
+    assert {os.getpriority(os.PRIO_PROCESS, helper) for helper in started} == {base}, "started by the loop"
     if loop_nice != base:
         assert f"the event loop runs at nice {loop_nice}, every other thread at {base}" in daemon.log()
 

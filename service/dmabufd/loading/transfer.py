@@ -29,9 +29,7 @@ Cancellation and the first error stop every lane between two chunks.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import mmap
 import os
 import threading
 import time
@@ -227,15 +225,11 @@ class Transfer:
 
 def _populate(fd: int, start: int, length: int, huge_pages: bool) -> bool:
     """Allocate the pages of [start, start + length) of a memfd; False when
-    the kernel refused (the caller stops populating)."""
+    the kernel refused (the caller stops populating). The kernel works
+    with the GIL released (uapi.populate_shared), so the loop and the I/O
+    lanes run meanwhile."""
     try:
-        with mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start) as window:
-            if huge_pages:
-                # Effective where shmem huge pages are "advise" (or more);
-                # elsewhere the kernel takes it as a no-op or refuses it.
-                with contextlib.suppress(OSError):
-                    window.madvise(mmap.MADV_HUGEPAGE)
-            window.madvise(uapi.MADV_POPULATE_WRITE)
+        uapi.populate_shared(fd, start, length, huge_pages)
     except OSError as error:
         if error.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14 (no MADV_POPULATE_WRITE)
             return False

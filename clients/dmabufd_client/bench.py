@@ -4,7 +4,10 @@ Measured in one run, side by side, against a running daemon:
 - latency of allocate(size) until the fd is in hand, and of a bare gRPC
   health check on the same channel, interleaved so both see the same load;
 - one batch call of 32 buffers against 32 single calls;
-- allocations per second from 1 client and from N client processes.
+- allocations per second from 1 client and from N client processes;
+- optionally, allocate(size) latency again while another session loads a
+  file over and over (beside_load): what a heavy load costs the daemon's
+  other clients.
 Buffers are released in groups outside the timed sections.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +75,60 @@ def batch_vs_singles(client: Client, size: int, heap: str, rounds: int) -> tuple
         singles_s.append(time.perf_counter() - started)
         drop(client, held)
     return statistics.median(batch_s), statistics.median(singles_s)
+
+
+@dataclass(frozen=True)
+class BesideLoad:
+    """allocate(size) latencies measured while another session loaded a
+    file again and again, and how long those loads took."""
+
+    alloc_s: list[float]
+    load_s: list[float]
+
+
+def beside_load(
+    client: Client, size: int, heap: str, iterations: int, *, path: str, method: str, loads: int = 3
+) -> BesideLoad:
+    """Time `iterations` allocations while a second session of this process
+    loads `path` with `method`, one load after another, at least `loads`
+    times (the allocations continue until then). The loading session runs
+    on a thread: its calls wait in gRPC without the GIL."""
+    stop = threading.Event()
+    load_s: list[float] = []
+    failure: list[BaseException] = []
+
+    def load_again_and_again() -> None:
+        try:
+            with connect(client.runtime_dir) as loader:
+                while not stop.is_set():
+                    started = time.perf_counter()
+                    loader.load_file(path, method=method, name="bench-beside").close()
+                    load_s.append(time.perf_counter() - started)
+        except BaseException as error:  # reported by the caller, on its thread
+            failure.append(error)
+
+    thread = threading.Thread(target=load_again_and_again, name="bench-beside-load")
+    thread.start()
+    alloc_s: list[float] = []
+    held: list[Buffer] = []
+    try:
+        # From the end of the first load on: the file opened once, the
+        # daemon's first load behind it.
+        while not load_s and not failure:
+            time.sleep(0.01)
+        while not failure and (len(alloc_s) < iterations or len(load_s) < loads):
+            started = time.perf_counter()
+            held.append(client.allocate(size, heap=heap, name="bench"))
+            alloc_s.append(time.perf_counter() - started)
+            if len(held) >= RELEASE_EVERY:
+                drop(client, held)
+    finally:
+        stop.set()
+        thread.join()
+        drop(client, held)
+    if failure:
+        raise failure[0]
+    return BesideLoad(alloc_s, load_s)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,43 @@ def test_bench_service_starts_the_daemon_in_its_own_session_when_asked() -> None
         assert json.loads(result.stdout)["allocs_per_s_n_clients"] > 0
 
 
+def test_bench_service_times_allocations_beside_a_load(tmp_path: Path) -> None:
+    data = tmp_path / "weights.bin"
+    data.write_bytes(os.urandom(8 << 20))
+    small = ("--iterations", "30", "--clients", "2", "--seconds", "0.3")
+    result = run_tool(
+        "tools/bench_service.py", "--json", *small, "--beside-load", str(data), "--beside-method", "buffered-read"
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["beside_load_method"] == "buffered-read"
+    assert report["beside_load_loads"] >= 3
+    assert 0 < report["beside_load_seconds"] < 60
+    p50, p99, slowest = (report[f"beside_load_alloc_fd_{key}_us"] for key in ("p50", "p99", "max"))
+    assert 0 < p50 <= p99 <= slowest
+    # Without the option, the keys are there and say nothing was measured.
+    plain = json.loads(run_tool("tools/bench_service.py", "--json", *small).stdout)
+    assert plain["beside_load_method"] is None
+    assert plain["beside_load_loads"] is None
+
+
+def test_bench_service_reports_a_load_it_cannot_run() -> None:
+    result = run_tool(
+        "tools/bench_service.py",
+        "--iterations",
+        "20",
+        "--clients",
+        "1",
+        "--seconds",
+        "0.2",
+        "--beside-load",
+        "/nonexistent/weights.bin",
+    )
+    assert result.returncode != 0
+    assert "--beside-load: cannot read /nonexistent/weights.bin" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_bench_service_refuses_cpus_that_are_not_there() -> None:
     absent = str(max(os.sched_getaffinity(0)) + 1)
     result = run_tool("tools/bench_service.py", "--daemon-cpus", absent, timeout=60)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 from typing import Any
 
 from rich.table import Table
@@ -14,7 +15,7 @@ from dmabufd_client import bench
 from dmabufd_client.cli import output
 from dmabufd_client.cli.output import VERSION_KEY, Schema
 from dmabufd_client.cli.registry import AddCommand
-from dmabufd_client.client import Client
+from dmabufd_client.client import LOAD_METHODS, Client
 from dmabufd_client.errors import InvalidArgument
 from dmabufd_common.cpus import format_cpus
 from dmabufd_common.units import format_size
@@ -51,6 +52,12 @@ BENCH = Schema(
         ("daemon_loop_waiting_1_client", "the same, runnable but waiting for a CPU"),
         ("daemon_loop_on_cpu_n_clients", "daemon_loop_on_cpu_1_client during the run of `clients` processes"),
         ("daemon_loop_waiting_n_clients", "daemon_loop_waiting_1_client during the run of `clients` processes"),
+        ("beside_load_method", "the method of the loads run beside the allocations (null: no --beside-load)"),
+        ("beside_load_alloc_fd_p50_us", "alloc_fd_p50_us while another session loads the --beside-load file"),
+        ("beside_load_alloc_fd_p99_us", "the same, 99th percentile"),
+        ("beside_load_alloc_fd_max_us", "the same, the slowest"),
+        ("beside_load_loads", "loads completed meanwhile"),
+        ("beside_load_seconds", "their median duration"),
     ),
 )
 
@@ -74,6 +81,11 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
                 f"--daemon-pid: cannot read the scheduler statistics of process {args.daemon_pid}'s main thread "
                 f"({error.strerror or error}); give the pid of the running dmabufd"
             ) from None
+    if args.beside_load is not None:
+        try:  # before the other steps, not after them
+            os.close(os.open(args.beside_load, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as error:
+            raise InvalidArgument(f"--beside-load: cannot read {args.beside_load}: {error.strerror}") from None
     with output.progress_bar("bench", transfer=False) as update:
         update(total=STEPS, completed=0, description=f"warm-up ({min(100, iterations)} allocations)")
         bench.latencies(client, size, heap, min(100, iterations))
@@ -88,7 +100,11 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         single = bench.throughput(client.runtime_dir, size, heap, 1, seconds, daemon_pid=args.daemon_pid)
         update(completed=5, description=f"throughput, {args.clients} client processes")
         multi = bench.throughput(client.runtime_dir, size, heap, args.clients, seconds, daemon_pid=args.daemon_pid)
-        update(completed=6)
+        beside = None
+        if args.beside_load is not None:
+            update(total=STEPS + 1, completed=6, description=f"latency beside {args.beside_method} loads")
+            beside = bench.beside_load(client, size, heap, iterations, path=args.beside_load, method=args.beside_method)
+        update(completed=STEPS + (beside is not None))
     alloc_p50, health_p50 = bench.percentile(alloc_s, 0.5), bench.percentile(health_s, 0.5)
     result: dict[str, Any] = output.versioned(
         BENCH,
@@ -117,6 +133,12 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         daemon_loop_waiting_1_client=single.daemon_loop.waiting if single.daemon_loop else None,
         daemon_loop_on_cpu_n_clients=multi.daemon_loop.on_cpu if multi.daemon_loop else None,
         daemon_loop_waiting_n_clients=multi.daemon_loop.waiting if multi.daemon_loop else None,
+        beside_load_method=args.beside_method if beside else None,
+        beside_load_alloc_fd_p50_us=bench.percentile(beside.alloc_s, 0.5) * 1e6 if beside else None,
+        beside_load_alloc_fd_p99_us=bench.percentile(beside.alloc_s, 0.99) * 1e6 if beside else None,
+        beside_load_alloc_fd_max_us=max(beside.alloc_s) * 1e6 if beside else None,
+        beside_load_loads=len(beside.load_s) if beside else None,
+        beside_load_seconds=statistics.median(beside.load_s) if beside else None,
     )
     if args.json:
         output.emit_json(result)
@@ -146,6 +168,13 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         if run.daemon_loop is not None:
             share = run.daemon_loop
             table.add_row(f"daemon loop on CPU / waiting, {label}", f"{share.on_cpu:.0%} / {share.waiting:.0%}")
+    if beside is not None:
+        table.add_row(
+            f"allocate+fd p50 / p99 / max beside {args.beside_method} loads",
+            f"{result['beside_load_alloc_fd_p50_us']:.0f} / {result['beside_load_alloc_fd_p99_us']:.0f} / "
+            f"{result['beside_load_alloc_fd_max_us']:.0f} us",
+        )
+        table.add_row("loads meanwhile, median", f"{len(beside.load_s)}, {statistics.median(beside.load_s):.3f} s")
     output.stdout.print(table)
     return 0
 
@@ -196,4 +225,16 @@ def register(add: AddCommand) -> None:
         metavar="PID",
         help="the running dmabufd's pid: report how much of each throughput run its event loop spent on a CPU "
         "and how much runnable but waiting for one (from /proc/PID/task/PID/schedstat)",
+    )
+    command.add_argument(
+        "--beside-load",
+        metavar="FILE",
+        help="last, time the allocations again while another session loads FILE again and again "
+        "(at least 3 times): what a heavy load costs the daemon's other clients",
+    )
+    command.add_argument(
+        "--beside-method",
+        choices=list(LOAD_METHODS.values()),
+        default="auto",
+        help="the method of the --beside-load loads (default auto)",
     )

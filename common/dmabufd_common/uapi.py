@@ -1,5 +1,4 @@
-"""Kernel uAPI numbers, the few ioctls both sides issue, and the system
-calls Python has no GIL-releasing wrapper for.
+"""Kernel uAPI numbers and the few ioctls both sides issue.
 
 Numbers are the same on x86-64 and arm64 (see the kernel's
 include/uapi/linux/dma-buf.h, dma-heap.h, udmabuf.h and stat.h).
@@ -10,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import mmap
 import os
 import socket
 import struct
@@ -80,11 +78,6 @@ def dma_buf_set_name(fd: int, name: str) -> None:
     fcntl.ioctl(fd, DMA_BUF_SET_NAME_B, encoded + b"\0")
 
 
-# include/uapi/asm-generic/mman-common.h: fault a range in for writing (5.14+);
-# Python's mmap module has no name for it before 3.13.
-MADV_POPULATE_WRITE = 23
-MADV_HUGEPAGE = 14
-
 # include/uapi/linux/stat.h: statx(2) and the direct I/O alignment (6.1+)
 STATX_DIOALIGN = 0x2000
 AT_EMPTY_PATH = 0x1000
@@ -148,36 +141,3 @@ def peer_groups(sock_fd: int) -> frozenset[int]:
         if error != errno.ERANGE or count != _PEER_GROUPS_FIRST_TRY:
             raise OSError(error, f"SO_PEERGROUPS: {os.strerror(error)}")
         count = size.value // ctypes.sizeof(ctypes.c_uint32)
-
-
-# mmap(2) and madvise(2) through libc: a ctypes call releases the GIL, and
-# Python's mmap module holds it across mmap() and madvise() (3.11), so a
-# thread populating memory through it stalls every other thread, the event
-# loop's included, for as long as the kernel works.
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def populate_shared(fd: int, offset: int, length: int, huge_pages: bool) -> None:
-    """Allocate the pages of [offset, offset + length) of a shmem file
-    (MADV_POPULATE_WRITE on a transient shared mapping), asking for
-    transparent huge pages first if `huge_pages`; the kernel works with
-    the GIL released. OSError as madvise(2) reports it: EINVAL before 5.14,
-    ENOMEM or EFAULT when the pages cannot be had."""
-    address = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, offset)
-    if address == _MAP_FAILED or address is None:
-        error = ctypes.get_errno()
-        raise OSError(error, f"mmap: {os.strerror(error)}")
-    try:
-        # Effective where shmem huge pages are "advise" (or more);
-        # elsewhere the kernel takes it as a no-op or refuses it.
-        if huge_pages:
-            _libc.madvise(address, length, MADV_HUGEPAGE)
-        if _libc.madvise(address, length, MADV_POPULATE_WRITE) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"madvise(MADV_POPULATE_WRITE): {os.strerror(error)}")
-    finally:
-        _libc.munmap(address, length)

@@ -127,14 +127,6 @@ class LoadingConfig:
     # Copy chunks the page cache holds already from it (cachestat), instead
     # of reading them from the device again.
     page_cache: bool = True
-    # Allocate a memfd buffer's fresh pages in a lane of their own, ahead
-    # of the reads, so the other core pays for them while the device works
-    # (buffered-read only: the one method that reads into a mapping of a
-    # memfd; the others write into it, which allocates pages without faults).
-    populate: bool = True
-    # Ask for transparent huge pages on memfd buffers (effective where the
-    # kernel's shmem_enabled is "advise" or more): 512 times fewer faults.
-    huge_pages: bool = True
     # Resident shared models (LoadModel) may use this much memory in all.
     model_budget_bytes: int = 2 << 30
     # Released image pools kept warm for reuse may hold this much in all.
@@ -284,6 +276,13 @@ class _Table:
 
     def given(self, key: str) -> bool:
         return key in self._data
+
+    def retired(self, key: str, why: str) -> None:
+        """A key an older version read: refused with the reason, so the
+        operator deletes it knowingly."""
+        self._seen.add(key)
+        if key in self._data:
+            raise ConfigError(f"{self._where(key)} is no longer a setting ({why}); delete it")
 
     def check_unknown(self) -> None:
         unknown = sorted(set(self._data) - self._seen)
@@ -436,14 +435,18 @@ def _loading(table: _Table) -> LoadingConfig:
         sub.check_unknown()
         _check_profile(f"loading.{kind}", profile)
         kinds[kind] = profile
+    table.retired(
+        "populate",
+        "memfd buffers are filled by writing to them, which allocates their pages without faults, "
+        "so there is nothing to populate ahead of the reads",
+    )
+    table.retired("huge_pages", "it applied to the populate lane, which is gone")
     config = LoadingConfig(
         roots=roots,
         parallelism=parallelism,
         chunk_bytes=chunk_bytes,
         kinds=kinds,
         page_cache=table.flag("page_cache", defaults.page_cache),
-        populate=table.flag("populate", defaults.populate),
-        huge_pages=table.flag("huge_pages", defaults.huge_pages),
         model_budget_bytes=table.size("model_budget_bytes", defaults.model_budget_bytes),
         pool_recycle_budget_bytes=table.size("pool_recycle_budget_bytes", defaults.pool_recycle_budget_bytes),
         max_header_bytes=table.size("max_header_bytes", defaults.max_header_bytes),

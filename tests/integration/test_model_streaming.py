@@ -31,10 +31,10 @@ from dmabufd_common import uapi
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 from tests.conftest import DaemonFactory, RunningDaemon, run_as_rootless_client
 
-# One I/O lane of 1 MiB chunks through the page cache, and no populate lane:
-# a load of a few hundred MiB then takes long enough to act while it runs,
-# and its chunks land strictly in file order.
-SLOW = '[loading]\nparallelism = 1\nchunk_bytes = "1M"\npopulate = false\n'
+# One I/O lane of 1 MiB chunks through the page cache: a load of a few
+# hundred MiB then takes long enough to act while it runs, and its chunks
+# land strictly in file order.
+SLOW = '[loading]\nparallelism = 1\nchunk_bytes = "1M"\n'
 # Several lanes, small chunks: chunks land out of order, several in flight.
 PARALLEL = '[loading]\nparallelism = 4\nchunk_bytes = "1M"\n'
 

@@ -112,6 +112,11 @@ def test_full_config() -> None:
         ("[scheduling]\nloop_nice = nan", "from -20 to 19, not nan"),
         ("[scheduling]\nloop_nice = -inf", "from -20 to 19, not -inf"),
         ('[scheduling]\nloop_nice = "-4"', "scheduling.loop_nice must be a number"),
+        (
+            "[loading]\npopulate = true",
+            r"loading.populate is no longer a setting \(memfd buffers are filled by writing",
+        ),
+        ("[loading]\nhuge_pages = false", r"loading.huge_pages is no longer a setting .*; delete it"),
     ],
 )
 def test_errors_name_the_key(text: str, message: str) -> None:

@@ -267,8 +267,6 @@ class FileLoader:
             chunk_bytes=profile.chunk_bytes,
             depth=profile.parallelism,
             page_cache=self._config.page_cache,
-            populate=self._config.populate,
-            huge_pages=self._config.huge_pages,
         )
 
     @staticmethod

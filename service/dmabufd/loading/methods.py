@@ -9,9 +9,12 @@ way, since direct I/O needs file offset, memory address and length aligned
 to the file system's (4 KiB covers every one we meet; source.py keeps the
 O_DIRECT fd only where statx says so). A piece the page cache holds whole
 (`cached`) goes through the buffered fd too: copying from memory beats
-reading the device again (direct_read writes such parts into the memfd
-rather than reading into a mapping: _write_buffered). Each function
-returns where its parts came from.
+reading the device again. Each function returns where its parts came from.
+
+A memfd buffer is always filled by writing to it (_write_into_memfd),
+never through a mapping, whatever the method: a write allocates a fresh
+shmem page and fills it at once, a fault zeroes it first. Mappings are for
+dma-bufs (udmabuf, heap buffers), whose pages exist before the load.
 
 Data never passes through Python objects: preadv() writes into a mapping
 of the destination or into a lane's bounce buffer (an mmap that pwrite()
@@ -166,18 +169,32 @@ def direct_copy_file_range(source: Source, target: Allocation, piece: Piece, cac
 
 
 def direct_read(source: Source, target: Allocation, piece: Piece, cached: bool) -> Parts:
-    memfd = _memfd_of(target)
     parts: Parts = []
     for fd, part, where in _each_part(piece, source, cached):
-        if where is PartSource.PAGE_CACHE:
-            _write_buffered(source, memfd, part)
-        elif where is PartSource.DEVICE and target.kind is BackendKind.MEMFD:
-            _read_through_bounce(source, fd, memfd, part)
-        else:  # udmabuf (its pages exist, pinned), or a buffered end read from the device
-            with _window(memfd, part, sync=False) as view:
+        if target.kind is BackendKind.MEMFD:
+            _write_into_memfd(source, fd, where, target.fd, part)
+        elif where is PartSource.PAGE_CACHE:
+            _write_buffered(source, _memfd_of(target), part)
+        else:  # udmabuf: its pages exist (pinned), read straight into them
+            with _window(_memfd_of(target), part, sync=False) as view:
                 _pread_into(fd, part, view)
         parts.append((part, where))
     return parts
+
+
+def _write_into_memfd(source: Source, fd: int, where: PartSource, memfd: int, part: Piece) -> None:
+    """Fill a part of a memfd by writing to it, never through a mapping: a
+    write allocates each shmem page and fills it in one pass, where a
+    fault through a mapping allocates and zeroes it first. A fresh memfd's
+    pages cost most of a load's CPU, and lanes faulting them in on every
+    core at once kept the daemon's other clients waiting for a CPU: beside
+    buffered-read loads of a cached 512 MiB file, allocate+fd took 24-29 ms
+    at p99 through mappings and 1.4-3.1 ms written (`dmabufctl bench
+    --beside-load`, 3 paired runs)."""
+    if where is PartSource.PAGE_CACHE:
+        _write_buffered(source, memfd, part)
+    else:
+        _read_through_bounce(source, fd, memfd, part)
 
 
 def _bounce() -> memoryview:
@@ -191,8 +208,8 @@ def _bounce() -> memoryview:
 
 
 def _read_through_bounce(source: Source, fd: int, memfd: int, part: Piece) -> None:
-    """O_DIRECT reads of an aligned part into the lane's bounce buffer,
-    each then written into the memfd. Reading into a mapping of a fresh
+    """Reads of a part into the lane's bounce buffer (O_DIRECT ones for an
+    aligned body), each then written into the memfd. Reading into a mapping of a fresh
     memfd instead makes every page cost a zeroing and a fault; written,
     the page is allocated and filled at once. Here that cut the CPU of a
     cold 512 MiB load by about a fifth (0.73-0.81 to 0.57-0.65 CPU-s/GiB
@@ -238,9 +255,13 @@ def _write_buffered(source: Source, memfd: int, part: Piece) -> None:
 
 
 def buffered_read(source: Source, target: Allocation, piece: Piece, cached: bool) -> Parts:
-    with _window(target.fd, piece, sync=target.kind is not BackendKind.MEMFD) as view:
-        _pread_into(source.buffered_fd, piece, view)
-    return [(piece, PartSource.PAGE_CACHE if cached else PartSource.BUFFERED)]
+    where = PartSource.PAGE_CACHE if cached else PartSource.BUFFERED
+    if target.kind is BackendKind.MEMFD:
+        _write_into_memfd(source, source.buffered_fd, where, target.fd, piece)
+    else:
+        with _window(target.fd, piece, sync=True) as view:  # a dma-buf: udmabuf or a heap's
+            _pread_into(source.buffered_fd, piece, view)
+    return [(piece, where)]
 
 
 def _reopen_for_writing(fd: int) -> int:
@@ -301,15 +322,10 @@ TRANSFERS = {
     Method.BUFFERED_READ: buffered_read,
 }
 
-# Methods that fill a memfd's pages through a mapping of it, whose fresh
-# pages a populate lane can fault in ahead (transfer.py); the others write
-# into the memfd, which allocates its pages without faults.
-MAPS_MEMFD_PAGES = frozenset({Method.BUFFERED_READ})
-
 # Methods that write into memfds (pwrite, sendfile), one lane at a time per
 # memfd (Source.shmem_writer): a load by them gains from lanes spread over
 # several memfds (transfer.py's order, models.py's split).
-WRITES_INTO_MEMFDS = frozenset({Method.DIRECT_READ})
+WRITES_INTO_MEMFDS = frozenset({Method.DIRECT_READ, Method.BUFFERED_READ})
 
 # Which methods can write into which kind of buffer at all (the probe then
 # says which the running kernel really supports).

@@ -45,6 +45,7 @@ from bench.rounds import FIO_PREFIX, Row, RowSpec, Status, Step, best_fio, compa
 from bench.service_passes import Service, loadfile_pass, loadmodel_pass
 from bench.system import CacheDropper
 from bench.testfile import NoDirectIO, SourceFile, default_dir, fs_type, prepare
+from dmabufd_client.client import LOAD_METHODS
 from dmabufd_common.units import format_size
 
 TOOL = "bench.compare"
@@ -87,6 +88,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=parse_positive, default=5, help="rounds; medians of the paired passes (5)")
     p.add_argument("--dir", type=Path, help="where the test files go ($DMABUFD_VM_SCRATCH, else /var/tmp)")
     p.add_argument("--config", type=Path, help="TOML config for the private daemons (default: built-in)")
+    p.add_argument(
+        "--load-method",
+        choices=list(LOAD_METHODS.values()),
+        default="auto",
+        help="the LoadFile row's method (auto: the daemon's choice)",
+    )
     p.add_argument("--depth", type=parse_positive, default=8, help="requests in flight, fio and the raw reader (8)")
     p.add_argument("--block", type=parse_chunk, default=parse_chunk("16M"), help="bytes per request (16M)")
     p.add_argument(
@@ -176,7 +183,12 @@ def file_rows(bench: Bench, rows: dict[str, Row], steps: list[Step]) -> None:
         add(f"{FIO_PREFIX}{level}", f"fio, depth {level} x {format_size(block)} ({engine}--direct=1)", run)
 
     fio_row(depth)
-    add("loadfile", "dmabufd LoadFile", lambda: loadfile_pass(bench.service, cache, source, CacheState.COLD))
+    method = bench.args.load_method
+    add(
+        "loadfile",
+        "dmabufd LoadFile" + ("" if method == "auto" else f" ({method})"),
+        lambda: loadfile_pass(bench.service, cache, source, CacheState.COLD, method),
+    )
     add(
         "raw-reused",
         f"raw O_DIRECT, depth {depth} x {format_size(block)}, reused buffers",
@@ -291,6 +303,7 @@ def build_report(bench: Bench, rows: dict[str, Row], before: dict[str, Any], sta
             "fio_depths": args.fio_depths,
             "groups": args.groups,
             "config": None if args.config is None else str(args.config),
+            "load_method": args.load_method,
         },
         "cache": {"cold": bench.cache.how_cold, "warm": bench.cache.how_warm},
         "daemon": bench.service.how,

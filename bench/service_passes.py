@@ -115,13 +115,14 @@ class Service:
             yield Session(daemon, client, stack)
 
 
-def loadfile_pass(service: Service, cache: Cache, source: SourceFile, state: CacheState) -> Pass:
-    """client.load_file of the whole file (the daemon picks heap and method for usage
-    model-weights); the bytes are sampled against the file after the clock stops."""
+def loadfile_pass(service: Service, cache: Cache, source: SourceFile, state: CacheState, method: str = "auto") -> Pass:
+    """client.load_file of the whole file (the daemon picks the heap for usage
+    model-weights, and the method unless `method` names one); the bytes are
+    sampled against the file after the clock stops."""
     with service.session() as session:
         cached = cache.set(state, source.path)
         with Meter(session.pid) as meter:
-            loaded = session.client.load_file(str(source.path), name="bench-compare")
+            loaded = session.client.load_file(str(source.path), name="bench-compare", method=method)
         try:
             outcome = describe(loaded, source.size)
             fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)

@@ -180,6 +180,16 @@ def test_no_fio(tmp_path: Path) -> None:
     assert report["fio"] is None
 
 
+def test_load_method(tmp_path: Path) -> None:
+    """--load-method: the LoadFile row loads with that method, and says so."""
+    report = run_compare(tmp_path, "--groups", "file", "--no-fio", "--load-method", "buffered-read")
+    row = {row["key"]: row for row in report["rows"]}["loadfile"]
+    check_row(row)
+    assert row["label"] == "dmabufd LoadFile (buffered-read)"
+    assert row["methods"] == ["buffered-read"]
+    assert report["options"]["load_method"] == "buffered-read"
+
+
 def test_model_file_is_safetensors(tmp_path: Path) -> None:
     """The generated model parses with the reference implementation, tensor for tensor."""
     model = write_model(tmp_path / "m.safetensors", 4 << 20)

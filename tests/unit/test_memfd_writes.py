@@ -51,7 +51,7 @@ def no_file_mappings(monkeypatch: pytest.MonkeyPatch) -> None:
             raise AssertionError(f"fd {fd} was mapped")
         return real(fd, *args, **kwargs)
 
-    monkeypatch.setattr(methods.mmap, "mmap", guarded)
+    monkeypatch.setattr(mmap, "mmap", guarded)
 
 
 @pytest.mark.usefixtures("no_file_mappings")

@@ -33,6 +33,7 @@ CancelledFn = Callable[[], bool]
 # are all in their buffer (streamed models mark tensors ready with it).
 LandedFn = Callable[[int, int], None]
 
+
 @dataclass(frozen=True)
 class Lanes:
     """How a load moves its bytes (loading.<kind> in the config)."""

@@ -188,9 +188,12 @@ def _write_into_memfd(source: Source, fd: int, where: PartSource, memfd: int, pa
     fault through a mapping allocates and zeroes it first. A fresh memfd's
     pages cost most of a load's CPU, and lanes faulting them in on every
     core at once kept the daemon's other clients waiting for a CPU: beside
-    buffered-read loads of a cached 512 MiB file, allocate+fd took 24-29 ms
-    at p99 through mappings and 1.4-3.1 ms written (`dmabufctl bench
-    --beside-load`, 3 paired runs)."""
+    buffered-read loads of a cached 512 MiB file, another client's
+    allocate+fd took 24 ms at p99 through mappings and 1.0-2.1 ms written
+    (`dmabufctl bench --beside-load`, 4 paired runs); a cold buffered-read
+    LoadFile went from 0.43 s and 1.36 CPU-s/GiB to 0.35 s and 0.81
+    (`python -m bench.compare --load-method buffered-read`, 10 paired
+    passes)."""
     if where is PartSource.PAGE_CACHE:
         _write_buffered(source, memfd, part)
     else:

@@ -234,7 +234,10 @@ def test_path_is_opened_with_the_clients_credentials(daemon_factory: DaemonFacto
 
 def test_truncated_while_loading(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     daemon = daemon_factory('[loading]\nparallelism = 1\nchunk_bytes = "1M"\n')
-    make_file(tmp_path / "data.bin", 512 << 20)
+    # 1 GiB: the first progress report comes after 0.25 s
+    # (api/loading.py, PROGRESS_INTERVAL_S), and one lane loads 512 MiB
+    # from the page cache in 0.3 s.
+    make_file(tmp_path / "data.bin", 1 << 30)
     truncated = threading.Event()
 
     def truncate_midway(done: int, total: int) -> None:

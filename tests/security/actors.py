@@ -246,16 +246,18 @@ def _load_once(client: dmabufd_client.Client, request: dict[str, Any], deadline_
     """One request of loads(); None if it is still running after `deadline_s`."""
     fd = _open_for(request["path"], request["open_as"])
 
-    def call() -> object:
-        if fd is None:
-            load = client.load_model if request.get("api") == "model" else client.load_file
-            return load(request["path"], by_path=True)
-        if request.get("api") == "model":
-            return client.load_model(fd)
-        return client.load_file(fd)
+    method = request.get("method", "auto")
 
+    def call() -> object:
+        if request.get("api") == "model":
+            return client.load_model(request["path"], by_path=True) if fd is None else client.load_model(fd)
+        if fd is None:
+            return client.load_file(request["path"], by_path=True, method=method)
+        return client.load_file(fd, method=method)
+
+    keep_bytes = request.get("keep_bytes", True)
     finished: list[dict[str, Any]] = []
-    worker = threading.Thread(target=lambda: finished.append(outcome(call)), daemon=True)
+    worker = threading.Thread(target=lambda: finished.append(outcome(call, keep_bytes)), daemon=True)
     worker.start()
     worker.join(timeout=deadline_s)
     if not finished:
@@ -269,8 +271,9 @@ def _load_once(client: dmabufd_client.Client, request: dict[str, Any], deadline_
 def loads(link: Link, *, runtime_dir: str, requests: list[dict[str, Any]], deadline_s: float = 60.0) -> None:
     """LoadFile or LoadModel (request "api": "file" | "model") of each
     request's "path": by an fd this process opened ("open_as": "o_path",
-    "rdonly", "wronly") or by path ("by_path"). Reports each outcome with
-    the bytes that reached this process. Gives up on a load (status
+    "rdonly", "wronly") or by path ("by_path"), LoadFile with the request's
+    "method" (default auto). Reports each outcome with the bytes that
+    reached this process (unless the request says "keep_bytes": false). Gives up on a load (status
     TIMEOUT, and no further loads) after `deadline_s`."""
     client = dmabufd_client.connect(runtime_dir)
     results: list[dict[str, Any]] = []

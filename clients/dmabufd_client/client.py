@@ -12,6 +12,7 @@ ticket and takes exactly its own fds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -500,6 +501,10 @@ class Client:
             self._fds.discard(ticket)
             raise ProtocolError("the load ended without describing its model")
         if first.HasField("result"):
+            # The call ends here: read it to its end (see Model._follow).
+            with contextlib.suppress(grpc.RpcError):
+                for _ in call:
+                    pass
             return self._whole_model(first, ticket)
         info = first.model
         # Every buffer holds a tensor; the fds came before this message.

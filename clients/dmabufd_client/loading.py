@@ -15,6 +15,7 @@ as_ready(); model[name] waits too).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import mmap
 import os
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dmabufd_client.buffer import Buffer
-from dmabufd_client.errors import ProtocolError
+from dmabufd_client.errors import DmabufdError, ProtocolError
 from dmabufd_common import uapi
 
 if TYPE_CHECKING:
@@ -455,6 +456,13 @@ class Model(Mapping[str, Any]):
             for ready, stats in events:
                 self._arrive(ready)
                 if stats is not None:
+                    # Read the call to its end before anyone hears the load
+                    # is over: a caller may then exit at once, and gRPC's
+                    # collection of a half-read call at interpreter exit can
+                    # deadlock on the call's lock (seen: 3 exits in 15).
+                    with contextlib.suppress(DmabufdError):
+                        for _ in events:
+                            pass
                     self._finish(stats)
                     return
             raise ProtocolError("the load ended without a result")

@@ -437,6 +437,28 @@ def test_streamed_memfd_is_read_only_for_clients_before_it_is_sealed(slow: Runni
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_a_client_that_exits_right_after_a_streamed_load_exits(daemon_factory: DaemonFactory) -> None:
+    """A script that streams a model, waits for it and exits without closing
+    it must exit. It used to hang at interpreter exit in 3 runs of 15 (as
+    another uid, whose loads the daemon does not tell what is cached): the
+    model announced its load complete before the call had been read to its
+    end, and gRPC's collection of the half-read call deadlocked."""
+    daemon = daemon_factory(SLOW, public=True)
+    with tempfile.TemporaryDirectory(prefix="dmabufd-stream-") as directory:
+        os.chmod(directory, 0o755)
+        path = Path(directory) / "m.safetensors"
+        write_model(path, 512, seed=11)
+        path.chmod(0o644)
+        body = f"m = c.load_model({str(path)!r}, stream=True, method='buffered-read')\nm.wait_all(timeout=30)\n"
+        for _ in range(10):
+            try:
+                done = run_as_rootless_client(daemon, body, timeout_s=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the client hung on its way out")
+            assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
 def test_another_uid_cannot_reopen_a_streamed_model_for_writing(daemon_factory: DaemonFactory) -> None:
     daemon = daemon_factory(SLOW, public=True)
     with tempfile.TemporaryDirectory(prefix="dmabufd-stream-") as directory:

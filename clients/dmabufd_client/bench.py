@@ -27,6 +27,8 @@ from dmabufd_client.client import Client, connect
 
 RELEASE_EVERY = 64
 BATCH = 32
+# beside_load gives up on a first load that takes longer than this.
+FIRST_LOAD_TIMEOUT_S = 120.0
 
 
 def drop(client: Client, buffers: list[Buffer]) -> None:
@@ -114,7 +116,10 @@ def beside_load(
     try:
         # From the end of the first load on: the file opened once, the
         # daemon's first load behind it.
+        first_by = time.monotonic() + FIRST_LOAD_TIMEOUT_S
         while not load_s and not failure:
+            if time.monotonic() > first_by:
+                raise TimeoutError(f"the first load of {path} took more than {FIRST_LOAD_TIMEOUT_S:g} s")
             time.sleep(0.01)
         while not failure and (len(alloc_s) < iterations or len(load_s) < loads):
             started = time.perf_counter()

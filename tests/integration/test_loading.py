@@ -232,12 +232,17 @@ def test_path_is_opened_with_the_clients_credentials(daemon_factory: DaemonFacto
     assert stat.S_IMODE(os.stat(models / "private.bin").st_mode) == 0o600
 
 
+# For tests that act on a load's first progress report, which comes
+# PROGRESS_INTERVAL_S (0.25 s, api/loading.py) after the load starts: one
+# lane of 1 MiB chunks, and a file it takes about 0.6 s to load from the
+# page cache (512 MiB took 0.3 s, too close to that report).
+SLOW_LOAD_CONFIG = '[loading]\nparallelism = 1\nchunk_bytes = "1M"\n'
+SLOW_LOAD_BYTES = 1 << 30
+
+
 def test_truncated_while_loading(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
-    daemon = daemon_factory('[loading]\nparallelism = 1\nchunk_bytes = "1M"\n')
-    # 1 GiB: the first progress report comes after 0.25 s
-    # (api/loading.py, PROGRESS_INTERVAL_S), and one lane loads 512 MiB
-    # from the page cache in 0.3 s.
-    make_file(tmp_path / "data.bin", 1 << 30)
+    daemon = daemon_factory(SLOW_LOAD_CONFIG)
+    make_file(tmp_path / "data.bin", SLOW_LOAD_BYTES)
     truncated = threading.Event()
 
     def truncate_midway(done: int, total: int) -> None:
@@ -255,8 +260,8 @@ def test_truncated_while_loading(daemon_factory: DaemonFactory, tmp_path: Path) 
 
 
 def test_cancel_frees_everything(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
-    daemon = daemon_factory('[loading]\nparallelism = 1\nchunk_bytes = "1M"\n')
-    make_file(tmp_path / "data.bin", 512 << 20)
+    daemon = daemon_factory(SLOW_LOAD_CONFIG)
+    make_file(tmp_path / "data.bin", SLOW_LOAD_BYTES)
 
     class Stop(Exception):
         pass

@@ -32,8 +32,10 @@ from dmabufd_common.api.v1 import dmabufd_pb2 as pb
 from tests.conftest import DaemonFactory, RunningDaemon, run_as_rootless_client
 
 # One I/O lane of 1 MiB chunks through the page cache: a load of a few
-# hundred MiB then takes long enough to act while it runs, and its chunks
-# land strictly in file order.
+# hundred MiB then takes long enough (0.3 s for 512 MiB) to act on right
+# after its first message; within each of its buffers, chunks land in file
+# order (a buffered-read model bound for memfds comes in buffers of about
+# 128 MiB, which the lane takes in turn: loading/transfer.py, lane_order).
 SLOW = '[loading]\nparallelism = 1\nchunk_bytes = "1M"\n'
 # Several lanes, small chunks: chunks land out of order, several in flight.
 PARALLEL = '[loading]\nparallelism = 4\nchunk_bytes = "1M"\n'
@@ -308,8 +310,8 @@ def test_a_client_that_dies_mid_stream_leaves_nothing(slow: RunningDaemon, tmp_p
 
 def test_a_file_truncated_mid_stream_fails_clearly_and_frees_everything(slow: RunningDaemon, tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
-    # 1 GiB: the first progress report comes after PROGRESS_INTERVAL_S
-    # (0.25 s), and one lane loads 512 MiB from the page cache in 0.3 s.
+    # 1 GiB: this acts on the first progress report, PROGRESS_INTERVAL_S
+    # (0.25 s) after the load starts, and 512 MiB took 0.3 s in all.
     write_model(path, 1024, seed=5)
     truncated = threading.Event()
 

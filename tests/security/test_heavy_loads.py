@@ -21,9 +21,10 @@ VICTIM_P99_BESIDE_LOADS_MS = 30.0
 def test_buffered_loads_back_to_back(
     daemon_factory: DaemonFactory, spawn: Spawn, victim_of: VictimOf, shared_dir: Path
 ) -> None:
-    """Attack: uid 12345 loads a 256 MiB file it may read, from the page
-    cache, with the buffered-read method (the one that used to fill a memfd
-    through a mapping), twelve times back to back.
+    """Attack: uid 12345 loads a 256 MiB file it may read, cached (though
+    the daemon does not tell this uid so: it reads as if from the device,
+    through its bounce buffers), with the buffered-read method (the one
+    that used to fill a memfd through a mapping), twelve times back to back.
     Defence: every load succeeds; the victim's allocate+release stays under
     30 ms at p99 and is never stalled; the daemon's fds and RSS come back."""
     daemon = daemon_factory(public=True)

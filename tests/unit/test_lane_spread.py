@@ -69,10 +69,10 @@ def test_models_stay_whole_where_writes_do_not_queue() -> None:
     assert len(plans) == 1
 
 
-def allocation(size: int) -> Allocation:
+def allocation(size: int, kind: BackendKind = BackendKind.MEMFD) -> Allocation:
     fd = os.memfd_create("lane-order")
     os.ftruncate(fd, size)
-    return Allocation(fd, size, BackendKind.MEMFD)
+    return Allocation(fd, size, kind)
 
 
 def test_lanes_take_each_buffer_in_turn_when_they_write_into_memfds() -> None:
@@ -96,3 +96,23 @@ def test_lanes_take_each_buffer_in_turn_when_they_write_into_memfds() -> None:
     finally:
         os.close(first.fd)
         os.close(second.fd)
+
+
+def test_lanes_keep_file_order_where_they_fill_mappings() -> None:
+    """Buffered-read into heap buffers or udmabufs maps them, takes no
+    writer lock and gains nothing from a spread: file order, for readahead
+    and for the order streamed tensors become ready."""
+    for kind in (BackendKind.DMA_HEAP, BackendKind.UDMABUF):
+        first, second = allocation(32 * MiB, kind), allocation(32 * MiB, kind)
+        try:
+            work = [
+                (target, chunk)
+                for target, piece in ((first, Piece(0, 0, 32 * MiB)), (second, Piece(32 * MiB, 0, 32 * MiB)))
+                for chunk in chunks(piece, 16 * MiB)
+            ]
+            assert lane_order(work, Method.BUFFERED_READ) == work
+            spread = lane_order(work, Method.DIRECT_READ)
+            assert (spread != work) is (kind is BackendKind.UDMABUF), "direct-read writes a udmabuf's cached parts"
+        finally:
+            os.close(first.fd)
+            os.close(second.fd)

@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
+from dmabufd.errors import FileChanged
 from dmabufd.heaps.backend import Allocation, BackendKind
 from dmabufd.loading import methods
 from dmabufd.loading.method import Method, PartSource
 from dmabufd.loading.methods import Piece, Source
+from dmabufd_common import uapi
 
 SIZE = (6 << 20) + 123
 
@@ -62,12 +64,13 @@ def test_memfd_is_written_not_mapped(data: tuple[int, int | None, bytes], method
     memfd = os.memfd_create("memfd-writes", os.MFD_CLOEXEC)
     try:
         os.ftruncate(memfd, SIZE)
-        # Unaligned ends, offsets congruent modulo 4 KiB as the loader lays them.
-        piece = Piece(5, 5, SIZE - 5 - 7)
+        # Unaligned ends; file and buffer offsets differ, congruent modulo
+        # 4 KiB as the loader lays them out.
+        piece = Piece(4096 + 5, 5, SIZE - 4096 - 5 - 7)
         parts = methods.TRANSFERS[method](
             Source(buffered, direct), Allocation(memfd, SIZE, BackendKind.MEMFD), piece, cached
         )
-        assert os.pread(memfd, piece.length, 5) == payload[5 : SIZE - 7]
+        assert os.pread(memfd, piece.length, 5) == payload[4096 + 5 : SIZE - 7]
         assert os.pread(memfd, 5, 0) == bytes(5), "bytes outside the piece stay as they were"
         assert sum(part.length for part, _ in parts) == piece.length
         sources = {where for _, where in parts}
@@ -79,3 +82,39 @@ def test_memfd_is_written_not_mapped(data: tuple[int, int | None, bytes], method
             assert sources == {PartSource.DEVICE, PartSource.BUFFERED}
     finally:
         os.close(memfd)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("method", [Method.DIRECT_READ, Method.BUFFERED_READ])
+def test_a_file_shorter_than_the_piece_is_a_changed_file(
+    data: tuple[int, int | None, bytes], method: Method, cached: bool
+) -> None:
+    buffered, direct, _ = data
+    memfd = os.memfd_create("memfd-writes", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(memfd, 2 * SIZE)
+        with pytest.raises(FileChanged, match="truncated while loading"):
+            methods.TRANSFERS[method](
+                Source(buffered, direct), Allocation(memfd, 2 * SIZE, BackendKind.MEMFD), Piece(0, 0, 2 * SIZE), cached
+            )
+    finally:
+        os.close(memfd)
+
+
+def test_a_heap_buffer_is_filled_through_a_synced_mapping(
+    data: tuple[int, int | None, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heap buffers have no memfd behind them: buffered-read maps the
+    dma-buf, bracketed by DMA_BUF_IOCTL_SYNC (a memfd stands in for it)."""
+    buffered, direct, payload = data
+    synced: list[uapi.SyncFlags] = []
+    monkeypatch.setattr(uapi, "dma_buf_sync", lambda fd, flags: synced.append(flags))
+    stand_in = os.memfd_create("heap-buffer", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(stand_in, SIZE)
+        piece = Piece(0, 0, SIZE)
+        methods.buffered_read(Source(buffered, direct), Allocation(stand_in, SIZE, BackendKind.DMA_HEAP), piece, False)
+        assert os.pread(stand_in, SIZE, 0) == payload
+        assert synced == [uapi.SyncFlags.START | uapi.SyncFlags.WRITE, uapi.SyncFlags.END | uapi.SyncFlags.WRITE]
+    finally:
+        os.close(stand_in)

@@ -104,7 +104,7 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         if args.beside_load is not None:
             update(total=STEPS + 1, completed=6, description=f"latency beside {args.beside_method} loads")
             beside = bench.beside_load(client, size, heap, iterations, path=args.beside_load, method=args.beside_method)
-        update(completed=STEPS + (beside is not None))
+        update(completed=STEPS if beside is None else STEPS + 1)
     alloc_p50, health_p50 = bench.percentile(alloc_s, 0.5), bench.percentile(health_s, 0.5)
     result: dict[str, Any] = output.versioned(
         BENCH,
@@ -133,12 +133,7 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         daemon_loop_waiting_1_client=single.daemon_loop.waiting if single.daemon_loop else None,
         daemon_loop_on_cpu_n_clients=multi.daemon_loop.on_cpu if multi.daemon_loop else None,
         daemon_loop_waiting_n_clients=multi.daemon_loop.waiting if multi.daemon_loop else None,
-        beside_load_method=args.beside_method if beside else None,
-        beside_load_alloc_fd_p50_us=bench.percentile(beside.alloc_s, 0.5) * 1e6 if beside else None,
-        beside_load_alloc_fd_p99_us=bench.percentile(beside.alloc_s, 0.99) * 1e6 if beside else None,
-        beside_load_alloc_fd_max_us=max(beside.alloc_s) * 1e6 if beside else None,
-        beside_load_loads=len(beside.load_s) if beside else None,
-        beside_load_seconds=statistics.median(beside.load_s) if beside else None,
+        **_beside_fields(beside, args.beside_method),
     )
     if args.json:
         output.emit_json(result)
@@ -177,6 +172,20 @@ def cmd_bench(client: Client, args: argparse.Namespace) -> int:
         table.add_row("loads meanwhile, median", f"{len(beside.load_s)}, {statistics.median(beside.load_s):.3f} s")
     output.stdout.print(table)
     return 0
+
+
+def _beside_fields(beside: bench.BesideLoad | None, method: str) -> dict[str, Any]:
+    """The beside_load_* fields: null where --beside-load was not given."""
+    if beside is None:
+        return {key: None for key, _ in BENCH.keys if key.startswith("beside_load_")}
+    return {
+        "beside_load_method": method,
+        "beside_load_alloc_fd_p50_us": bench.percentile(beside.alloc_s, 0.5) * 1e6,
+        "beside_load_alloc_fd_p99_us": bench.percentile(beside.alloc_s, 0.99) * 1e6,
+        "beside_load_alloc_fd_max_us": max(beside.alloc_s) * 1e6,
+        "beside_load_loads": len(beside.load_s),
+        "beside_load_seconds": statistics.median(beside.load_s),
+    }
 
 
 def _run_on(cpus: frozenset[int]) -> None:

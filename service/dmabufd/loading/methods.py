@@ -11,9 +11,10 @@ O_DIRECT fd only where statx says so). A piece the page cache holds whole
 (`cached`) goes through the buffered fd too: copying from memory beats
 reading the device again. Each function returns where its parts came from.
 
-A memfd buffer is always filled by writing to it (_write_into_memfd),
-never through a mapping, whatever the method: a write allocates a fresh
-shmem page and fills it at once, a fault zeroes it first. Mappings are for
+Direct-read and buffered-read fill a memfd buffer by writing to it
+(_write_into_memfd), never through a mapping: a write allocates a fresh
+shmem page and fills it at once, a fault zeroes it first (sendfile and
+splice write into it too, by their own system calls). Mappings are for
 dma-bufs (udmabuf, heap buffers), whose pages exist before the load.
 
 Data never passes through Python objects: preadv() writes into a mapping
@@ -39,8 +40,9 @@ from dmabufd.loading.method import Method, PartSource
 from dmabufd_common import uapi
 
 DIO_ALIGN = 4096
-# O_DIRECT reads bound for a memfd land in a buffer of this size per I/O
-# lane (a multiple of DIO_ALIGN); with 8 lanes, 16 MiB in flight.
+# Reads bound for a memfd (direct-read, buffered-read) land in a buffer of
+# this size per I/O lane (a multiple of DIO_ALIGN, for O_DIRECT) before
+# they are written; with 8 lanes, 16 MiB in flight.
 BOUNCE_BYTES = 2 << 20
 # Per I/O lane thread: its bounce buffer.
 _lane = threading.local()
@@ -75,9 +77,11 @@ class Source:
     # One lane at a time writes into each of a load's memfds: shmem takes
     # the file's inode lock for each write, and lanes that queue on it
     # spin. A writer lock is held across the pwrite or sendfile it
-    # serializes (memory copies, never a device read: only parts the page
-    # cache holds and bounce buffers are written), by this load's lanes
-    # only; lanes writing into different memfds do not wait for each other.
+    # serializes, by this load's lanes only; lanes writing into different
+    # memfds do not wait for each other. Those are memory copies (bounce
+    # buffers, and parts the page cache holds), with one exception: a part
+    # cachestat counted as cached whose pages left the cache before its
+    # sendfile is read from the device under the lock (_write_buffered).
     _writers: dict[int, threading.Lock] = field(default_factory=dict, compare=False)
     # Guards _writers (a lookup, or adding a lock).
     _writers_lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
@@ -187,13 +191,8 @@ def _write_into_memfd(source: Source, fd: int, where: PartSource, memfd: int, pa
     write allocates each shmem page and fills it in one pass, where a
     fault through a mapping allocates and zeroes it first. A fresh memfd's
     pages cost most of a load's CPU, and lanes faulting them in on every
-    core at once kept the daemon's other clients waiting for a CPU: beside
-    buffered-read loads of a cached 512 MiB file, another client's
-    allocate+fd took 24 ms at p99 through mappings and 1.0-2.1 ms written
-    (`dmabufctl bench --beside-load`, 4 paired runs); a cold buffered-read
-    LoadFile went from 0.43 s and 1.36 CPU-s/GiB to 0.35 s and 0.81
-    (`python -m bench.compare --load-method buffered-read`, 10 paired
-    passes)."""
+    core at once kept the daemon's other clients waiting for a CPU
+    (bench/README.md, "Beside a load")."""
     if where is PartSource.PAGE_CACHE:
         _write_buffered(source, memfd, part)
     else:
@@ -325,10 +324,18 @@ TRANSFERS = {
     Method.BUFFERED_READ: buffered_read,
 }
 
-# Methods that write into memfds (pwrite, sendfile), one lane at a time per
-# memfd (Source.shmem_writer): a load by them gains from lanes spread over
-# several memfds (transfer.py's order, models.py's split).
-WRITES_INTO_MEMFDS = frozenset({Method.DIRECT_READ, Method.BUFFERED_READ})
+
+def writes_into_memfds(method: Method, kind: BackendKind) -> bool:
+    """Whether the lanes of a load by `method` into buffers of `kind` write
+    into memfds one lane at a time (Source.shmem_writer), so that spreading
+    them over several memfds lets them write at once (transfer.py's order,
+    models.py's split): direct-read (into a memfd, or the cached parts into
+    a udmabuf's), and buffered-read into a memfd. Heap buffers and the rest
+    of udmabuf's are filled through mappings, in file order."""
+    if method is Method.DIRECT_READ:
+        return kind in (BackendKind.MEMFD, BackendKind.UDMABUF)
+    return method is Method.BUFFERED_READ and kind is BackendKind.MEMFD
+
 
 # Which methods can write into which kind of buffer at all (the probe then
 # says which the running kernel really supports).

@@ -68,7 +68,7 @@ from dmabufd.heaps.backend import BackendKind, HeapBackend, round_to_page
 from dmabufd.heaps.buffer import Buffer
 from dmabufd.loading.loader import BufferPlan, CancelledFn, FileLoader, ProgressFn, TransferReport
 from dmabufd.loading.method import Method
-from dmabufd.loading.methods import DIO_ALIGN, WRITES_INTO_MEMFDS, Piece
+from dmabufd.loading.methods import DIO_ALIGN, Piece, writes_into_memfds
 from dmabufd.loading.safetensors import Header, TensorEntry, quoted, read_header
 from dmabufd.loading.source import FileIdentity, SourceFile
 from dmabufd.sessions.ledger import Ledger
@@ -148,7 +148,7 @@ def header_cost(header: Header) -> int:
 
 
 # A memfd accepts one write at a time (shmem's inode lock), so a model that
-# the lanes write into memfds (direct-read) is cut into buffers of about
+# the lanes write into memfds (direct-read, buffered-read) is cut into buffers of about
 # this size, which they write into at once: a warm 512 MiB model loads in
 # 0.13 s here against 0.22-0.24 s in one buffer (`make bench-load`).
 MEMFD_MODEL_PART_BYTES = 128 << 20
@@ -158,7 +158,7 @@ def part_bytes(header: Header, kind: BackendKind, method: Method) -> int | None:
     """How large plan_model should make a model's buffers, short of the
     heap's largest (None: as large as the heap allows). The tensor bytes
     are cut into equal shares of at most MEMFD_MODEL_PART_BYTES."""
-    if kind is not BackendKind.MEMFD or method not in WRITES_INTO_MEMFDS or not header.tensors:
+    if kind is not BackendKind.MEMFD or not writes_into_memfds(method, kind) or not header.tensors:
         return None
     total = header.tensors[-1].end - header.tensors[0].begin
     count = -(-total // MEMFD_MODEL_PART_BYTES)

@@ -25,7 +25,7 @@ from dmabufd.errors import LoadCancelled
 from dmabufd.heaps.backend import Allocation
 from dmabufd.loading import page_cache
 from dmabufd.loading.method import Method, PartSource
-from dmabufd.loading.methods import TRANSFERS, WRITES_INTO_MEMFDS, Piece, Source
+from dmabufd.loading.methods import TRANSFERS, Piece, Source, writes_into_memfds
 
 ProgressFn = Callable[[int], None]
 CancelledFn = Callable[[], bool]
@@ -64,11 +64,12 @@ def chunks(piece: Piece, chunk_bytes: int) -> list[Piece]:
 
 
 def lane_order(work: list[tuple[Allocation, Piece]], method: Method) -> list[tuple[Allocation, Piece]]:
-    """The order the I/O lanes take the chunks in: file order, except for
-    methods that write into memfds, which take them from each buffer in
-    turn. A memfd accepts one write at a time, so lanes all inside one
-    buffer would queue on it; spread over several, they write at once."""
-    if method not in WRITES_INTO_MEMFDS:
+    """The order the I/O lanes take the chunks in: file order, except where
+    they write into memfds (methods.writes_into_memfds), where they take
+    them from each buffer in turn. A memfd accepts one write at a time, so
+    lanes all inside one buffer would queue on it; spread over several,
+    they write at once."""
+    if not work or not writes_into_memfds(method, work[0][0].kind):
         return work
     by_buffer: dict[int, list[tuple[Allocation, Piece]]] = {}
     for item in work:

@@ -98,10 +98,11 @@ def beside_load(
     stop = threading.Event()
     load_s: list[float] = []
     failure: list[BaseException] = []
+    loader = connect(client.runtime_dir)
 
     def load_again_and_again() -> None:
         try:
-            with connect(client.runtime_dir) as loader:
+            with loader:
                 while not stop.is_set():
                     started = time.perf_counter()
                     loader.load_file(path, method=method, name="bench-beside").close()
@@ -109,7 +110,8 @@ def beside_load(
         except BaseException as error:  # reported by the caller, on its thread
             failure.append(error)
 
-    thread = threading.Thread(target=load_again_and_again, name="bench-beside-load")
+    # A daemon thread: a load that never ends must not keep the bench alive.
+    thread = threading.Thread(target=load_again_and_again, name="bench-beside-load", daemon=True)
     thread.start()
     alloc_s: list[float] = []
     held: list[Buffer] = []
@@ -119,6 +121,7 @@ def beside_load(
         first_by = time.monotonic() + FIRST_LOAD_TIMEOUT_S
         while not load_s and not failure:
             if time.monotonic() > first_by:
+                loader.close()  # cancels the load in flight
                 raise TimeoutError(f"the first load of {path} took more than {FIRST_LOAD_TIMEOUT_S:g} s")
             time.sleep(0.01)
         while not failure and (len(alloc_s) < iterations or len(load_s) < loads):
@@ -129,7 +132,7 @@ def beside_load(
                 drop(client, held)
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=FIRST_LOAD_TIMEOUT_S)
         drop(client, held)
     if failure:
         raise failure[0]

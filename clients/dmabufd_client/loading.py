@@ -459,7 +459,10 @@ class Model(Mapping[str, Any]):
                     # Read the call to its end before anyone hears the load
                     # is over: a caller may then exit at once, and gRPC's
                     # collection of a half-read call at interpreter exit can
-                    # deadlock on the call's lock (seen: 3 exits in 15).
+                    # deadlock on the call's lock (seen: 3 exits in 15). A
+                    # load cancelled mid-way (close()) ends without this
+                    # wait, so a process that exits right after may still
+                    # meet it, more rarely.
                     with contextlib.suppress(DmabufdError):
                         for _ in events:
                             pass

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -438,26 +439,59 @@ def test_streamed_memfd_is_read_only_for_clients_before_it_is_sealed(slow: Runni
             assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & uapi.F_SEAL_WRITE
 
 
+def test_a_streamed_load_is_complete_only_once_its_call_is_over(
+    slow: RunningDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model says complete only after the call has been read to its
+    end. Before, it said so on the result message, with the call's end
+    still to come: a caller that exited right then could hang at
+    interpreter exit, in gRPC's collection of the half-read call (the
+    next test)."""
+    path = tmp_path / "m.safetensors"
+    write_model(path, 128, seed=12)
+    with slow.connect() as client:
+        calls: list[Any] = []  # grpc's call objects: a Future and an iterator
+        load_model = client._stub.LoadModel
+
+        def capture(*args: Any, **kwargs: Any) -> Any:
+            call = load_model(*args, **kwargs)
+            calls.append(call)
+            return call
+
+        monkeypatch.setattr(client._stub, "LoadModel", capture)
+        with client.load_model(path, stream=True, method="buffered-read") as model:
+            assert not model.complete
+            model.wait_all(timeout=30)
+            (call,) = calls
+            assert call.done(), "the model was announced complete before its call ended"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
 def test_a_client_that_exits_right_after_a_streamed_load_exits(daemon_factory: DaemonFactory) -> None:
     """A script that streams a model, waits for it and exits without closing
     it must exit. It used to hang at interpreter exit in 3 runs of 15 (as
-    another uid, whose loads the daemon does not tell what is cached): the
-    model announced its load complete before the call had been read to its
-    end, and gRPC's collection of the half-read call deadlocked."""
+    another uid, whose loads the daemon does not tell what is cached).
+    Each run loads a model of its own: one loaded before stays resident
+    and would come whole, without the streamed path."""
     daemon = daemon_factory(SLOW, public=True)
     with tempfile.TemporaryDirectory(prefix="dmabufd-stream-") as directory:
         os.chmod(directory, 0o755)
-        path = Path(directory) / "m.safetensors"
-        write_model(path, 512, seed=11)
-        path.chmod(0o644)
-        body = f"m = c.load_model({str(path)!r}, stream=True, method='buffered-read')\nm.wait_all(timeout=30)\n"
-        for _ in range(10):
+        for run in range(10):
+            path = Path(directory) / f"m{run}.safetensors"
+            write_model(path, 128, seed=20 + run)
+            path.chmod(0o644)
+            body = (
+                f"m = c.load_model({str(path)!r}, stream=True, method='buffered-read')\n"
+                "print('streamed' if not m.complete else 'whole', flush=True)\n"
+                "m.wait_all(timeout=20)\nprint('loaded', flush=True)\n"
+            )
             try:
-                done = run_as_rootless_client(daemon, body, timeout_s=30)
-            except subprocess.TimeoutExpired:
-                pytest.fail("the client hung on its way out")
+                done = run_as_rootless_client(daemon, body, timeout_s=40)
+            except subprocess.TimeoutExpired as hung:
+                pytest.fail(f"the client did not exit; it printed {hung.stdout!r}")
             assert done.returncode == 0, done.stderr
+            assert done.stdout.split() == ["streamed", "loaded"], done.stdout
+            path.unlink()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")

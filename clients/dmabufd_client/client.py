@@ -12,7 +12,6 @@ ticket and takes exactly its own fds.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +33,16 @@ from dmabufd_client.errors import (
     from_status_bytes,
 )
 from dmabufd_client.fdchannel import FdChannel
-from dmabufd_client.loading import LoadedFile, LoadedPart, LoadStats, Model, ProgressCallback, Segment, TensorInfo
+from dmabufd_client.loading import (
+    LoadedFile,
+    LoadedPart,
+    LoadStats,
+    Model,
+    ProgressCallback,
+    Segment,
+    TensorInfo,
+    read_to_end,
+)
 from dmabufd_client.npu import NpuBufferTypeLike, NpuRouting, npu_routing, set_npu_fields
 from dmabufd_client.pools import Grant, GrantOffer, PlanePlacement, Pool, Redeemed
 from dmabufd_common.api.v1 import dmabufd_pb2 as pb
@@ -501,10 +509,7 @@ class Client:
             self._fds.discard(ticket)
             raise ProtocolError("the load ended without describing its model")
         if first.HasField("result"):
-            # The call ends here: read it to its end (see Model._follow).
-            with contextlib.suppress(grpc.RpcError):
-                for _ in call:
-                    pass
+            read_to_end(call, grpc.RpcError)
             return self._whole_model(first, ticket)
         info = first.model
         # Every buffer holds a tensor; the fds came before this message.

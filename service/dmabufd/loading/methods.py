@@ -173,14 +173,13 @@ def direct_copy_file_range(source: Source, target: Allocation, piece: Piece, cac
 
 
 def direct_read(source: Source, target: Allocation, piece: Piece, cached: bool) -> Parts:
+    memfd = _memfd_of(target)
     parts: Parts = []
     for fd, part, where in _each_part(piece, source, cached):
-        if target.kind is BackendKind.MEMFD:
-            _write_into_memfd(source, fd, where, target.fd, part)
-        elif where is PartSource.PAGE_CACHE:
-            _write_buffered(source, _memfd_of(target), part)
+        if target.kind is BackendKind.MEMFD or where is PartSource.PAGE_CACHE:
+            _write_into_memfd(source, fd, where, memfd, part)
         else:  # udmabuf: its pages exist (pinned), read straight into them
-            with _window(_memfd_of(target), part, sync=False) as view:
+            with _window(memfd, part, sync=False) as view:
                 _pread_into(fd, part, view)
         parts.append((part, where))
     return parts
@@ -211,12 +210,12 @@ def _bounce() -> memoryview:
 
 def _read_through_bounce(source: Source, fd: int, memfd: int, part: Piece) -> None:
     """Reads of a part into the lane's bounce buffer (O_DIRECT ones for an
-    aligned body), each then written into the memfd. Reading into a mapping of a fresh
-    memfd instead makes every page cost a zeroing and a fault; written,
-    the page is allocated and filled at once. Here that cut the CPU of a
-    cold 512 MiB load by about a fifth (0.73-0.81 to 0.57-0.65 CPU-s/GiB
-    over 4 paired runs) with the same or better wall time, for one more
-    copy, out of the bounce buffer."""
+    aligned body), each then written into the memfd. Reading into a
+    mapping of a fresh memfd instead makes every page cost a zeroing and a
+    fault; written, the page is allocated and filled at once. Here that cut
+    the CPU of a cold 512 MiB load by about a fifth (0.73-0.81 to 0.57-0.65
+    CPU-s/GiB over 4 paired runs) with the same or better wall time, for
+    one more copy, out of the bounce buffer."""
     view = _bounce()
     done = 0
     while done < part.length:

@@ -111,6 +111,10 @@ class HeapInfo:
     aliases: tuple[str, ...]
     allowed: bool
     load_methods: tuple[str, ...]
+    # memfd: the prepared memfds the daemon keeps (heaps.memfd_reserve),
+    # in bytes, and how much of that is ready now.
+    reserve_bytes: int = 0
+    reserve_ready_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,8 @@ def _heap_info(heap: pb.Heap) -> HeapInfo:
         aliases=tuple(heap.aliases),
         allowed=heap.allowed,
         load_methods=tuple(LOAD_METHODS.get(m, "unknown") for m in caps.load_methods),
+        reserve_bytes=heap.reserve_bytes,
+        reserve_ready_bytes=heap.reserve_ready_bytes,
     )
 
 
@@ -378,6 +384,7 @@ class Client:
             ),
             bytes_from_cache=result.bytes_from_cache,
             first_tensor_seconds=result.first_tensor_seconds,
+            prepared_bytes=result.prepared_bytes,
         )
 
     def load_file(

@@ -105,6 +105,9 @@ class LoadStats:
     # it) until the first tensor with bytes had them all in its buffer,
     # streamed or not; for a shared model, the time to attach.
     first_tensor_seconds: float = 0.0
+    # Bytes of the buffers made that were prepared memfds, their pages
+    # allocated before the call (the daemon's heaps.memfd_reserve).
+    prepared_bytes: int = 0
 
 
 # What the rest of a streamed load says, message by message: the tensors

@@ -95,6 +95,9 @@ class HeapConfig:
     # Android's NPU heap map, and the file it was read from (None: none was).
     dma_heap_json: Path | None = None
     npu: DmaHeapsInfo | None = None
+    # Sizes of the memfds the memfd heap keeps prepared (heaps/reserve.py);
+    # empty: none. They hold their sum in memory while idle.
+    memfd_reserve: tuple[int, ...] = ()
 
 
 # The kinds of buffer a load can fill, as loading.<kind> tables name them.
@@ -250,6 +253,13 @@ class _Table:
         except ValueError as error:
             raise ConfigError(f"{self._where(key)}: {error}") from None
 
+    def sizes(self, key: str) -> tuple[int, ...]:
+        value = self._get(key, (list,), 'a list of sizes (bytes, or strings like "64M")')
+        try:
+            return tuple(parse_size(item) for item in value or [])
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"{self._where(key)}: {error}") from None
+
     def names(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         value = self._get(key, (list,), "a list of strings")
         if value is None:
@@ -375,11 +385,36 @@ def _heaps(table: _Table, usage_table: _Table) -> HeapConfig:
         max_batch=int(table.number("max_batch", 1024)),
         dma_heap_json=json_path,
         npu=npu_heaps,
+        memfd_reserve=table.sizes("memfd_reserve"),
     )
     table.check_unknown()
     if config.max_batch < 1:
         raise ConfigError("heaps.max_batch must be at least 1")
+    _check_reserve(config)
     return config
+
+
+# A reserve holds its memory while idle: a few sizes, and never most of the
+# machine.
+MAX_RESERVE_ENTRIES = 16
+
+
+def _check_reserve(config: HeapConfig) -> None:
+    sizes = config.memfd_reserve
+    if len(sizes) > MAX_RESERVE_ENTRIES:
+        raise ConfigError(f"heaps.memfd_reserve names {len(sizes)} sizes; at most {MAX_RESERVE_ENTRIES}")
+    for size in sizes:
+        if size <= 0 or size % 4096:
+            raise ConfigError(f"heaps.memfd_reserve: {size} is not a positive multiple of 4 KiB")
+        if config.max_buffer_bytes and size > config.max_buffer_bytes:
+            raise ConfigError(
+                f"heaps.memfd_reserve: {size} bytes is more than heaps.max_buffer_bytes ({config.max_buffer_bytes})"
+            )
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if sum(sizes) > physical // 2:
+        raise ConfigError(
+            f"heaps.memfd_reserve adds up to {sum(sizes)} bytes, more than half of this machine's memory ({physical})"
+        )
 
 
 def _dma_heap_json(table: _Table) -> tuple[Path | None, DmaHeapsInfo | None]:

@@ -20,6 +20,7 @@ from dmabufd.config import Config
 from dmabufd.heaps.backend import HeapSpec
 from dmabufd.heaps.discovery import HeapDiscovery
 from dmabufd.heaps.registry import HeapRegistry
+from dmabufd.heaps.reserve import MemfdReserve
 from dmabufd.loading.loader import FileLoader
 from dmabufd.loading.models import ModelCache
 from dmabufd.loading.probe import supported_methods
@@ -66,7 +67,8 @@ class Daemon:
         self.inherited = inherited
         self.runtime = RuntimeDir(runtime_dir) if inherited is None else None
         self.placement = Placement(config.scheduling.call_cpus, config.scheduling.loop_nice)
-        self.registry = HeapRegistry(config.heaps, probe=supported_methods)
+        self.reserve = MemfdReserve(config.heaps.memfd_reserve)
+        self.registry = HeapRegistry(config.heaps, probe=supported_methods, reserve=self.reserve)
         self.grants = GrantTable(config.limits.grant_buffers)
         self.ledger = Ledger(config, on_release=self.grants.buffers_released)
         self.closer = Closer(self.placement.place_thread)
@@ -194,6 +196,7 @@ class Daemon:
         try:
             limit = raise_fd_limit()
             self.discovery.start()
+            self.reserve.start()
             if sys.version_info < (3, 12) and _has_pidfds():
                 # Python 3.11 waits for each /proc helper on a thread of its
                 # own, which the loop starts (with its nice); 3.12 and later
@@ -252,6 +255,7 @@ class Daemon:
         await asyncio.gather(*self._clean_ups, return_exceptions=True)
         self.executors.calls.shutdown(wait=True)
         self.executors.loads.shutdown(wait=True)
+        self.reserve.close()
         self.grants.close()
         self.models.close()
         self.pools.close()

@@ -26,6 +26,12 @@ def test_defaults() -> None:
     assert config.clients.admins.allows(0, frozenset())
 
 
+def test_the_memfd_reserve_is_off_unless_sizes_are_named() -> None:
+    assert load_config(None).heaps.memfd_reserve == ()
+    config = parse_config(tomllib.loads('[heaps]\nmemfd_reserve = ["512M", "128M", 4096]'))
+    assert config.heaps.memfd_reserve == (512 << 20, 128 << 20, 4096)
+
+
 def test_shipped_example_config_loads() -> None:
     config = load_config(EXAMPLE)
     assert config.sockets.mode == 0o660
@@ -117,6 +123,18 @@ def test_full_config() -> None:
             r"loading.populate is no longer a setting \(memfd buffers are filled by writing",
         ),
         ("[loading]\nhuge_pages = false", r"loading.huge_pages is no longer a setting .*; delete it"),
+        ('[heaps]\nmemfd_reserve = "512M"', "heaps.memfd_reserve must be a list of sizes"),
+        ('[heaps]\nmemfd_reserve = ["lots"]', "heaps.memfd_reserve: not a size"),
+        ("[heaps]\nmemfd_reserve = [true]", "heaps.memfd_reserve: not a size"),
+        ("[heaps]\nmemfd_reserve = [0]", "heaps.memfd_reserve: 0 is not a positive multiple of 4 KiB"),
+        ("[heaps]\nmemfd_reserve = [5000]", "heaps.memfd_reserve: 5000 is not a positive multiple of 4 KiB"),
+        ('[heaps]\nmax_buffer_bytes = "1M"\nmemfd_reserve = ["2M"]', "more than heaps.max_buffer_bytes"),
+        (
+            '[heaps]\nmemfd_reserve = ["1M", "1M", "1M", "1M", "1M", "1M", "1M", "1M", "1M", "1M", "1M", "1M", '
+            '"1M", "1M", "1M", "1M", "1M"]',
+            "names 17 sizes; at most 16",
+        ),
+        ('[heaps]\nmemfd_reserve = ["1000T"]', "more than half of this machine's memory"),
     ],
 )
 def test_errors_name_the_key(text: str, message: str) -> None:

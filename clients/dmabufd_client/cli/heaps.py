@@ -86,6 +86,13 @@ def cmd_heaps(client: Client, args: argparse.Namespace) -> int:
             "yes" if heap.allowed else "no",
         )
     output.stdout.print(table)
+    for heap in heaps:
+        if heap.reserve_bytes:
+            output.stdout.print(
+                f"{heap.name}: {format_size(heap.reserve_ready_bytes)} of a {format_size(heap.reserve_bytes)} "
+                "reserve of prepared memfds ready",
+                highlight=False,
+            )
     routes_table = Table(title="usage routes (first present and allowed heap wins)")
     routes_table.add_column("usage")
     routes_table.add_column("heap order")

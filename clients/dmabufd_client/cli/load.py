@@ -48,6 +48,7 @@ LOAD = Schema(
         ("mb_per_s", "bytes / daemon_wall_seconds / 10^6"),
         ("verified", "the buffers were compared with the file (--verify)"),
         ("parallelism", "I/O requests the daemon kept in flight"),
+        ("prepared_bytes", "bytes of the buffers that were prepared memfds (heaps.memfd_reserve)"),
         ("buffers", "the buffers, as below"),
         ("segments", "the file's pieces, as below"),
     ),
@@ -160,6 +161,7 @@ def cmd_load(client: Client, args: argparse.Namespace) -> int:
                     mb_per_s=rate / 1e6,
                     verified=stats.verified,
                     parallelism=stats.parallelism,
+                    prepared_bytes=stats.prepared_bytes,
                     buffers=[output.buffer_json(b.info) for b in loaded.buffers],
                     segments=[SEGMENT.object(**asdict(segment)) for segment in loaded.segments],
                 )
@@ -180,9 +182,10 @@ def cmd_load(client: Client, args: argparse.Namespace) -> int:
                 )
             output.stdout.print(table)
             verified = "verified against the file" if stats.verified else "not verified (--verify)"
+            prepared = f", {format_size(stats.prepared_bytes)} into prepared memory" if stats.prepared_bytes else ""
             output.stdout.print(
                 f"{format_rate(rate)} in the daemon ({stats.wall_seconds:.3f} s wall, {stats.cpu_seconds:.3f} s CPU, "
-                f"{stats.parallelism} in flight); {seconds:.3f} s end to end; {verified}",
+                f"{stats.parallelism} in flight{prepared}); {seconds:.3f} s end to end; {verified}",
                 highlight=False,
             )
         if args.hold:

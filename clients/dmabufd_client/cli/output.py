@@ -95,6 +95,8 @@ HEAP = Schema(
         ("aliases", "aliases that resolve to it first"),
         ("allowed", "whether your uid may allocate from it"),
         ("load_methods", "file load methods proved to work, fastest first"),
+        ("reserve_bytes", "memfd: bytes of prepared memfds the daemon keeps (heaps.memfd_reserve)"),
+        ("reserve_ready_bytes", "memfd: how much of reserve_bytes is prepared now"),
     ),
 )
 
@@ -124,6 +126,8 @@ def heap_json(heap: HeapInfo) -> dict[str, Any]:
         aliases=list(heap.aliases),
         allowed=heap.allowed,
         load_methods=list(heap.load_methods),
+        reserve_bytes=heap.reserve_bytes,
+        reserve_ready_bytes=heap.reserve_ready_bytes,
     )
 
 

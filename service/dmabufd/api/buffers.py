@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from dmabufd.api.base import ServiceBase, buffer_info, never_blocks
 from dmabufd.api.routing import route_of
 from dmabufd.errors import DmabufdError, InvalidRequest, Overloaded
-from dmabufd.heaps.backend import PAGE_SIZE, HeapBackend, HeapSpec
+from dmabufd.heaps.backend import PAGE_SIZE, BackendKind, HeapBackend, HeapSpec
 from dmabufd.heaps.buffer import frees_quickly, put_all
 from dmabufd.heaps.registry import Caller, HeapEvent, HeapEventKind
 from dmabufd.sessions import procfs
@@ -54,7 +54,7 @@ ANYONE = Caller(uid=-1, gids=frozenset())
 
 class BuffersApi(ServiceBase):
     def _heap(self, spec: HeapSpec, session: Session | None) -> pb.Heap:
-        return pb.Heap(
+        heap = pb.Heap(
             name=spec.name,
             device_path=spec.device_path,
             capabilities=pb.HeapCapabilities(
@@ -71,6 +71,11 @@ class BuffersApi(ServiceBase):
             aliases=self._registry.aliases_of(spec.name),
             allowed=self._registry.allowed(spec.name, self._broker.caller(session) if session else ANYONE),
         )
+        reserve = self._registry.reserve
+        if spec.kind is BackendKind.MEMFD and reserve is not None:
+            heap.reserve_bytes = sum(reserve.sizes)
+            heap.reserve_ready_bytes = reserve.ready_bytes
+        return heap
 
     # -- methods --------------------------------------------------------
 

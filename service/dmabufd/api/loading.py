@@ -395,6 +395,7 @@ class LoadingApi(ServiceBase):
             parallelism=report.parallelism,
             parts=parts_of(report),
             bytes_from_cache=report.bytes_from_cache,
+            prepared_bytes=report.prepared_bytes,
         )
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: Context) -> AsyncIterator[pb.LoadProgress]:
@@ -530,6 +531,7 @@ class LoadingApi(ServiceBase):
             parallelism=report.parallelism,
             # Shared: the whole model was usable once attached.
             first_tensor_seconds=wall_seconds if shared else model.first_tensor_seconds,
+            prepared_bytes=0 if shared else report.prepared_bytes,
         )
         reply = pb.LoadProgress(bytes_done=loaded, bytes_total=loaded, result=result)
         if described:

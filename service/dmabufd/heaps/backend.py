@@ -52,13 +52,17 @@ class HeapSpec:
 class Allocation:
     """One buffer: its fd, and the memfd behind it for udmabuf."""
 
-    __slots__ = ("backing_fd", "fd", "identity", "kind", "size")
+    __slots__ = ("backing_fd", "fd", "identity", "kind", "prepared", "size")
 
-    def __init__(self, fd: int, size: int, kind: BackendKind, backing_fd: int | None = None) -> None:
+    def __init__(
+        self, fd: int, size: int, kind: BackendKind, backing_fd: int | None = None, *, prepared: bool = False
+    ) -> None:
         self.fd = fd
         self.size = size
         self.kind = kind
         self.backing_fd = backing_fd
+        # Its pages were allocated before it was asked for (heaps/reserve.py).
+        self.prepared = prepared
         info = os.fstat(fd)
         # (st_dev, st_ino): how the same buffer is recognised in another
         # process's /proc/<pid>/fd.

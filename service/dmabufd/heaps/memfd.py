@@ -14,6 +14,7 @@ import fcntl
 import os
 
 from dmabufd.heaps.backend import Allocation, BackendKind, HeapBackend, HeapSpec
+from dmabufd.heaps.reserve import MemfdReserve
 from dmabufd_common import uapi
 
 MEMFD_HEAP_NAME = "memfd"
@@ -38,6 +39,17 @@ MEMFD_SPEC = HeapSpec(MEMFD_HEAP_NAME, BackendKind.MEMFD, "")
 
 
 class MemfdBackend(HeapBackend):
+    """Fresh sealed memfds, or prepared ones from the daemon's reserve
+    (heaps/reserve.py) when one fits the size."""
+
+    def __init__(self, spec: HeapSpec, reserve: MemfdReserve | None = None) -> None:
+        super().__init__(spec)
+        self._reserve = reserve
+
     def allocate(self, size: int, kernel_name: str) -> Allocation:
+        if self._reserve is not None:
+            fd = self._reserve.take(size, MEMFD_SEALS)
+            if fd is not None:
+                return Allocation(fd, size, BackendKind.MEMFD, prepared=True)
         fd = sealed_memfd(kernel_name, size, MEMFD_SEALS)
         return Allocation(fd, size, BackendKind.MEMFD)

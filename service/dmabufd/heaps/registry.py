@@ -34,6 +34,7 @@ from dmabufd.errors import AccessDenied, HeapNotFound, InvalidRequest
 from dmabufd.heaps.backend import BackendKind, HeapBackend, HeapSpec
 from dmabufd.heaps.dmaheap import DmaHeapBackend
 from dmabufd.heaps.memfd import MemfdBackend
+from dmabufd.heaps.reserve import MemfdReserve
 from dmabufd.heaps.udmabuf import UdmabufBackend
 from dmabufd.loading.method import Method
 from dmabufd_common import npu
@@ -41,10 +42,9 @@ from dmabufd_common import npu
 log = logging.getLogger(__name__)
 
 DEFAULT_USAGE = "default"
-_BACKEND_TYPES: dict[BackendKind, type[HeapBackend]] = {
+_DEVICE_BACKENDS: dict[BackendKind, type[HeapBackend]] = {
     BackendKind.DMA_HEAP: DmaHeapBackend,
     BackendKind.UDMABUF: UdmabufBackend,
-    BackendKind.MEMFD: MemfdBackend,
 }
 
 
@@ -84,10 +84,13 @@ EventSink = Callable[["HeapEvent | None"], None]
 
 
 class HeapRegistry:
-    def __init__(self, config: HeapConfig, probe: Probe | None = None) -> None:
-        """`probe` says which load methods work into a new heap's buffers."""
+    def __init__(self, config: HeapConfig, probe: Probe | None = None, reserve: MemfdReserve | None = None) -> None:
+        """`probe` says which load methods work into a new heap's buffers;
+        the memfd heap takes prepared memfds from `reserve` (the daemon's,
+        which outlives the registry's backends)."""
         self._config = config
         self._probe = probe
+        self._reserve = reserve
         self._lock = threading.Lock()
         self._backends: dict[str, HeapBackend] = {}
         self._watchers: set[EventSink] = set()
@@ -122,7 +125,7 @@ class HeapRegistry:
                 if known is not None:  # same name, new device: replace
                     known.close()
                     events.append(HeapEvent(HeapEventKind.REMOVED, known.spec))
-                backend = _BACKEND_TYPES[spec.kind](spec)
+                backend = self._make_backend(spec)
                 if self._probe is not None:
                     backend.load_methods = self._probe(backend)
                 self._backends[name] = backend
@@ -139,6 +142,11 @@ class HeapRegistry:
             self._npu_checked = True
             self._warn_absent_npu_heaps(set(found))
         return events
+
+    def _make_backend(self, spec: HeapSpec) -> HeapBackend:
+        if spec.kind is BackendKind.MEMFD:
+            return MemfdBackend(spec, self._reserve)
+        return _DEVICE_BACKENDS[spec.kind](spec)
 
     def _warn_absent_npu_heaps(self, present: set[str]) -> None:
         listed: list[str] = []
@@ -162,6 +170,10 @@ class HeapRegistry:
                 sink(None)
 
     # -- client side ----------------------------------------------------
+
+    @property
+    def reserve(self) -> MemfdReserve | None:
+        return self._reserve
 
     def specs(self) -> list[HeapSpec]:
         with self._lock:

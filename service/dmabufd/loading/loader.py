@@ -71,6 +71,8 @@ class TransferReport:
     verified: bool
     # (file offset, length, where from), in file order.
     parts: list[tuple[int, int, PartSource]] = field(default_factory=list)
+    # Bytes of the buffers that were prepared memfds (heaps/reserve.py).
+    prepared_bytes: int = 0
 
     @property
     def bytes_from_cache(self) -> int:
@@ -259,7 +261,8 @@ class FileLoader:
             began = time.thread_time()
             self.verify(source, targets)
             cpu += time.thread_time() - began
-        return TransferReport(method, wall, cpu, depth, verify, merge(moved.parts))
+        prepared = sum(allocation.size for allocation, _ in targets if allocation.prepared)
+        return TransferReport(method, wall, cpu, depth, verify, merge(moved.parts), prepared)
 
     def lanes(self, kind: BackendKind) -> Lanes:
         profile = self._config.profile(kind.name.lower().replace("_", "-"))

@@ -283,6 +283,8 @@ class Heap(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
     ALLOWED_FIELD_NUMBER: _builtins.int
+    RESERVE_BYTES_FIELD_NUMBER: _builtins.int
+    RESERVE_READY_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name clients allocate by: the kernel's heap name ("system",
     "linux,cma", ...), "udmabuf" or "memfd".
@@ -293,6 +295,14 @@ class Heap(_message.Message):
     """Whether the calling client's uid/gids may allocate from it. For a
     ListHeaps without a session (a generic tool): whether every client the
     daemon admits may, that is the heap has no heaps.access rule.
+    """
+    reserve_bytes: _builtins.int
+    """memfd: the sizes of the prepared memfds the heap keeps (config
+    heaps.memfd_reserve), added up; 0 for other heaps, or no reserve.
+    """
+    reserve_ready_bytes: _builtins.int
+    """memfd: how much of reserve_bytes is prepared now (an allocation that
+    took one leaves a gap until the daemon, when idle, prepares another).
     """
     @_builtins.property
     def capabilities(self) -> Global___HeapCapabilities:
@@ -310,10 +320,12 @@ class Heap(_message.Message):
         capabilities: Global___HeapCapabilities | None = ...,
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         allowed: _builtins.bool = ...,
+        reserve_bytes: _builtins.int = ...,
+        reserve_ready_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "allowed", b"allowed", "capabilities", b"capabilities", "device_path", b"device_path", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "allowed", b"allowed", "capabilities", b"capabilities", "device_path", b"device_path", "name", b"name", "reserve_bytes", b"reserve_bytes", "reserve_ready_bytes", b"reserve_ready_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1150,6 +1162,7 @@ class LoadResult(_message.Message):
     PARTS_FIELD_NUMBER: _builtins.int
     BYTES_FROM_CACHE_FIELD_NUMBER: _builtins.int
     FIRST_TENSOR_SECONDS_FIELD_NUMBER: _builtins.int
+    PREPARED_BYTES_FIELD_NUMBER: _builtins.int
     method: Global___LoadMethod.ValueType
     """The method that moved the bytes."""
     bytes: _builtins.int
@@ -1180,6 +1193,11 @@ class LoadResult(_message.Message):
     wall_seconds; a shared model: the time to attach (wall_seconds), the
     whole model being usable then.
     """
+    prepared_bytes: _builtins.int
+    """Bytes of the buffers this call made that were prepared memfds: their
+    pages allocated before the call, while the daemon was idle (config
+    heaps.memfd_reserve). 0 for a shared model.
+    """
     @_builtins.property
     def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]:
         """The buffers made (or shared, for a resident model), in file order."""
@@ -1208,10 +1226,11 @@ class LoadResult(_message.Message):
         parts: _abc.Iterable[Global___LoadedPart] | None = ...,
         bytes_from_cache: _builtins.int = ...,
         first_tensor_seconds: _builtins.float = ...,
+        prepared_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "bytes", b"bytes", "bytes_from_cache", b"bytes_from_cache", "cpu_seconds", b"cpu_seconds", "first_tensor_seconds", b"first_tensor_seconds", "method", b"method", "parallelism", b"parallelism", "parts", b"parts", "segments", b"segments", "verified", b"verified", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "bytes", b"bytes", "bytes_from_cache", b"bytes_from_cache", "cpu_seconds", b"cpu_seconds", "first_tensor_seconds", b"first_tensor_seconds", "method", b"method", "parallelism", b"parallelism", "parts", b"parts", "prepared_bytes", b"prepared_bytes", "segments", b"segments", "verified", b"verified", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

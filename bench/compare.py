@@ -8,8 +8,10 @@
 Three groups of rows, each against a reference row:
 
 - file (cold, one generated file): fio at --depth x --block with O_DIRECT (the reference), dmabufd
-  LoadFile, a raw O_DIRECT reader written here at the same depth (into reused buffers, and into
-  a fresh memfd as the daemon does), and fio at the other depths of the sweep.
+  LoadFile, dmabufd LoadFile again in daemons with a memfd reserve the size of the file (each
+  pass once the reserve is prepared; not with --config), a raw O_DIRECT reader written here at
+  the same depth (into reused buffers, and into a fresh memfd as the daemon does), and fio at the
+  other depths of the sweep.
 - model-cold / model-warm (one generated safetensors file): safetensors.numpy.load_file (the
   reference), dmabufd LoadModel until every tensor is a numpy array, a second client's LoadModel
   of the same model (cold only; its reference is the first load), safe_open(framework="numpy")
@@ -125,11 +127,16 @@ class Bench:
     fio: fio_runner.Fio | None = None
     fio_missing: str | None = None
     reused: ReusedBuffers | None = None
+    # The LoadFile row again, in daemons with a memfd reserve the size of the file.
+    reserved: Service | None = None
+    reserve_missing: str | None = None
 
     def close(self) -> None:
         if self.reused is not None:
             self.reused.close()
         self.service.cleanup()
+        if self.reserved is not None:
+            self.reserved.cleanup()
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
@@ -151,6 +158,14 @@ def setup(args: argparse.Namespace) -> Bench:
             if not args.no_fio:
                 bench.fio = fio_runner.probe(bench.source.path, bench.source.size, args.fio_engine, installed)
             bench.reused = ReusedBuffers(args.depth, args.block)
+            if args.config is not None:
+                bench.reserve_missing = "--config given: the reserve row writes its own config"
+            else:
+                config = scratch / "reserve.toml"
+                page = os.sysconf("SC_PAGE_SIZE")
+                whole_pages = -(-bench.source.size // page) * page  # the LoadFile buffer's size
+                config.write_text(f"[heaps]\nmemfd_reserve = [{whole_pages}]\n")
+                bench.reserved = Service(config, scratch, reserved=True)
         if "model-cold" in args.groups or "model-warm" in args.groups:
             bench.model = write_model(scratch / "model.safetensors", args.model_size or args.size)
     except BaseException:
@@ -170,10 +185,10 @@ def file_rows(bench: Bench, rows: dict[str, Row], steps: list[Step]) -> None:
     engine = f"{bench.fio.engine}, " if bench.fio is not None else ""
     reference = f"{FIO_PREFIX}{depth}" if bench.fio is not None else "raw-reused"
 
-    def add(key: str, label: str, run: Callable[[], Pass] | None) -> None:
+    def add(key: str, label: str, run: Callable[[], Pass] | None, missing: str | None = None) -> None:
         rows[key] = Row(RowSpec(key, label, "file", None if key == reference else reference))
         if run is None:
-            rows[key].status, rows[key].reason = Status.SKIPPED, bench.fio_missing
+            rows[key].status, rows[key].reason = Status.SKIPPED, missing or bench.fio_missing
         else:
             steps.append(_single(key, run))
 
@@ -188,6 +203,13 @@ def file_rows(bench: Bench, rows: dict[str, Row], steps: list[Step]) -> None:
         "loadfile",
         "dmabufd LoadFile" + ("" if method == "auto" else f" ({method})"),
         lambda: loadfile_pass(bench.service, cache, source, CacheState.COLD, method),
+    )
+    reserved = bench.reserved
+    add(
+        "loadfile-reserve",
+        "dmabufd LoadFile, memfd reserve",
+        None if reserved is None else lambda: loadfile_pass(reserved, cache, source, CacheState.COLD, method),
+        bench.reserve_missing,
     )
     add(
         "raw-reused",

@@ -35,6 +35,8 @@ def reported_text(row: dict[str, Any]) -> str:
         by_source[part["source"]] = by_source.get(part["source"], 0) + part["length"]
     if by_source:
         parts.append(" + ".join(f"{source} {format_size(size)}" for source, size in by_source.items()))
+    if reported.get("prepared_bytes"):
+        parts.append(f"into prepared memory {format_size(reported['prepared_bytes'])}")
     shared = [one["extra"].get("shared") for one in passes]
     if row["key"] == "loadmodel-second":
         parts.append("shared" if all(shared) else "NOT shared in some passes: loaded again")

@@ -225,6 +225,14 @@ def comparisons(rows: dict[str, Row], depth: int) -> list[Comparison]:
             f"LoadFile vs raw O_DIRECT into a fresh memfd, depth {depth}", "loadfile", "raw-fresh", Measure.SPEED
         ),
         Comparison(f"LoadFile daemon CPU s/GiB over fio depth {depth}'s", "loadfile", fio, Measure.DAEMON_CPU),
+        Comparison(f"LoadFile, memfd reserve vs fio depth {depth}, cold", "loadfile-reserve", fio, Measure.SPEED),
+        Comparison("LoadFile, memfd reserve vs LoadFile, cold", "loadfile-reserve", "loadfile", Measure.SPEED),
+        Comparison(
+            f"LoadFile, memfd reserve: daemon CPU s/GiB over fio depth {depth}'s",
+            "loadfile-reserve",
+            fio,
+            Measure.DAEMON_CPU,
+        ),
     ]
     best = best_fio(rows)
     if best is not None and best != fio:

@@ -29,6 +29,12 @@ from bench.testfile import SourceFile, write_pattern_file
 
 WARMUP_FILE_BYTES = 4 << 20
 WARMUP_MODEL_BYTES = 1 << 20
+# How long a new daemon may take to prepare its memfd reserve before the pass gives up.
+RESERVE_READY_TIMEOUT_S = 60.0
+
+
+class ReserveNotReady(Exception):
+    """The daemon's memfd reserve was not prepared in time."""
 
 
 class Meter:
@@ -87,8 +93,11 @@ class Service:
     and a small model, so that no pass pays for first-call set-up (imports, thread pools, heap
     probes)."""
 
-    def __init__(self, config: Path | None, scratch: Path) -> None:
+    def __init__(self, config: Path | None, scratch: Path, *, reserved: bool = False) -> None:
+        """reserved: the config has a memfd reserve ([heaps] memfd_reserve), and a pass starts
+        only once the daemon has prepared all of it, as a daemon that has been up a while has."""
         self.config = config
+        self.reserved = reserved
         self.warmup_file = scratch / "warmup.bin"
         self.warmup_model = scratch / "warmup.safetensors"
         write_pattern_file(self.warmup_file, WARMUP_FILE_BYTES)
@@ -112,7 +121,25 @@ class Service:
             daemon = stack.enter_context(running_daemon(None, self.config))
             client = stack.enter_context(dmabufd_client.connect(daemon.runtime_dir, CALL_TIMEOUT_S))
             self._warm_up(client)
+            if self.reserved:
+                wait_for_reserve(client)
             yield Session(daemon, client, stack)
+
+
+def wait_for_reserve(client: dmabufd_client.Client) -> None:
+    deadline = time.monotonic() + RESERVE_READY_TIMEOUT_S
+    while True:
+        (memfd,) = [heap for heap in client.heaps() if heap.backend is dmabufd_client.Backend.MEMFD]
+        if not memfd.reserve_bytes:
+            raise ReserveNotReady("the daemon has no memfd reserve: its config sets no heaps.memfd_reserve")
+        if memfd.reserve_ready_bytes == memfd.reserve_bytes:
+            return
+        if time.monotonic() > deadline:
+            raise ReserveNotReady(
+                f"the daemon prepared {memfd.reserve_ready_bytes} of its {memfd.reserve_bytes} bytes of memfd "
+                f"reserve in {RESERVE_READY_TIMEOUT_S:.0f} s"
+            )
+        time.sleep(0.02)
 
 
 def loadfile_pass(service: Service, cache: Cache, source: SourceFile, state: CacheState, method: str = "auto") -> Pass:

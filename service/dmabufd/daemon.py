@@ -75,7 +75,7 @@ class Daemon:
         self.sessions = SessionTable(on_close=self._on_session_closed, closer=self.closer)
         self.limits = UidLimits(config.limits)
         self.broker = BufferBroker(config, self.registry, self.ledger)
-        self.loader = FileLoader(config.loading, self.broker)
+        self.loader = FileLoader(config.loading, self.broker, self.reserve)
         self.models = ModelCache(self.loader, self.ledger, config.loading)
         self.pools = PoolTable(self.broker, self.ledger, layout, config.loading.pool_recycle_budget_bytes)
         self.discovery = HeapDiscovery(config.discovery, self._on_heaps_found)

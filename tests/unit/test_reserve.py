@@ -131,11 +131,11 @@ def test_a_reserve_the_machine_cannot_afford_waits_and_stays_closable(
 ) -> None:
     attempts: list[int] = []
 
-    def refuse(size: int) -> int:
-        attempts.append(size)
+    def refuse(fd: int, offset: int, length: int) -> None:
+        attempts.append(length)
         raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
 
-    monkeypatch.setattr(reserve_module, "prepare", refuse)
+    monkeypatch.setattr(reserve_module, "allocate_pages", refuse)
     before = own_fds()
     reserve = MemfdReserve((4 * MIB,))
     with caplog.at_level(logging.WARNING, logger=reserve_module.__name__):
@@ -151,6 +151,38 @@ def test_a_reserve_the_machine_cannot_afford_waits_and_stays_closable(
     assert time.monotonic() - began < 2.0
     assert own_fds() == before
     assert [r.message for r in caplog.records if "cannot prepare" in r.message]
+
+
+def test_nothing_is_prepared_while_a_load_moves_bytes(
+    started: Callable[[tuple[int, ...]], MemfdReserve], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reserve_module, "PREPARE_STEP_BYTES", MIB)
+    steps: list[float] = []
+    real = reserve_module.allocate_pages
+
+    def slowly(fd: int, offset: int, length: int) -> None:
+        steps.append(time.monotonic())
+        time.sleep(0.05)
+        real(fd, offset, length)
+
+    reserve = started((8 * MIB,))
+    monkeypatch.setattr(reserve_module, "allocate_pages", slowly)
+    with reserve.held():
+        fd = reserve.take(8 * MIB, MEMFD_SEALS)
+        assert fd is not None
+        os.close(fd)
+        time.sleep(0.2)
+        assert steps == []  # held from the start: not one step
+    wait_for(lambda: len(steps) >= 2)
+    with reserve.held():
+        # Held mid-way: the step under way ends, and no other starts.
+        time.sleep(0.05)
+        paused_at = len(steps)
+        time.sleep(0.2)
+        assert len(steps) == paused_at
+        assert reserve.ready_bytes == 0
+    wait_for(lambda: reserve.ready_bytes == 8 * MIB)
+    assert len(steps) == 8
 
 
 def test_the_memfd_heap_takes_a_prepared_memfd_when_one_fits(

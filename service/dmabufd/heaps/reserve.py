@@ -8,7 +8,10 @@ thread makes memfds of the sizes `[heaps] memfd_reserve` names and
 allocates their pages with fallocate, at idle priority, so only CPU time
 nothing else wanted goes into them. An allocation from the memfd heap whose
 size is from half of a prepared memfd's size up to all of it takes that
-memfd instead of a fresh one, and the thread makes another.
+memfd instead of a fresh one, and the thread makes another, but not while
+a load is moving bytes (held()): idle priority keeps it off a busy CPU, not
+out of the page allocator or the memory bus a load is using. It prepares
+in steps of PREPARE_STEP_BYTES and pauses between two when a load starts.
 
 A prepared memfd has never left the daemon and nothing was ever written to
 it: it reads as zeros, as a fresh memfd does. It goes out once, as one
@@ -22,17 +25,19 @@ configuration asks for one.
 
 Ownership: the reserve owns every fd in `_ready` and the one its thread is
 preparing; take() hands one over, close() closes the rest.
-Locking: `_cond` guards `_ready` and `_closed`. It is a leaf, held for list
-operations only, never across a syscall.
+Locking: `_cond` guards `_ready`, `_holds` and `_closed`. It is a leaf,
+held for list operations and counters only, never across a syscall.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import threading
 from collections import Counter
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +46,12 @@ PREPARED_NAME = "dmabufd:prepared"
 # waits this long before trying again: memory may have been freed by then,
 # and a reserve the machine cannot afford must not spin.
 RETRY_S = 30.0
-# How long close() waits for a preparation under way (fallocate of a large
-# size may take a second on a slow machine; the fd is closed either way).
+# How long close() waits for a preparation under way (a step of fallocate
+# may take a while on a slow machine; the fd is closed either way).
 CLOSE_WAIT_S = 5.0
+# Pages allocated at a time: a load that starts meanwhile waits for one
+# step at most (about 20 ms here) before the thread pauses.
+PREPARE_STEP_BYTES = 64 << 20
 
 
 def fits(prepared: int, size: int) -> bool:
@@ -66,6 +74,7 @@ class MemfdReserve:
         self._wanted = Counter(sizes)
         self._cond = threading.Condition(threading.Lock())
         self._ready: list[tuple[int, int]] = []  # (size, fd), guarded by _cond
+        self._holds = 0  # loads moving bytes now, guarded by _cond
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -84,6 +93,18 @@ class MemfdReserve:
             return
         self._thread = threading.Thread(target=self._run, name="memfd-reserve", daemon=True)
         self._thread.start()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No preparing while the block runs (a load moving its bytes)."""
+        with self._cond:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holds -= 1
+                self._cond.notify()
 
     def take(self, size: int, seals: int) -> int | None:
         """A prepared memfd that fits `size` (fits()), truncated to `size`
@@ -134,7 +155,9 @@ class MemfdReserve:
                 if self._closed or size is None:
                     return
             try:
-                fd = prepare(size)
+                fd = self._prepare(size)
+            except _Closed:
+                return
             except OSError as error:
                 if not failing:
                     log.warning(
@@ -157,18 +180,41 @@ class MemfdReserve:
             os.close(fd)
             return
 
+    def _prepare(self, size: int) -> int:
+        """A memfd of `size` bytes whose pages are allocated (fallocate,
+        which allocates without writing them: they still read as zeros),
+        a step at a time, each once no load is moving bytes."""
+        fd = new_memfd(size)
+        try:
+            for offset in range(0, size, PREPARE_STEP_BYTES):
+                with self._cond:
+                    while self._holds and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        raise _Closed
+                allocate_pages(fd, offset, min(PREPARE_STEP_BYTES, size - offset))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
-def prepare(size: int) -> int:
-    """A memfd of `size` bytes whose pages are allocated (fallocate, which
-    allocates without writing them: they still read as zeros)."""
+
+class _Closed(Exception):
+    """The reserve closed while its thread was preparing."""
+
+
+def new_memfd(size: int) -> int:
     fd = os.memfd_create(PREPARED_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
-        os.posix_fallocate(fd, 0, size)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def allocate_pages(fd: int, offset: int, length: int) -> None:
+    os.posix_fallocate(fd, offset, length)
 
 
 def _run_when_idle() -> None:

@@ -14,6 +14,7 @@ every buffer it made. Nothing is booked or delivered until all bytes are in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -27,6 +28,7 @@ from dmabufd.broker import BufferBroker
 from dmabufd.config import LoadingConfig
 from dmabufd.errors import FileChanged, InvalidRequest, VerifyFailed
 from dmabufd.heaps.backend import PAGE_SIZE, Allocation, BackendKind, HeapBackend, round_to_page
+from dmabufd.heaps.reserve import MemfdReserve
 from dmabufd.loading.method import Method, PartSource
 from dmabufd.loading.methods import DIO_ALIGN, Piece, Source
 from dmabufd.loading.source import SourceFile
@@ -190,9 +192,12 @@ def _digest_of_buffer(allocation: Allocation, piece: Piece) -> bytes:
 
 
 class FileLoader:
-    def __init__(self, config: LoadingConfig, broker: BufferBroker) -> None:
+    def __init__(self, config: LoadingConfig, broker: BufferBroker, reserve: MemfdReserve | None = None) -> None:
+        """`reserve`: the memfd reserve, which prepares no memfd while a
+        load moves bytes (heaps/reserve.py)."""
         self._config = config
         self._broker = broker
+        self._reserve = reserve
 
     def transfer(
         self,
@@ -234,7 +239,8 @@ class FileLoader:
 
         started = time.monotonic()
         try:
-            moved, depth = run(method)
+            with self._moving_bytes():
+                moved, depth = run(method)
         except OSError as error:
             if method is not Method.DIRECT_CFR or error.errno not in EXPORTER_REFUSES:
                 raise
@@ -252,7 +258,8 @@ class FileLoader:
                 os.strerror(error.errno),
                 method.label,
             )
-            moved, depth = run(method)
+            with self._moving_bytes():
+                moved, depth = run(method)
         wall = time.monotonic() - started
         needed = max((p.piece.file_offset + p.piece.length for _, p in targets), default=0)
         source.check_unchanged(needed)  # one fstat: truncated, or otherwise changed
@@ -263,6 +270,10 @@ class FileLoader:
             cpu += time.thread_time() - began
         prepared = sum(allocation.size for allocation, _ in targets if allocation.prepared)
         return TransferReport(method, wall, cpu, depth, verify, merge(moved.parts), prepared)
+
+    def _moving_bytes(self) -> contextlib.AbstractContextManager[None]:
+        """The reserve prepares no memfd meanwhile (heaps/reserve.py)."""
+        return self._reserve.held() if self._reserve is not None else contextlib.nullcontext()
 
     def lanes(self, kind: BackendKind) -> Lanes:
         profile = self._config.profile(kind.name.lower().replace("_", "-"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import dmabufd_client
 from dmabufd.heaps.memfd import MEMFD_SEALS
 from dmabufd_client import Access
-from tests.conftest import DaemonFactory, RunningDaemon
+from tests.conftest import DaemonFactory, RunningDaemon, run_as_rootless_client
 from tests.integration.test_load_paths import drop_cache
 from tests.integration.test_loading import loaded_bytes, make_file
 from tests.integration.test_models import make_model
@@ -113,3 +113,28 @@ def test_the_daemons_fds_come_back_to_where_they_were(daemon_factory: DaemonFact
                 pass
         wait_until_prepared(client)
         assert daemon.settled_fd_count() == before
+
+
+def test_another_uid_never_gets_memory_a_load_used(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    """A released buffer never goes back to the reserve (a holder may keep
+    its fd): an unprivileged client allocating the same size right after a
+    load into prepared memory gets zeros, and a prepared memfd of its own."""
+    path = tmp_path / "secret.bin"
+    make_file(path, 48 * MIB)
+    daemon = daemon_factory(CONFIG, public=True)
+    with daemon.connect() as client:
+        wait_until_prepared(client)
+        with client.load_file(path) as loaded:
+            assert loaded.stats.prepared_bytes == 48 * MIB
+        wait_until_prepared(client)
+    body = (
+        "import os\n"
+        "with c.allocate(48 << 20, heap='memfd') as b, b.map(dmabufd_client.Access.READ) as m:\n"
+        "    print(os.readlink(f'/proc/self/fd/{b.fileno()}'))\n"
+        "    print(bytes(m.memoryview) == bytes(48 << 20))\n"
+    )
+    result = run_as_rootless_client(daemon, body)
+    assert result.returncode == 0, result.stderr
+    name, zeros = result.stdout.splitlines()
+    assert name.startswith("/memfd:dmabufd:prepared")
+    assert zeros == "True"

@@ -207,7 +207,7 @@ def file_rows(bench: Bench, rows: dict[str, Row], steps: list[Step]) -> None:
     reserved = bench.reserved
     add(
         "loadfile-reserve",
-        "dmabufd LoadFile, memfd reserve",
+        "dmabufd LoadFile, memfd reserve" + ("" if method == "auto" else f" ({method})"),
         None if reserved is None else lambda: loadfile_pass(reserved, cache, source, CacheState.COLD, method),
         bench.reserve_missing,
     )

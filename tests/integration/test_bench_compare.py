@@ -24,13 +24,13 @@ from tools.vm.dmabufd_vm import MissingDependenciesError
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 8 << 20
 ARGS = ("--size", "8M", "--model-size", "8M", "--block", "2M", "--fio-depths", "1,8", "--repeat", "1", "--json")
-FILE_ROWS = {"fio-d8", "loadfile", "raw-reused", "raw-fresh", "fio-d1"}
+FILE_ROWS = {"fio-d8", "loadfile", "loadfile-reserve", "raw-reused", "raw-fresh", "fio-d1"}
 MODEL_ROWS = {
     f"{key}-{state}"
     for state in ("cold", "warm")
     for key in ("st-load-file", "loadmodel", "safe-open", "loadfile-model")
 } | {"loadmodel-second"}
-DMABUFD_ROWS = {"loadfile", "loadmodel-cold", "loadmodel-second", "loadmodel-warm"} | {
+DMABUFD_ROWS = {"loadfile", "loadfile-reserve", "loadmodel-cold", "loadmodel-second", "loadmodel-warm"} | {
     f"loadfile-model-{state}" for state in ("cold", "warm")
 }
 SPREAD_KEYS = {"median", "min", "max"}
@@ -123,6 +123,9 @@ def test_every_row_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert fio_extra["depth"] == 8
     assert "--direct=1" in fio_extra["command"]
     assert rows["raw-fresh"]["passes"][0]["extra"]["memory"] == "fresh"
+    # The reserve row's load went into prepared memory, the plain one's not.
+    assert rows["loadfile-reserve"]["passes"][0]["extra"]["reported"]["prepared_bytes"] == SIZE
+    assert rows["loadfile"]["passes"][0]["extra"]["reported"]["prepared_bytes"] == 0
     summary = report["summary"]
     assert summary["references"] == {
         "file": "fio-d8",
@@ -138,6 +141,8 @@ def test_every_row_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         ("loadfile", "fio-d8", "speed"),
         ("loadfile", "raw-fresh", "speed"),
         ("loadfile", "fio-d8", "daemon-cpu"),
+        ("loadfile-reserve", "fio-d8", "speed"),
+        ("loadfile-reserve", "loadfile", "speed"),
         ("loadmodel-cold", "loadfile-model-cold", "time"),
         ("loadmodel-warm", "loadfile-model-warm", "time"),
         ("loadmodel-cold", "st-load-file-cold", "speed"),
@@ -188,6 +193,21 @@ def test_load_method(tmp_path: Path) -> None:
     assert row["label"] == "dmabufd LoadFile (buffered-read)"
     assert row["methods"] == ["buffered-read"]
     assert report["options"]["load_method"] == "buffered-read"
+    reserved = {row["key"]: row for row in report["rows"]}["loadfile-reserve"]
+    assert reserved["methods"] == ["buffered-read"]
+
+
+def test_a_config_of_ones_own_skips_the_reserve_row(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """--config: the daemons run with it, and the row that needs a config of its own says why it
+    did not run."""
+    config = tmp_path_factory.mktemp("config") / "dmabufd.toml"
+    config.write_text('[loading]\nparallelism = 4\nchunk_bytes = "1M"\n')
+    report = run_compare(tmp_path, "--groups", "file", "--no-fio", "--config", str(config))
+    rows = {row["key"]: row for row in report["rows"]}
+    assert rows["loadfile"]["status"] == "ok"
+    assert rows["loadfile"]["passes"][0]["extra"]["reported"]["parallelism"] == 4
+    assert rows["loadfile-reserve"]["status"] == "skipped"
+    assert "--config" in rows["loadfile-reserve"]["reason"]
 
 
 def test_model_file_is_safetensors(tmp_path: Path) -> None:

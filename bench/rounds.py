@@ -240,6 +240,15 @@ def comparisons(rows: dict[str, Row], depth: int) -> list[Comparison]:
         found.insert(
             1, Comparison(f"LoadFile vs fio at its best depth ({depth_text}), cold", "loadfile", best, Measure.SPEED)
         )
+        found.insert(
+            5,
+            Comparison(
+                f"LoadFile, memfd reserve vs fio at its best depth ({depth_text}), cold",
+                "loadfile-reserve",
+                best,
+                Measure.SPEED,
+            ),
+        )
     for state in ("cold", "warm"):
         subject = f"loadmodel-{state}"
         found += [

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dmabufd.api.naming import kernel_name
-from dmabufd.config import Config
+from dmabufd.config import Config, physical_memory
 from dmabufd.errors import BufferNotFound, DmabufdError, HeapUnavailable, InvalidRequest, OutOfMemory
 from dmabufd.heaps.backend import BackendKind, HeapBackend, round_to_page
 from dmabufd.heaps.buffer import Buffer
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 INLINE_MAX_BUFFERS = 8
 
 
-def physical_memory() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def allocation_error(backend: HeapBackend, error: OSError) -> DmabufdError:
     reason = os.strerror(error.errno) if error.errno else str(error)
     if error.errno in (errno.ENOMEM, errno.ENOSPC):
@@ -46,13 +42,13 @@ def allocation_error(backend: HeapBackend, error: OSError) -> DmabufdError:
     return HeapUnavailable(f"heap {backend.spec.name!r} failed to allocate: {reason}")
 
 
-def allocate_all(backend: HeapBackend, sizes: list[int], name: str) -> list[Buffer]:
+def allocate_all(backend: HeapBackend, sizes: list[int], name: str, *, prepared: bool = False) -> list[Buffer]:
     """Allocate one buffer per size, all or none. The caller owns one
-    reference on each buffer returned."""
+    reference on each buffer returned. `prepared`: HeapBackend.allocate."""
     buffers: list[Buffer] = []
     try:
         for size in sizes:
-            buffers.append(Buffer(backend.allocate(size, name)))
+            buffers.append(Buffer(backend.allocate(size, name, prepared=prepared)))
     except BaseException as error:
         for buffer in buffers:
             buffer.put()
@@ -133,6 +129,7 @@ class BufferBroker:
         label: str,
         reused: list[Buffer] | None = None,
         pool_id: int = 0,
+        prepared: bool = False,
     ) -> Iterator[Provision]:
         """Reserve quota for one buffer per (page-rounded) size, taking the
         `reused` buffers (recycled, renamed here; their references move into
@@ -146,7 +143,7 @@ class BufferBroker:
             buffer.reinstate()
         try:
             with self._ledger.reserve(session, sizes) as reservation:
-                fresh = allocate_all(backend, sizes[len(reused) :], name)
+                fresh = allocate_all(backend, sizes[len(reused) :], name, prepared=prepared)
                 provision = Provision(backend, usage, name, reservation, reused + fresh, pool_id)
                 reused = []
                 try:

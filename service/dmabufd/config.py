@@ -399,18 +399,23 @@ def _heaps(table: _Table, usage_table: _Table) -> HeapConfig:
 MAX_RESERVE_ENTRIES = 16
 
 
+def physical_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _check_reserve(config: HeapConfig) -> None:
     sizes = config.memfd_reserve
+    page = os.sysconf("SC_PAGE_SIZE")
     if len(sizes) > MAX_RESERVE_ENTRIES:
         raise ConfigError(f"heaps.memfd_reserve names {len(sizes)} sizes; at most {MAX_RESERVE_ENTRIES}")
     for size in sizes:
-        if size <= 0 or size % 4096:
-            raise ConfigError(f"heaps.memfd_reserve: {size} is not a positive multiple of 4 KiB")
+        if size <= 0 or size % page:
+            raise ConfigError(f"heaps.memfd_reserve: {size} is not a positive multiple of the page size ({page})")
         if config.max_buffer_bytes and size > config.max_buffer_bytes:
             raise ConfigError(
                 f"heaps.memfd_reserve: {size} bytes is more than heaps.max_buffer_bytes ({config.max_buffer_bytes})"
             )
-    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    physical = physical_memory()
     if sum(sizes) > physical // 2:
         raise ConfigError(
             f"heaps.memfd_reserve adds up to {sum(sizes)} bytes, more than half of this machine's memory ({physical})"
@@ -605,6 +610,10 @@ def parse_config(data: dict[str, Any]) -> Config:
         uid_quotas=uid_quotas,
     )
     top.check_unknown()
+    if config.heaps.memfd_reserve and not config.discovery.memfd:
+        raise ConfigError(
+            "heaps.memfd_reserve prepares memfds for the memfd heap, which discovery.memfd = false turns off"
+        )
     # The largest delivery (one call's batch, in frames of 253 fds) must fit
     # an outbox with room to spare, or a legal call would end its session.
     frames = -(-config.heaps.max_batch // MAX_FDS_PER_FRAME)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import dmabufd_client
 from dmabufd.heaps.memfd import MEMFD_SEALS
+from dmabufd.heaps.reserve import PREPARED_NAME
 from dmabufd_client import Access
 from tests.conftest import DaemonFactory, RunningDaemon, run_as_rootless_client
 from tests.integration.test_load_paths import drop_cache
@@ -77,17 +80,15 @@ def test_what_does_not_fit_the_reserve_gets_fresh_memory(daemon_factory: DaemonF
         assert memfd_heap(client).reserve_ready_bytes == RESERVE
 
 
-def test_an_allocation_that_takes_a_prepared_memfd_gets_a_sealed_zeroed_buffer(
-    daemon_factory: DaemonFactory,
-) -> None:
+def test_allocations_never_take_prepared_memory(daemon_factory: DaemonFactory) -> None:
+    """Only loads do: an Allocate runs on the event loop, and taking a
+    prepared memfd frees the pages past the size asked for."""
     with daemon_factory(CONFIG).connect() as client:
         wait_until_prepared(client)
-        with client.allocate(40 * MIB, heap="memfd") as buffer:
-            assert os.fstat(buffer.fileno()).st_size == 40 * MIB
+        with client.allocate(RESERVE, heap="memfd") as buffer:
+            assert not os.readlink(f"/proc/self/fd/{buffer.fileno()}").startswith(f"/memfd:{PREPARED_NAME}")
             assert fcntl.fcntl(buffer.fileno(), fcntl.F_GET_SEALS) & MEMFD_SEALS == MEMFD_SEALS
-            assert os.readlink(f"/proc/self/fd/{buffer.fileno()}").startswith("/memfd:dmabufd:prepared")
-            with buffer.map(Access.READ) as mapping:
-                assert bytes(mapping.memoryview) == bytes(40 * MIB)
+        assert memfd_heap(client).reserve_ready_bytes == RESERVE
 
 
 def test_a_model_bound_for_memfds_takes_prepared_memory(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
@@ -117,24 +118,55 @@ def test_the_daemons_fds_come_back_to_where_they_were(daemon_factory: DaemonFact
 
 def test_another_uid_never_gets_memory_a_load_used(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     """A released buffer never goes back to the reserve (a holder may keep
-    its fd): an unprivileged client allocating the same size right after a
-    load into prepared memory gets zeros, and a prepared memfd of its own."""
-    path = tmp_path / "secret.bin"
-    make_file(path, 48 * MIB)
+    its fd): an unprivileged client loading right after a load into
+    prepared memory gets a prepared memfd of its own, whose bytes past its
+    file's end are zeros, not the first load's."""
+    secret = tmp_path / "secret.bin"
+    make_file(secret, 48 * MIB)
+    daemon = daemon_factory(CONFIG, public=True)
+    public = Path(tempfile.mkdtemp(prefix="dmabufd-reserve-"))
+    try:
+        public.chmod(0o755)
+        mine = public / "mine.bin"
+        data = make_file(mine, 40 * MIB + 100)
+        mine.chmod(0o644)
+        with daemon.connect() as client:
+            wait_until_prepared(client)
+            with client.load_file(secret) as loaded:
+                assert loaded.stats.prepared_bytes == 48 * MIB
+            wait_until_prepared(client)
+        # Only what the client had imported before it dropped root: the
+        # interpreter's own files may be out of an unprivileged uid's reach.
+        body = (
+            f"with open({str(mine)!r}, 'rb') as f:\n"
+            "    data = f.read()\n"
+            f"with c.load_file({str(mine)!r}) as loaded:\n"
+            "    (buffer,) = loaded.buffers\n"
+            "    with buffer.map(dmabufd_client.Access.READ) as m:\n"
+            "        whole = bytes(m.memoryview)\n"
+            "    print(loaded.stats.prepared_bytes)\n"
+            "    print(whole[: len(data)] == data)\n"
+            "    print(whole[len(data) :] == bytes(len(whole) - len(data)))\n"
+        )
+        result = run_as_rootless_client(daemon, body)
+        assert result.returncode == 0, result.stderr
+        prepared, same, zeros = result.stdout.split()
+        assert int(prepared) == len(data) // 4096 * 4096 + 4096
+        assert same == "True"
+        assert zeros == "True"
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
+def test_only_admins_see_how_much_is_ready(daemon_factory: DaemonFactory) -> None:
+    """How much of the reserve is ready moves when anyone loads: a client
+    that is not an admin sees the reserve's size, not that."""
     daemon = daemon_factory(CONFIG, public=True)
     with daemon.connect() as client:
         wait_until_prepared(client)
-        with client.load_file(path) as loaded:
-            assert loaded.stats.prepared_bytes == 48 * MIB
-        wait_until_prepared(client)
     body = (
-        "import os\n"
-        "with c.allocate(48 << 20, heap='memfd') as b, b.map(dmabufd_client.Access.READ) as m:\n"
-        "    print(os.readlink(f'/proc/self/fd/{b.fileno()}'))\n"
-        "    print(bytes(m.memoryview) == bytes(48 << 20))\n"
+        "(heap,) = [h for h in c.heaps() if h.name == 'memfd']\nprint(heap.reserve_bytes, heap.reserve_ready_bytes)\n"
     )
     result = run_as_rootless_client(daemon, body)
     assert result.returncode == 0, result.stderr
-    name, zeros = result.stdout.splitlines()
-    assert name.startswith("/memfd:dmabufd:prepared")
-    assert zeros == "True"
+    assert result.stdout.split() == [str(RESERVE), "0"]

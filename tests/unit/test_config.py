@@ -126,8 +126,8 @@ def test_full_config() -> None:
         ('[heaps]\nmemfd_reserve = "512M"', "heaps.memfd_reserve must be a list of sizes"),
         ('[heaps]\nmemfd_reserve = ["lots"]', "heaps.memfd_reserve: not a size"),
         ("[heaps]\nmemfd_reserve = [true]", "heaps.memfd_reserve: not a size"),
-        ("[heaps]\nmemfd_reserve = [0]", "heaps.memfd_reserve: 0 is not a positive multiple of 4 KiB"),
-        ("[heaps]\nmemfd_reserve = [5000]", "heaps.memfd_reserve: 5000 is not a positive multiple of 4 KiB"),
+        ("[heaps]\nmemfd_reserve = [0]", "heaps.memfd_reserve: 0 is not a positive multiple of the page size"),
+        ("[heaps]\nmemfd_reserve = [5000]", "heaps.memfd_reserve: 5000 is not a positive multiple of the page size"),
         ('[heaps]\nmax_buffer_bytes = "1M"\nmemfd_reserve = ["2M"]', "more than heaps.max_buffer_bytes"),
         (
             '[heaps]\nmemfd_reserve = ["1M", "1M", "1M", "1M", "1M", "1M", "1M", "1M", "1M", "1M", "1M", "1M", '
@@ -135,6 +135,7 @@ def test_full_config() -> None:
             "names 17 sizes; at most 16",
         ),
         ('[heaps]\nmemfd_reserve = ["1000T"]', "more than half of this machine's memory"),
+        ('[heaps]\nmemfd_reserve = ["8M"]\n[discovery]\nmemfd = false', "discovery.memfd = false turns off"),
     ],
 )
 def test_errors_name_the_key(text: str, message: str) -> None:

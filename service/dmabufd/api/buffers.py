@@ -74,7 +74,10 @@ class BuffersApi(ServiceBase):
         reserve = self._registry.reserve
         if spec.kind is BackendKind.MEMFD and reserve is not None:
             heap.reserve_bytes = sum(reserve.sizes)
-            heap.reserve_ready_bytes = reserve.ready_bytes
+            # How much is ready changes when anyone loads: for admins only,
+            # as other clients' activity is not a client's to watch.
+            if session is not None and self._admins.allows(session.peer.uid, session.peer.gids):
+                heap.reserve_ready_bytes = reserve.ready_bytes
         return heap
 
     # -- methods --------------------------------------------------------

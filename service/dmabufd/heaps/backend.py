@@ -99,9 +99,12 @@ class HeapBackend(ABC):
         self.load_methods: tuple[Method, ...] = ()
 
     @abstractmethod
-    def allocate(self, size: int, kernel_name: str) -> Allocation:
+    def allocate(self, size: int, kernel_name: str, *, prepared: bool = False) -> Allocation:
         """Allocate a buffer of exactly `size` bytes (already page-rounded)
-        named `kernel_name` (at most 31 ASCII bytes). Raises OSError."""
+        named `kernel_name` (at most 31 ASCII bytes). Raises OSError.
+        `prepared`: a prepared memfd may serve it (heaps/reserve.py); only
+        loads ask, on their own threads, since taking one frees the pages
+        past `size` and a load writes every byte it keeps anyway."""
 
     def close(self) -> None:  # noqa: B027 - optional hook: memfd caches nothing
         """Release cached device fds; buffers already allocated live on."""

@@ -17,7 +17,7 @@ class DmaHeapBackend(DeviceBackend):
     def __init__(self, spec: HeapSpec) -> None:
         super().__init__(spec, os.O_RDONLY)
 
-    def allocate(self, size: int, kernel_name: str) -> Allocation:
+    def allocate(self, size: int, kernel_name: str, *, prepared: bool = False) -> Allocation:
         request = bytearray(uapi.DMA_HEAP_ALLOCATION_DATA.pack(size, 0, os.O_RDWR | os.O_CLOEXEC, 0))
         fcntl.ioctl(self.device(), uapi.DMA_HEAP_IOCTL_ALLOC, request, True)
         _, fd, _, _ = uapi.DMA_HEAP_ALLOCATION_DATA.unpack(request)

@@ -39,15 +39,15 @@ MEMFD_SPEC = HeapSpec(MEMFD_HEAP_NAME, BackendKind.MEMFD, "")
 
 
 class MemfdBackend(HeapBackend):
-    """Fresh sealed memfds, or prepared ones from the daemon's reserve
-    (heaps/reserve.py) when one fits the size."""
+    """Fresh sealed memfds, or for a load prepared ones from the daemon's
+    reserve (heaps/reserve.py) when one fits the size."""
 
     def __init__(self, spec: HeapSpec, reserve: MemfdReserve | None = None) -> None:
         super().__init__(spec)
         self._reserve = reserve
 
-    def allocate(self, size: int, kernel_name: str) -> Allocation:
-        if self._reserve is not None:
+    def allocate(self, size: int, kernel_name: str, *, prepared: bool = False) -> Allocation:
+        if prepared and self._reserve is not None:
             fd = self._reserve.take(size, MEMFD_SEALS)
             if fd is not None:
                 return Allocation(fd, size, BackendKind.MEMFD, prepared=True)

@@ -5,22 +5,29 @@ inode lock, so one lane at a time pays for each page; on a fast device that
 allocation, not the I/O, sets the pace of a load into one memfd
 (bench/README.md, "Prepared memory"). The reserve pays it earlier: its
 thread makes memfds of the sizes `[heaps] memfd_reserve` names and
-allocates their pages with fallocate, at idle priority, so only CPU time
-nothing else wanted goes into them. An allocation from the memfd heap whose
-size is from half of a prepared memfd's size up to all of it takes that
-memfd instead of a fresh one, and the thread makes another, but not while
-a load is moving bytes (held()): idle priority keeps it off a busy CPU, not
-out of the page allocator or the memory bus a load is using. It prepares
-in steps of PREPARE_STEP_BYTES and pauses between two when a load starts.
+allocates their pages with fallocate, and a load's buffer (fits()) takes
+one instead of a fresh memfd; the thread then makes another.
 
-A prepared memfd has never left the daemon and nothing was ever written to
-it: it reads as zeros, as a fresh memfd does. It goes out once, as one
-buffer, and never comes back.
+When the thread works. Between loads: it prepares in steps of
+PREPARE_STEP_BYTES and, before each, waits while a load moves bytes
+(held()), up to HOLD_PAUSE_S, so a load that stalls (a file on a FUSE mount
+that never answers) delays the reserve, not stops it. Only with memory to
+spare: a step that would leave less than SPARE_FRACTION of the machine's
+memory available waits RETRY_S, as a refused one (ENOMEM) does. At the
+daemon's own nice, not at idle priority: a thread of this interpreter
+starved while holding its lock would stall every other thread, the event
+loop included.
 
-What it costs is memory held while idle (the sum of the sizes, the
-daemon's own, charged to no client until a buffer takes it), and a name:
-every prepared memfd is called PREPARED_NAME in /proc, since a memfd
-cannot be renamed. That is why there is no reserve unless the
+What a load gets. A prepared memfd has never left the daemon and nothing
+was ever written to it: it reads as zeros, as a fresh memfd does. It goes
+out once, as one buffer, and never comes back. Only loads take them (a
+load writes every byte it keeps), on their own threads (truncating frees
+pages, which is not for the event loop).
+
+What it costs: memory held while idle (the sum of the sizes, the daemon's
+own, charged to no client until a load takes it), the CPU of preparing,
+and a name: every prepared memfd is called PREPARED_NAME in /proc, since a
+memfd cannot be renamed. That is why there is no reserve unless the
 configuration asks for one.
 
 Ownership: the reserve owns every fd in `_ready` and the one its thread is
@@ -42,22 +49,27 @@ from collections.abc import Iterator
 log = logging.getLogger(__name__)
 
 PREPARED_NAME = "dmabufd:prepared"
-# After a failed preparation (ENOMEM, a memory cgroup's limit), the thread
-# waits this long before trying again: memory may have been freed by then,
-# and a reserve the machine cannot afford must not spin.
-RETRY_S = 30.0
-# How long close() waits for a preparation under way (a step of fallocate
-# may take a while on a slow machine; the fd is closed either way).
-CLOSE_WAIT_S = 5.0
-# Pages allocated at a time: a load that starts meanwhile waits for one
-# step at most (about 20 ms here) before the thread pauses.
+# Pages allocated at a time, and so what a load starting meanwhile may
+# overlap with (about 20 ms of a CPU here).
 PREPARE_STEP_BYTES = 64 << 20
+# A hold pauses preparation for at most this long per step.
+HOLD_PAUSE_S = 2.0
+# A step waits while less than this share of the machine's memory would be
+# available after it: the reserve never pushes the machine into reclaim.
+SPARE_FRACTION = 1 / 8
+# After a refused or postponed step, the thread waits this long: memory may
+# have been freed by then, and a reserve the machine cannot afford must
+# not spin.
+RETRY_S = 30.0
+# How long close() waits for a step under way (the fd is closed either way).
+CLOSE_WAIT_S = 5.0
 
 
 def fits(prepared: int, size: int) -> bool:
     """Whether a buffer of `size` bytes may take a prepared memfd of
     `prepared` bytes: no smaller (a memfd is truncated down, never grown),
-    and at most twice as large, so no more than half its pages go to waste."""
+    and at most twice as large, so no more than half of its preparation is
+    thrown away."""
     return size <= prepared <= 2 * size
 
 
@@ -96,7 +108,7 @@ class MemfdReserve:
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        """No preparing while the block runs (a load moving its bytes)."""
+        """Preparation pauses while the block runs (a load moving bytes)."""
         with self._cond:
             self._holds += 1
         try:
@@ -108,7 +120,8 @@ class MemfdReserve:
 
     def take(self, size: int, seals: int) -> int | None:
         """A prepared memfd that fits `size` (fits()), truncated to `size`
-        and sealed with `seals`; the caller owns the fd. None: none fits."""
+        and sealed with `seals`; the caller owns the fd. None: none fits.
+        Blocks while the truncation frees pages: not for the event loop."""
         with self._cond:
             index = best_fit([prepared for prepared, _ in self._ready], size)
             if index is None:
@@ -139,12 +152,10 @@ class MemfdReserve:
 
     def _missing(self) -> int | None:
         """The size of one prepared memfd the reserve lacks (under _cond)."""
-        have = Counter(size for size, _ in self._ready)
-        lacking = self._wanted - have
+        lacking = self._wanted - Counter(size for size, _ in self._ready)
         return max(lacking) if lacking else None
 
     def _run(self) -> None:
-        _run_when_idle()
         failing = False
         while True:
             with self._cond:
@@ -163,7 +174,7 @@ class MemfdReserve:
                     log.warning(
                         "memfd reserve: cannot prepare %d bytes (%s); trying again every %.0f s",
                         size,
-                        os.strerror(error.errno or 0),
+                        error.strerror or error,
                         RETRY_S,
                     )
                 failing = True
@@ -183,16 +194,19 @@ class MemfdReserve:
     def _prepare(self, size: int) -> int:
         """A memfd of `size` bytes whose pages are allocated (fallocate,
         which allocates without writing them: they still read as zeros),
-        a step at a time, each once no load is moving bytes."""
+        a step at a time, each once no load holds the reserve (or one has
+        for HOLD_PAUSE_S) and the machine has the memory to spare."""
         fd = new_memfd(size)
         try:
             for offset in range(0, size, PREPARE_STEP_BYTES):
+                step = min(PREPARE_STEP_BYTES, size - offset)
                 with self._cond:
-                    while self._holds and not self._closed:
-                        self._cond.wait()
+                    self._cond.wait_for(lambda: not self._holds or self._closed, HOLD_PAUSE_S)
                     if self._closed:
                         raise _Closed
-                allocate_pages(fd, offset, min(PREPARE_STEP_BYTES, size - offset))
+                if not can_spare(step):
+                    raise MemoryShort(f"less than {SPARE_FRACTION:.0%} of memory would be left available")
+                allocate_pages(fd, offset, step)
         except BaseException:
             os.close(fd)
             raise
@@ -201,6 +215,10 @@ class MemfdReserve:
 
 class _Closed(Exception):
     """The reserve closed while its thread was preparing."""
+
+
+class MemoryShort(OSError):
+    """The machine has no memory to spare for a step."""
 
 
 def new_memfd(size: int) -> int:
@@ -217,14 +235,20 @@ def allocate_pages(fd: int, offset: int, length: int) -> None:
     os.posix_fallocate(fd, offset, length)
 
 
-def _run_when_idle() -> None:
-    """Put the calling thread in SCHED_IDLE (on Linux the policy is per
-    thread): it runs only when no other thread wants the CPU. Where that is
-    refused (a seccomp filter), nice 19 is nearly as good."""
+def can_spare(length: int) -> bool:
+    """Whether `length` more bytes of memory leave SPARE_FRACTION of it
+    available (/proc/meminfo's MemAvailable; unknown counts as yes)."""
+    total = available = None
     try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, 19)
-        except OSError as error:
-            log.warning("memfd reserve: runs at the daemon's priority (%s)", os.strerror(error.errno or 0))
+        with open("/proc/meminfo", "rb") as meminfo:
+            for line in meminfo:
+                key, _, rest = line.partition(b":")
+                if key == b"MemTotal":
+                    total = int(rest.split()[0]) * 1024
+                elif key == b"MemAvailable":
+                    available = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return True
+    if total is None or available is None:
+        return True
+    return available - length >= total * SPARE_FRACTION

@@ -37,7 +37,7 @@ class UdmabufBackend(DeviceBackend):
     def __init__(self, spec: HeapSpec) -> None:
         super().__init__(spec, os.O_RDWR)
 
-    def allocate(self, size: int, kernel_name: str) -> Allocation:
+    def allocate(self, size: int, kernel_name: str, *, prepared: bool = False) -> Allocation:
         memfd = sealed_memfd(kernel_name, size, uapi.F_SEAL_SHRINK)
         try:
             create = bytearray(uapi.UDMABUF_CREATE_STRUCT.pack(memfd, uapi.UDMABUF_FLAGS_CLOEXEC, 0, size))

@@ -238,27 +238,26 @@ class FileLoader:
             return copy.run(), copy.depth
 
         started = time.monotonic()
-        try:
-            with self._moving_bytes():
+        with self._moving_bytes():
+            try:
                 moved, depth = run(method)
-        except OSError as error:
-            if method is not Method.DIRECT_CFR or error.errno not in EXPORTER_REFUSES:
-                raise
-            # One tuple store: loads reading load_methods at once see the old or the new one.
-            backend.load_methods = tuple(m for m in backend.load_methods if m is not Method.DIRECT_CFR)
-            if not fallback:
-                raise InvalidRequest(
-                    f"method {method.label} does not work into heap {backend.spec.name!r}: its exporter "
-                    f"refuses it ({os.strerror(error.errno)}); leave the method to the daemon"
-                ) from error
-            method = choose_method(backend, Method.AUTO, source)
-            log.warning(
-                "heap %s: its exporter refuses direct copy_file_range (%s); loads into it use %s",
-                backend.spec.name,
-                os.strerror(error.errno),
-                method.label,
-            )
-            with self._moving_bytes():
+            except OSError as error:
+                if method is not Method.DIRECT_CFR or error.errno not in EXPORTER_REFUSES:
+                    raise
+                # One tuple store: loads reading load_methods at once see the old or the new one.
+                backend.load_methods = tuple(m for m in backend.load_methods if m is not Method.DIRECT_CFR)
+                if not fallback:
+                    raise InvalidRequest(
+                        f"method {method.label} does not work into heap {backend.spec.name!r}: its exporter "
+                        f"refuses it ({os.strerror(error.errno)}); leave the method to the daemon"
+                    ) from error
+                method = choose_method(backend, Method.AUTO, source)
+                log.warning(
+                    "heap %s: its exporter refuses direct copy_file_range (%s); loads into it use %s",
+                    backend.spec.name,
+                    os.strerror(error.errno),
+                    method.label,
+                )
                 moved, depth = run(method)
         wall = time.monotonic() - started
         needed = max((p.piece.file_offset + p.piece.length for _, p in targets), default=0)
@@ -314,7 +313,9 @@ class FileLoader:
         began_cpu = time.thread_time()
         started = time.monotonic()
         sizes = [plan.size for plan in plans]
-        with self._broker.provision(session, backend, sizes, usage=request.usage, label=request.label) as provision:
+        with self._broker.provision(
+            session, backend, sizes, usage=request.usage, label=request.label, prepared=True
+        ) as provision:
             allocation_seconds = time.monotonic() - started
             report = self.transfer(
                 source,

@@ -508,7 +508,7 @@ class ModelCache:
         self._ledger.hold(uid, needed, len(plans))
         began = time.monotonic()
         try:
-            buffers = allocate_all(backend, [plan.size for plan in plans], "dmabufd:model")
+            buffers = allocate_all(backend, [plan.size for plan in plans], "dmabufd:model", prepared=True)
         except BaseException:
             self._ledger.unhold(uid, needed, len(plans))
             raise

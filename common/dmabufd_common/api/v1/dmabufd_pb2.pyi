@@ -301,8 +301,10 @@ class Heap(_message.Message):
     heaps.memfd_reserve), added up; 0 for other heaps, or no reserve.
     """
     reserve_ready_bytes: _builtins.int
-    """memfd: how much of reserve_bytes is prepared now (an allocation that
-    took one leaves a gap until the daemon, when idle, prepares another).
+    """memfd: how much of reserve_bytes is prepared now (a load that took one
+    leaves a gap until the daemon, between loads, prepares another). Told
+    to admin clients (config clients.admins) only, 0 for others: it moves
+    when other clients load.
     """
     @_builtins.property
     def capabilities(self) -> Global___HeapCapabilities:
@@ -1195,7 +1197,7 @@ class LoadResult(_message.Message):
     """
     prepared_bytes: _builtins.int
     """Bytes of the buffers this call made that were prepared memfds: their
-    pages allocated before the call, while the daemon was idle (config
+    pages allocated before the call, between loads (config
     heaps.memfd_reserve). 0 for a shared model.
     """
     @_builtins.property

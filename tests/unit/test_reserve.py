@@ -124,16 +124,38 @@ def test_close_leaves_no_fd_and_ends_the_thread() -> None:
     assert reserve.take(4 * MIB, MEMFD_SEALS) is None
 
 
-def test_a_reserve_the_machine_cannot_afford_waits_and_stays_closable(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    attempts: list[int] = []
-
+def _refused(attempts: list[int]) -> Callable[[int, int, int], None]:
     def refuse(fd: int, offset: int, length: int) -> None:
         attempts.append(length)
         raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
 
-    monkeypatch.setattr(reserve_module, "allocate_pages", refuse)
+    return refuse
+
+
+def _short(attempts: list[int]) -> Callable[[int], bool]:
+    def short(length: int) -> bool:
+        attempts.append(length)
+        return False
+
+    return short
+
+
+@pytest.mark.parametrize(
+    ("where", "stand_in", "logged"),
+    [
+        ("allocate_pages", _refused, "Cannot allocate memory"),  # the kernel refuses (ENOMEM)
+        ("can_spare", _short, "of memory would be left available"),  # the machine is short
+    ],
+)
+def test_a_reserve_the_machine_cannot_afford_waits_and_stays_closable(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    where: str,
+    stand_in: Callable[[list[int]], Callable[..., object]],
+    logged: str,
+) -> None:
+    attempts: list[int] = []
+    monkeypatch.setattr(reserve_module, where, stand_in(attempts))
     before = own_fds()
     reserve = MemfdReserve((4 * MIB,))
     with caplog.at_level(logging.WARNING, logger=reserve_module.__name__):
@@ -148,7 +170,7 @@ def test_a_reserve_the_machine_cannot_afford_waits_and_stays_closable(
         reserve.close()
     assert time.monotonic() - began < 2.0
     assert own_fds() == before
-    assert [r.message for r in caplog.records if "cannot prepare" in r.message]
+    assert [r.message for r in caplog.records if logged in r.message]
 
 
 def test_nothing_is_prepared_while_a_load_moves_bytes(
@@ -195,29 +217,6 @@ def test_a_load_that_never_ends_delays_the_reserve_but_does_not_stop_it(
         assert fd is not None
         os.close(fd)
         wait_for(lambda: reserve.ready_bytes == 4 * MIB)
-
-
-def test_no_memory_to_spare_postpones_and_stays_closable(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    asked: list[int] = []
-
-    def short(length: int) -> bool:
-        asked.append(length)
-        return False
-
-    monkeypatch.setattr(reserve_module, "can_spare", short)
-    before = own_fds()
-    reserve = MemfdReserve((4 * MIB,))
-    with caplog.at_level(logging.WARNING, logger=reserve_module.__name__):
-        reserve.start()
-        wait_for(lambda: bool(asked))
-        time.sleep(0.2)
-        assert asked == [4 * MIB]  # then a wait of RETRY_S
-        assert reserve.ready_bytes == 0
-        reserve.close()
-    assert own_fds() == before
-    assert [r.message for r in caplog.records if "of memory would be left available" in r.message]
 
 
 def test_closing_during_a_step_closes_that_memfd_too(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -164,7 +164,10 @@ def setup(args: argparse.Namespace) -> Bench:
                 config = scratch / "reserve.toml"
                 page = os.sysconf("SC_PAGE_SIZE")
                 whole_pages = -(-bench.source.size // page) * page  # the LoadFile buffer's size
-                config.write_text(f"[heaps]\nmemfd_reserve = [{whole_pages}]\n")
+                # This uid is an admin of its daemons: told when the reserve is ready.
+                config.write_text(
+                    f"[heaps]\nmemfd_reserve = [{whole_pages}]\n[clients]\nadmin_uids = [{os.getuid()}]\n"
+                )
                 bench.reserved = Service(config, scratch, reserved=True)
         if "model-cold" in args.groups or "model-warm" in args.groups:
             bench.model = write_model(scratch / "model.safetensors", args.model_size or args.size)

@@ -132,6 +132,8 @@ def wait_for_reserve(client: dmabufd_client.Client) -> None:
         (memfd,) = [heap for heap in client.heaps() if heap.backend is dmabufd_client.Backend.MEMFD]
         if not memfd.reserve_bytes:
             raise ReserveNotReady("the daemon has no memfd reserve: its config sets no heaps.memfd_reserve")
+        if memfd.reserve_ready_bytes is None:
+            raise ReserveNotReady("the daemon does not tell this uid how much of its reserve is ready (admins only)")
         if memfd.reserve_ready_bytes == memfd.reserve_bytes:
             return
         if time.monotonic() > deadline:

@@ -112,9 +112,10 @@ class HeapInfo:
     allowed: bool
     load_methods: tuple[str, ...]
     # memfd: the prepared memfds the daemon keeps (heaps.memfd_reserve),
-    # in bytes, and how much of that is ready now.
+    # in bytes, and how much of that is ready now (None: the daemon tells
+    # admin clients only).
     reserve_bytes: int = 0
-    reserve_ready_bytes: int = 0
+    reserve_ready_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _heap_info(heap: pb.Heap) -> HeapInfo:
         allowed=heap.allowed,
         load_methods=tuple(LOAD_METHODS.get(m, "unknown") for m in caps.load_methods),
         reserve_bytes=heap.reserve_bytes,
-        reserve_ready_bytes=heap.reserve_ready_bytes,
+        reserve_ready_bytes=heap.reserve_ready_bytes if heap.HasField("reserve_ready_bytes") else None,
     )
 
 

@@ -218,6 +218,7 @@ class Daemon:
             # Last: the threads started above keep every CPU and the daemon's nice.
             self.placement.place_loop()
         except BaseException:
+            self.reserve.close()
             if self.runtime is not None:
                 self.runtime.release()
             raise

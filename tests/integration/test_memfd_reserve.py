@@ -13,7 +13,7 @@ from pathlib import Path
 
 import dmabufd_client
 from dmabufd.heaps.memfd import MEMFD_SEALS
-from dmabufd.heaps.reserve import PREPARED_NAME
+from dmabufd.heaps.reserve import PREPARED_NAME, RETRY_S
 from dmabufd_client import Access
 from tests.conftest import DaemonFactory, RunningDaemon, run_as_rootless_client
 from tests.integration.test_load_paths import drop_cache
@@ -30,9 +30,10 @@ def memfd_heap(client: dmabufd_client.Client) -> dmabufd_client.HeapInfo:
     return heap
 
 
-def wait_until_prepared(client: dmabufd_client.Client, timeout_s: float = 20.0) -> None:
+def wait_until_prepared(client: dmabufd_client.Client, timeout_s: float = 2 * RETRY_S) -> None:
+    """(Longer than a wait for memory to spare, so a busy machine delays the test, not fails it.)"""
     deadline = time.monotonic() + timeout_s
-    while memfd_heap(client).reserve_ready_bytes < RESERVE:
+    while (memfd_heap(client).reserve_ready_bytes or 0) < RESERVE:
         if time.monotonic() > deadline:
             raise AssertionError(f"the reserve is not prepared after {timeout_s} s: {memfd_heap(client)}")
         time.sleep(0.02)
@@ -46,7 +47,7 @@ def test_the_heap_list_shows_the_reserve(daemon_factory: DaemonFactory) -> None:
         assert heap.reserve_ready_bytes == RESERVE
     with daemon_factory(name="plain").connect() as client:
         heap = memfd_heap(client)
-        assert (heap.reserve_bytes, heap.reserve_ready_bytes) == (0, 0)
+        assert (heap.reserve_bytes, heap.reserve_ready_bytes) == (0, None)
 
 
 def test_a_load_into_prepared_memory_holds_the_files_bytes_and_says_so(
@@ -169,4 +170,4 @@ def test_only_admins_see_how_much_is_ready(daemon_factory: DaemonFactory) -> Non
     )
     result = run_as_rootless_client(daemon, body)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(RESERVE), "0"]
+    assert result.stdout.split() == [str(RESERVE), "None"]

@@ -4,6 +4,7 @@ loads, survives failures and a lack of memory, and leaves no fd behind."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -11,7 +12,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -21,11 +24,12 @@ from dmabufd.heaps.backend import BackendKind, HeapSpec
 from dmabufd.heaps.memfd import MEMFD_SEALS, MemfdBackend
 from dmabufd.heaps.reserve import MemfdReserve, best_fit, fits
 from dmabufd.loading import loader as loader_module
-from dmabufd.loading.loader import FileLoader
+from dmabufd.loading.loader import FileLoader, LoadRequest
 from dmabufd.loading.method import Method
 from dmabufd.loading.transfer import Moved
 
 MIB = 1 << 20
+REAL_CAN_SPARE = reserve_module.can_spare
 
 
 def own_fds() -> set[str]:
@@ -38,6 +42,13 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not true after {timeout_s} s")
         time.sleep(0.01)
+
+
+@pytest.fixture(autouse=True)
+def ample_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reserve's tests do not depend on this machine's free memory
+    (the tests of can_spare itself read files of their own)."""
+    monkeypatch.setattr(reserve_module, "can_spare", lambda length: True)
 
 
 @pytest.fixture
@@ -239,6 +250,32 @@ def test_closing_during_a_step_closes_that_memfd_too(monkeypatch: pytest.MonkeyP
     assert not any(thread.name == "memfd-reserve" for thread in threading.enumerate())
 
 
+MEMINFO = "MemTotal:       8000000 kB\nMemFree:         100000 kB\nMemAvailable:   {} kB\n"
+
+
+@pytest.mark.parametrize(
+    ("available_kib", "length", "spare"),
+    [
+        (3_000_000, 1 << 30, True),  # 3 GB available, 1 GiB more leaves about 1.9 GB of 8
+        (1_500_000, 1 << 30, False),  # leaves about 0.45 GB, under an eighth (1 GB)
+        (1_000_000, 0, True),  # exactly an eighth
+    ],
+)
+def test_can_spare_keeps_an_eighth_of_memory_available(
+    tmp_path: Path, available_kib: int, length: int, spare: bool
+) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO.format(available_kib))
+    assert REAL_CAN_SPARE(length, str(meminfo)) is spare
+
+
+def test_can_spare_says_yes_when_it_cannot_tell(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 8000000 kB\n")  # no MemAvailable (Linux before 3.14)
+    assert REAL_CAN_SPARE(1 << 40, str(meminfo))
+    assert REAL_CAN_SPARE(1 << 40, str(tmp_path / "absent"))
+
+
 def test_a_memfd_that_cannot_be_sized_is_closed() -> None:
     before = own_fds()
     with pytest.raises(OSError, match="Invalid argument"):
@@ -246,7 +283,10 @@ def test_a_memfd_that_cannot_be_sized_is_closed() -> None:
     assert own_fds() == before
 
 
-def test_a_hold_ends_with_its_block_even_on_an_error(started: Callable[[tuple[int, ...]], MemfdReserve]) -> None:
+def test_a_hold_ends_with_its_block_even_on_an_error(
+    started: Callable[[tuple[int, ...]], MemfdReserve], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reserve_module, "HOLD_PAUSE_S", 30.0)
     reserve = started((4 * MIB,))
 
     def failing_load() -> None:
@@ -258,47 +298,88 @@ def test_a_hold_ends_with_its_block_even_on_an_error(started: Callable[[tuple[in
 
     with pytest.raises(RuntimeError, match="a load failed"):
         failing_load()
-    wait_for(lambda: reserve.ready_bytes == 4 * MIB, timeout_s=reserve_module.HOLD_PAUSE_S / 2)
+    wait_for(lambda: reserve.ready_bytes == 4 * MIB)
 
 
-def test_a_load_holds_the_reserve_while_its_lanes_move_bytes(
+def test_a_load_holds_the_reserve_from_its_take_to_its_last_byte(
     started: Callable[[tuple[int, ...]], MemfdReserve], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """FileLoader.load, with a broker that stands in for the books: the
+    load's allocation takes the prepared memfd, and the thread starts no
+    step until the transfer is over."""
+    monkeypatch.setattr(reserve_module, "HOLD_PAUSE_S", 30.0)
     reserve = started((4 * MIB,))
-    seen: list[int] = []
+    steps: list[int] = []
+    real = reserve_module.allocate_pages
+
+    def recorded(fd: int, offset: int, length: int) -> None:
+        steps.append(offset)
+        real(fd, offset, length)
+
+    monkeypatch.setattr(reserve_module, "allocate_pages", recorded)
+    backend = MemfdBackend(HeapSpec("memfd", BackendKind.MEMFD, ""), reserve)
+    seen: list[list[int]] = []
+
+    class Broker:
+        max_batch = 16
+
+        def eligible(self, *args: object) -> list[MemfdBackend]:
+            return [backend]
+
+        def largest_buffer(self, heap: object) -> int:
+            return 64 * MIB
+
+        @contextlib.contextmanager
+        def provision(self, session: object, heap: MemfdBackend, sizes: list[int], **kwargs: object) -> Iterator[Any]:
+            assert kwargs["prepared"] is True
+            allocations = [heap.allocate(size, "test", prepared=True) for size in sizes]
+            time.sleep(0.1)  # the other allocations of a load, with the interpreter's lock let go
+            try:
+                yield SimpleNamespace(buffers=[SimpleNamespace(allocation=a) for a in allocations])
+            finally:
+                for allocation in allocations:
+                    allocation.close()
+
+        def deliver(self, *args: object) -> list[object]:
+            return []
 
     class Lanes:
-        """Stands for transfer.Transfer: takes the prepared memfd, as the
-        load's allocation would have, and watches the reserve meanwhile."""
+        """Stands for transfer.Transfer."""
 
         def __init__(self, *args: object, **kwargs: object) -> None:
             self.depth = 1
 
         def run(self) -> Moved:
-            fd = reserve.take(4 * MIB, MEMFD_SEALS)
-            assert fd is not None
-            os.close(fd)
             time.sleep(0.3)  # unheld, the thread prepares 4 MiB in a few ms
-            seen.append(reserve.ready_bytes)
+            seen.append(list(steps))
             return Moved()
 
     monkeypatch.setattr(loader_module, "Transfer", Lanes)
-    source = SimpleNamespace(buffered_fd=-1, direct_fd=None, page_cache_visible=True, check_unchanged=lambda n: None)
-    loader = FileLoader(LoadingConfig(), broker=None, reserve=reserve)  # type: ignore[arg-type]
-    backend = MemfdBackend(HeapSpec("memfd", BackendKind.MEMFD, ""), reserve)
-    report = loader.transfer(
+    monkeypatch.setattr(loader_module, "choose_heap", lambda *args: backend)
+    monkeypatch.setattr(loader_module, "choose_method", lambda *args: Method.DIRECT_READ)
+    size = 4 * MIB
+    source = SimpleNamespace(
+        buffered_fd=-1,
+        direct_fd=None,
+        page_cache_visible=True,
+        check_range=lambda offset, length: (offset, length),
+        check_unchanged=lambda needed: None,
+    )
+    request = LoadRequest(0, size, "memfd", "", "test", Method.DIRECT_READ, False, 0)
+    session = SimpleNamespace(id=1, peer=SimpleNamespace(pid=1, uid=0))
+    loader = FileLoader(LoadingConfig(), broker=Broker(), reserve=reserve)  # type: ignore[arg-type]
+    outcome = loader.load(
+        session,  # type: ignore[arg-type]
+        b"ticket",
         source,  # type: ignore[arg-type]
-        backend,
-        [],
-        Method.DIRECT_READ,
+        request,
         progress=lambda n: None,
         cancelled=lambda: False,
-        verify=False,
-        fallback=False,
     )
-    assert report.method is Method.DIRECT_READ
-    assert seen == [0]
-    wait_for(lambda: reserve.ready_bytes == 4 * MIB, timeout_s=reserve_module.HOLD_PAUSE_S / 2)
+    assert outcome.report.prepared_bytes == size
+    assert seen == [[]]
+    wait_for(lambda: reserve.ready_bytes == size)
+    assert steps == [0]
 
 
 def test_the_memfd_heap_takes_a_prepared_memfd_when_one_fits(

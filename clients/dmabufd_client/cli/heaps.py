@@ -88,9 +88,13 @@ def cmd_heaps(client: Client, args: argparse.Namespace) -> int:
     output.stdout.print(table)
     for heap in heaps:
         if heap.reserve_bytes:
+            ready = (
+                "how much is ready is told to admins only"
+                if heap.reserve_ready_bytes is None
+                else f"{format_size(heap.reserve_ready_bytes)} ready"
+            )
             output.stdout.print(
-                f"{heap.name}: {format_size(heap.reserve_ready_bytes)} of a {format_size(heap.reserve_bytes)} "
-                "reserve of prepared memfds ready",
+                f"{heap.name}: a {format_size(heap.reserve_bytes)} reserve of prepared memfds for loads; {ready}",
                 highlight=False,
             )
     routes_table = Table(title="usage routes (first present and allowed heap wins)")

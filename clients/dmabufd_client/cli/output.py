@@ -96,7 +96,7 @@ HEAP = Schema(
         ("allowed", "whether your uid may allocate from it"),
         ("load_methods", "file load methods proved to work, fastest first"),
         ("reserve_bytes", "memfd: bytes of prepared memfds the daemon keeps (heaps.memfd_reserve)"),
-        ("reserve_ready_bytes", "memfd: how much of reserve_bytes is prepared now"),
+        ("reserve_ready_bytes", "memfd: how much of reserve_bytes is prepared now (null: told to admins only)"),
     ),
 )
 

@@ -72,7 +72,7 @@ class BuffersApi(ServiceBase):
             allowed=self._registry.allowed(spec.name, self._broker.caller(session) if session else ANYONE),
         )
         reserve = self._registry.reserve
-        if spec.kind is BackendKind.MEMFD and reserve is not None:
+        if spec.kind is BackendKind.MEMFD and reserve is not None and reserve.sizes:
             heap.reserve_bytes = sum(reserve.sizes)
             # How much is ready changes when anyone loads: for admins only,
             # as other clients' activity is not a client's to watch.

@@ -9,14 +9,16 @@ allocates their pages with fallocate, and a load's buffer (fits()) takes
 one instead of a fresh memfd; the thread then makes another.
 
 When the thread works. Between loads: it prepares in steps of
-PREPARE_STEP_BYTES and, before each, waits while a load moves bytes
-(held()), up to HOLD_PAUSE_S, so a load that stalls (a file on a FUSE mount
-that never answers) delays the reserve, not stops it. Only with memory to
-spare: a step that would leave less than SPARE_FRACTION of the machine's
-memory available waits RETRY_S, as a refused one (ENOMEM) does. At the
-daemon's own nice, not at idle priority: a thread of this interpreter
-starved while holding its lock would stall every other thread, the event
-loop included.
+PREPARE_STEP_BYTES and, before each, waits while a load holds the reserve
+(held(): from the take of its prepared memfds to its last byte), up to
+HOLD_PAUSE_S, so a load that stalls (a file on a FUSE mount that never
+answers) delays the reserve, not stops it. Only with memory to spare: a
+memfd whose pages would leave less than SPARE_FRACTION of the machine's
+memory available (MemAvailable, which counts reclaimable page cache) is
+not started; the thread waits RETRY_S, as after a refused step (ENOMEM).
+At the daemon's own nice, not at idle priority: a thread of this
+interpreter starved while holding its lock would stall every other
+thread, the event loop included.
 
 What a load gets. A prepared memfd has never left the daemon and nothing
 was ever written to it: it reads as zeros, as a fresh memfd does. It goes
@@ -54,8 +56,8 @@ PREPARED_NAME = "dmabufd:prepared"
 PREPARE_STEP_BYTES = 64 << 20
 # A hold pauses preparation for at most this long per step.
 HOLD_PAUSE_S = 2.0
-# A step waits while less than this share of the machine's memory would be
-# available after it: the reserve never pushes the machine into reclaim.
+# A memfd is not started when less than this share of the machine's
+# memory would be available once it is prepared.
 SPARE_FRACTION = 1 / 8
 # After a refused or postponed step, the thread waits this long: memory may
 # have been freed by then, and a reserve the machine cannot afford must
@@ -195,18 +197,17 @@ class MemfdReserve:
         """A memfd of `size` bytes whose pages are allocated (fallocate,
         which allocates without writing them: they still read as zeros),
         a step at a time, each once no load holds the reserve (or one has
-        for HOLD_PAUSE_S) and the machine has the memory to spare."""
+        for HOLD_PAUSE_S); not started without the memory to spare."""
+        if not can_spare(size):
+            raise MemoryShort(f"less than {SPARE_FRACTION:.1%} of memory would be left available")
         fd = new_memfd(size)
         try:
             for offset in range(0, size, PREPARE_STEP_BYTES):
-                step = min(PREPARE_STEP_BYTES, size - offset)
                 with self._cond:
                     self._cond.wait_for(lambda: not self._holds or self._closed, HOLD_PAUSE_S)
                     if self._closed:
                         raise _Closed
-                if not can_spare(step):
-                    raise MemoryShort(f"less than {SPARE_FRACTION:.0%} of memory would be left available")
-                allocate_pages(fd, offset, step)
+                allocate_pages(fd, offset, min(PREPARE_STEP_BYTES, size - offset))
         except BaseException:
             os.close(fd)
             raise
@@ -218,7 +219,7 @@ class _Closed(Exception):
 
 
 class MemoryShort(OSError):
-    """The machine has no memory to spare for a step."""
+    """The machine has no memory to spare for a prepared memfd."""
 
 
 def new_memfd(size: int) -> int:
@@ -235,12 +236,12 @@ def allocate_pages(fd: int, offset: int, length: int) -> None:
     os.posix_fallocate(fd, offset, length)
 
 
-def can_spare(length: int) -> bool:
+def can_spare(length: int, meminfo_path: str = "/proc/meminfo") -> bool:
     """Whether `length` more bytes of memory leave SPARE_FRACTION of it
-    available (/proc/meminfo's MemAvailable; unknown counts as yes)."""
+    available (MemAvailable against MemTotal; unknown counts as yes)."""
     total = available = None
     try:
-        with open("/proc/meminfo", "rb") as meminfo:
+        with open(meminfo_path, "rb") as meminfo:
             for line in meminfo:
                 key, _, rest = line.partition(b":")
                 if key == b"MemTotal":

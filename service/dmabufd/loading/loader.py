@@ -238,7 +238,7 @@ class FileLoader:
             return copy.run(), copy.depth
 
         started = time.monotonic()
-        with self._moving_bytes():
+        with self.moving_bytes():
             try:
                 moved, depth = run(method)
             except OSError as error:
@@ -270,8 +270,9 @@ class FileLoader:
         prepared = sum(allocation.size for allocation, _ in targets if allocation.prepared)
         return TransferReport(method, wall, cpu, depth, verify, merge(moved.parts), prepared)
 
-    def _moving_bytes(self) -> contextlib.AbstractContextManager[None]:
-        """The reserve prepares no memfd meanwhile (heaps/reserve.py)."""
+    def moving_bytes(self) -> contextlib.AbstractContextManager[None]:
+        """The reserve prepares no memfd meanwhile (heaps/reserve.py): held
+        from the take of a load's prepared memfds to its last byte."""
         return self._reserve.held() if self._reserve is not None else contextlib.nullcontext()
 
     def lanes(self, kind: BackendKind) -> Lanes:
@@ -313,9 +314,12 @@ class FileLoader:
         began_cpu = time.thread_time()
         started = time.monotonic()
         sizes = [plan.size for plan in plans]
-        with self._broker.provision(
-            session, backend, sizes, usage=request.usage, label=request.label, prepared=True
-        ) as provision:
+        with (
+            self.moving_bytes(),
+            self._broker.provision(
+                session, backend, sizes, usage=request.usage, label=request.label, prepared=True
+            ) as provision,
+        ):
             allocation_seconds = time.monotonic() - started
             report = self.transfer(
                 source,

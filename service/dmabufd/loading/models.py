@@ -507,51 +507,54 @@ class ModelCache:
         # (the model's first holder) if the load succeeds.
         self._ledger.hold(uid, needed, len(plans))
         began = time.monotonic()
-        try:
-            buffers = allocate_all(backend, [plan.size for plan in plans], "dmabufd:model", prepared=True)
-        except BaseException:
-            self._ledger.unhold(uid, needed, len(plans))
-            raise
-        enforced = backend.spec.kind is BackendKind.MEMFD
-        readiness = Readiness(header.tensors, stream.ready if stream else None, hold_back=how.verify)
-        try:
-            model = ResidentModel(
-                id=self._take_id(),
-                key=key,
-                header=header,
-                buffers=buffers,
-                plans=plans,
-                placement=placement,
-                buffer_ids=self._ledger.new_ids(len(buffers)),
-                read_only_enforced=enforced,
-            )
-            if stream is not None:
-                self._open_stream(model, session_id, stream)
-                readiness.start()
-            transferring = time.monotonic()
-            model.report = report = self._loader.transfer(
-                source,
-                backend,
-                [(buffer.allocation, plan) for buffer, plan in zip(buffers, plans, strict=True)],
-                how.method,
-                progress=progress,
-                cancelled=cancelled,
-                verify=how.verify,
-                fallback=how.method_chosen,
-                landed=readiness.landed,
-            )
-            if enforced:
-                for buffer in buffers:
-                    buffer.seal_read_only(MODEL_SEALS)
-        except BaseException:
-            if stream is None:
-                for buffer in buffers:
-                    buffer.put()
+        # From the take of prepared memfds to the last byte: the reserve
+        # prepares nothing meanwhile (heaps/reserve.py).
+        with self._loader.moving_bytes():
+            try:
+                buffers = allocate_all(backend, [plan.size for plan in plans], "dmabufd:model", prepared=True)
+            except BaseException:
                 self._ledger.unhold(uid, needed, len(plans))
-            else:
-                # Their fds may be out: the uid pays for what it still holds.
-                self._ledger.linger(uid, stream.pid, buffers)
-            raise
+                raise
+            enforced = backend.spec.kind is BackendKind.MEMFD
+            readiness = Readiness(header.tensors, stream.ready if stream else None, hold_back=how.verify)
+            try:
+                model = ResidentModel(
+                    id=self._take_id(),
+                    key=key,
+                    header=header,
+                    buffers=buffers,
+                    plans=plans,
+                    placement=placement,
+                    buffer_ids=self._ledger.new_ids(len(buffers)),
+                    read_only_enforced=enforced,
+                )
+                if stream is not None:
+                    self._open_stream(model, session_id, stream)
+                    readiness.start()
+                transferring = time.monotonic()
+                model.report = report = self._loader.transfer(
+                    source,
+                    backend,
+                    [(buffer.allocation, plan) for buffer, plan in zip(buffers, plans, strict=True)],
+                    how.method,
+                    progress=progress,
+                    cancelled=cancelled,
+                    verify=how.verify,
+                    fallback=how.method_chosen,
+                    landed=readiness.landed,
+                )
+                if enforced:
+                    for buffer in buffers:
+                        buffer.seal_read_only(MODEL_SEALS)
+            except BaseException:
+                if stream is None:
+                    for buffer in buffers:
+                        buffer.put()
+                    self._ledger.unhold(uid, needed, len(plans))
+                else:
+                    # Their fds may be out: the uid pays for what it still holds.
+                    self._ledger.linger(uid, stream.pid, buffers)
+                raise
         # Until the last byte landed (verification not included), from the allocation.
         report.wall_seconds += transferring - began
         first = report.wall_seconds if readiness.first_at is None else readiness.first_at - began

@@ -302,9 +302,9 @@ class Heap(_message.Message):
     """
     reserve_ready_bytes: _builtins.int
     """memfd: how much of reserve_bytes is prepared now (a load that took one
-    leaves a gap until the daemon, between loads, prepares another). Told
-    to admin clients (config clients.admins) only, 0 for others: it moves
-    when other clients load.
+    leaves a gap until the daemon, between loads, prepares another). Set
+    for admin clients (config clients.admin_uids/admin_gids) only, unset
+    for others: it moves whenever any client loads.
     """
     @_builtins.property
     def capabilities(self) -> Global___HeapCapabilities:
@@ -323,13 +323,15 @@ class Heap(_message.Message):
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         allowed: _builtins.bool = ...,
         reserve_bytes: _builtins.int = ...,
-        reserve_ready_bytes: _builtins.int = ...,
+        reserve_ready_bytes: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reserve_ready_bytes", b"_reserve_ready_bytes", "capabilities", b"capabilities", "reserve_ready_bytes", b"reserve_ready_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "allowed", b"allowed", "capabilities", b"capabilities", "device_path", b"device_path", "name", b"name", "reserve_bytes", b"reserve_bytes", "reserve_ready_bytes", b"reserve_ready_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reserve_ready_bytes", b"_reserve_ready_bytes", "aliases", b"aliases", "allowed", b"allowed", "capabilities", b"capabilities", "device_path", b"device_path", "name", b"name", "reserve_bytes", b"reserve_bytes", "reserve_ready_bytes", b"reserve_ready_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__reserve_ready_bytes: _TypeAlias = _typing.Literal["reserve_ready_bytes"]  # noqa: Y015
+    _WhichOneofArgType__reserve_ready_bytes: _TypeAlias = _typing.Literal["_reserve_ready_bytes", b"_reserve_ready_bytes"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reserve_ready_bytes) -> _WhichOneofReturnType__reserve_ready_bytes | None: ...
 
 Global___Heap: _TypeAlias = Heap  # noqa: Y015
 
@@ -1198,7 +1200,10 @@ class LoadResult(_message.Message):
     prepared_bytes: _builtins.int
     """Bytes of the buffers this call made that were prepared memfds: their
     pages allocated before the call, between loads (config
-    heaps.memfd_reserve). 0 for a shared model.
+    heaps.memfd_reserve). 0 for a shared model. It tells a client whether
+    a prepared memfd was there for its own load, which is all the reserve
+    lets it learn of other clients' loads (reserve_ready_bytes is for
+    admins).
     """
     @_builtins.property
     def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BufferInfo]:

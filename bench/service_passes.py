@@ -153,11 +153,12 @@ def loadfile_pass(service: Service, cache: Cache, source: SourceFile, state: Cac
         with Meter(session.pid) as meter:
             loaded = session.client.load_file(str(source.path), name="bench-compare", method=method)
         try:
-            if service.reserved and loaded.stats.prepared_bytes != sum(b.info.size for b in loaded.buffers):
+            buffer_bytes = sum(buffer.info.size for buffer in loaded.buffers)
+            if service.reserved and loaded.stats.prepared_bytes != buffer_bytes:
                 # Say so rather than time a plain load under the reserve row's name.
                 raise ReserveNotReady(
-                    f"{loaded.stats.prepared_bytes} of the load's {sum(b.info.size for b in loaded.buffers)} "
-                    "buffer bytes were prepared: the reserve does not serve this load (a heap other than memfd?)"
+                    f"{loaded.stats.prepared_bytes} of the load's {buffer_bytes} buffer bytes were prepared: "
+                    "the reserve does not serve this load (a heap other than memfd?)"
                 )
             outcome = describe(loaded, source.size)
             fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)

@@ -15,6 +15,7 @@ as_ready(); model[name] waits too).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import mmap
@@ -227,8 +228,7 @@ def read_to_end(call: Iterable[object], quiet: type[BaseException]) -> None:
     mid-way (close()) ends without this wait, so a process that exits right
     after may still meet it, more rarely."""
     with contextlib.suppress(quiet):
-        for _ in call:
-            pass  # the messages after the result carry nothing
+        collections.deque(call, maxlen=0)  # the messages after the result carry nothing
 
 
 class Model(Mapping[str, Any]):

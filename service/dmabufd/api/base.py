@@ -195,6 +195,10 @@ class ServiceBase(pb_grpc.BufferServiceServicer):
 
     # -- plumbing -------------------------------------------------------
 
+    def _is_admin(self, session: Session) -> bool:
+        """Whether the session's peer is one of clients.admin_uids/admin_gids."""
+        return self._admins.allows(session.peer.uid, session.peer.gids)
+
     def _failure(self, error: DmabufdError, uid: int | None) -> status_pb2.Status:
         """Count a failed call and build its status. Only a quota denial
         names the uid: it comes from a handler, so the caller proved its

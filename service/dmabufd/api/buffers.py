@@ -76,7 +76,7 @@ class BuffersApi(ServiceBase):
             heap.reserve_bytes = sum(reserve.sizes)
             # How much is ready changes when anyone loads: for admins only,
             # as other clients' activity is not a client's to watch.
-            if session is not None and self._admins.allows(session.peer.uid, session.peer.gids):
+            if session is not None and self._is_admin(session):
                 heap.reserve_ready_bytes = reserve.ready_bytes
         return heap
 
@@ -281,7 +281,7 @@ class BuffersApi(ServiceBase):
         return await self._serve(context, lambda session, _: self._stats(session, request.check_proc))
 
     def _stats(self, caller: Session, check_proc: bool) -> pb.Stats:
-        admins = self._admins.allows(caller.peer.uid, caller.peer.gids)
+        admins = self._is_admin(caller)
         sessions = [s for s in self._sessions.sessions() if admins or s.peer.uid == caller.peer.uid]
         buffers = [r for r in self._ledger.all_buffers() if r.session_id in {s.id for s in sessions}]
         stats = pb.Stats(all_clients=admins)

@@ -213,6 +213,7 @@ class FileLoader:
         landed: LandedFn | None = None,
     ) -> TransferReport:
         """Copy every plan's bytes into its allocation (transfer.py says how).
+        The caller holds the reserve (moving_bytes()) from the allocation on.
 
         The probe cannot tell an exporter without direct copy_file_range
         from one with it (the kernel answers EXDEV for the probe's memfd
@@ -238,27 +239,26 @@ class FileLoader:
             return copy.run(), copy.depth
 
         started = time.monotonic()
-        with self.moving_bytes():
-            try:
-                moved, depth = run(method)
-            except OSError as error:
-                if method is not Method.DIRECT_CFR or error.errno not in EXPORTER_REFUSES:
-                    raise
-                # One tuple store: loads reading load_methods at once see the old or the new one.
-                backend.load_methods = tuple(m for m in backend.load_methods if m is not Method.DIRECT_CFR)
-                if not fallback:
-                    raise InvalidRequest(
-                        f"method {method.label} does not work into heap {backend.spec.name!r}: its exporter "
-                        f"refuses it ({os.strerror(error.errno)}); leave the method to the daemon"
-                    ) from error
-                method = choose_method(backend, Method.AUTO, source)
-                log.warning(
-                    "heap %s: its exporter refuses direct copy_file_range (%s); loads into it use %s",
-                    backend.spec.name,
-                    os.strerror(error.errno),
-                    method.label,
-                )
-                moved, depth = run(method)
+        try:
+            moved, depth = run(method)
+        except OSError as error:
+            if method is not Method.DIRECT_CFR or error.errno not in EXPORTER_REFUSES:
+                raise
+            # One tuple store: loads reading load_methods at once see the old or the new one.
+            backend.load_methods = tuple(m for m in backend.load_methods if m is not Method.DIRECT_CFR)
+            if not fallback:
+                raise InvalidRequest(
+                    f"method {method.label} does not work into heap {backend.spec.name!r}: its exporter "
+                    f"refuses it ({os.strerror(error.errno)}); leave the method to the daemon"
+                ) from error
+            method = choose_method(backend, Method.AUTO, source)
+            log.warning(
+                "heap %s: its exporter refuses direct copy_file_range (%s); loads into it use %s",
+                backend.spec.name,
+                os.strerror(error.errno),
+                method.label,
+            )
+            moved, depth = run(method)
         wall = time.monotonic() - started
         needed = max((p.piece.file_offset + p.piece.length for _, p in targets), default=0)
         source.check_unchanged(needed)  # one fstat: truncated, or otherwise changed

@@ -107,8 +107,9 @@ def model_bytes(model: Model) -> bytes:
 
 
 def outcome(call: Callable[[], object], keep_bytes: bool = True) -> dict[str, Any]:
-    """Run one client call: its status, message, duration, and (for a load,
-    if `keep_bytes`) the bytes it delivered, hex-encoded."""
+    """Run one client call: its status, message, duration, and for a load
+    the bytes of its buffers that were prepared memfds and (if
+    `keep_bytes`) the bytes it delivered, hex-encoded."""
     began = time.monotonic()
     try:
         value = call()
@@ -121,6 +122,7 @@ def outcome(call: Callable[[], object], keep_bytes: bool = True) -> dict[str, An
             "content": "",
         }
     seconds = time.monotonic() - began
+    prepared = value.stats.prepared_bytes if isinstance(value, LoadedFile | Model) else 0
     content = b""
     if isinstance(value, LoadedFile) and keep_bytes:
         with value:
@@ -130,7 +132,14 @@ def outcome(call: Callable[[], object], keep_bytes: bool = True) -> dict[str, An
             content = model_bytes(value)
     elif hasattr(value, "close"):
         value.close()
-    return {"status": "OK", "message": "", "message_len": 0, "seconds": seconds, "content": content.hex()}
+    return {
+        "status": "OK",
+        "message": "",
+        "message_len": 0,
+        "seconds": seconds,
+        "content": content.hex(),
+        "prepared": prepared,
+    }
 
 
 class RawSession:
